@@ -1,0 +1,46 @@
+"""The ``protlm`` command: parse, build, run. This is the only module that exits the process."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from protlm import __version__
+from protlm.errors import ProtlmError
+
+# Sub-command modules under protlm.cli; each defines add_parser(subparsers) and run(args) -> int | None.
+COMMANDS = [
+    "info",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="protlm", description="Protein language models: pretrain, embed, evaluate, analyse.")
+    parser.add_argument("--version", action="version", version=f"protlm {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        importlib.import_module(f"protlm.cli.{name}").add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 2
+    try:
+        code = args.run(args)
+    except ProtlmError as err:
+        print(f"protlm {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"protlm {args.command}: interrupted; finished work is saved, re-run the same command to resume",
+              file=sys.stderr)
+        return 130
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

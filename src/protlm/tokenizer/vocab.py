@@ -1,0 +1,275 @@
+"""Residue-level tokenizers for T5 protein models.
+
+Encoding is a table lookup (one id per residue), whatever the source of the table:
+- protlm's own Ankh3-layout vocabulary (:func:`ankh3_vocab`), used for new models;
+- a published checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers``) or ``spiece.model``
+  (SentencePiece), read with those libraries so a published model is never fed another model's ids.
+
+Encoder input is ``[prefix] residues </s>``; the prefix is Ankh3's task token (``[NLU]`` or ``[S2S]``) or none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from protlm.errors import InputError
+
+STANDARD = "LAGSVERTIDPKNFQYHMCW"  # the 20 standard residues, in protlm's id order (most frequent first)
+RARE = "UZOB"  # selenocysteine, Glx, pyrrolysine, Asx
+RESIDUES = STANDARD + "X" + RARE
+PREFIXES = {"nlu": "[NLU]", "s2s": "[S2S]"}
+N_SENTINELS = 225
+UNKNOWN_POLICIES = ("error", "x", "unk", "skip")
+
+
+def sentinel_token(i: int) -> str:
+    return f"<extra_id_{i}>"
+
+
+def ankh3_vocab() -> dict[str, int]:
+    """protlm's 256-id Ankh3-layout vocabulary.
+
+    pad 0, </s> 1, <unk> 2, [NLU] 3, [S2S] 4, [NLG] 5 (reserved for UL2's third mode), X 6, the 20 residues at
+    7..26 (L7 A8 G9 ... W26), U 27, Z 28, O 29, B 30, and 225 sentinels counting down from the top as in T5
+    (<extra_id_0> = 255, ..., <extra_id_224> = 31).
+    """
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, "[NLU]": 3, "[S2S]": 4, "[NLG]": 5, "X": 6}
+    for i, aa in enumerate(STANDARD):
+        vocab[aa] = 7 + i
+    for i, aa in enumerate(RARE):
+        vocab[aa] = 27 + i
+    for i in range(N_SENTINELS):
+        vocab[sentinel_token(i)] = 255 - i
+    assert len(vocab) == 256 and sorted(vocab.values()) == list(range(256))
+    return vocab
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # (B, L) padded with pad_id
+    attention_mask: torch.Tensor  # (B, L) 1 = token, 0 = padding
+    lengths: list[int]  # residues per sequence (no prefix, no </s>)
+    n_prefix: int  # tokens before the first residue (0 or 1)
+
+
+class Tokenizer:
+    """Maps residue strings to ids and back through a lookup table.
+
+    ``space_separated`` marks the ProtT5 convention, where the published tokenizer sees residues as words and
+    rare residues U/Z/O/B are written as X.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        residue_ids: dict[str, int],
+        space_separated: bool = False,
+        aliases: dict[str, str] | None = None,
+        source: str = "protlm",
+    ):
+        self.vocab = dict(vocab)
+        self.id_to_token = {i: t for t, i in vocab.items()}
+        self.residue_ids = dict(residue_ids)
+        self.space_separated = space_separated
+        self.aliases = dict(aliases or {})
+        self.source = source
+        self.pad_id = vocab.get("<pad>", 0)
+        self.eos_id = vocab.get("</s>", 1)
+        self.unk_id = vocab.get("<unk>", 2)
+        self.prefix_ids = {k: vocab[t] for k, t in PREFIXES.items() if t in vocab}
+        self.sentinel_ids = []
+        while sentinel_token(len(self.sentinel_ids)) in vocab:
+            self.sentinel_ids.append(vocab[sentinel_token(len(self.sentinel_ids))])
+        self.x_id = residue_ids.get("X", self.unk_id)
+        # byte -> id table; -1 marks bytes that are not residues
+        self._table = np.full(256, -1, dtype=np.int64)
+        for aa, idx in residue_ids.items():
+            self._table[ord(aa)] = idx
+            self._table[ord(aa.lower())] = idx
+        for src, dst in self.aliases.items():
+            if dst in residue_ids:
+                self._table[ord(src)] = residue_ids[dst]
+                self._table[ord(src.lower())] = residue_ids[dst]
+        self.residue_id_array = np.array(sorted(set(residue_ids.values())), dtype=np.int64)
+        self.special_ids = frozenset(i for t, i in vocab.items() if t not in residue_ids)
+
+    @property
+    def vocab_size(self) -> int:
+        return max(self.vocab.values()) + 1
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    # --- encoding -------------------------------------------------------------------------------------------
+    def residue_array(self, seq: str, record: str = "<sequence>", unknown: str = "error") -> np.ndarray:
+        """Residue ids of one sequence (no specials). ``unknown`` says what to do with a non-residue character:
+        "error" raises naming the record and 1-based position, "x" maps it to X, "unk" to <unk>,
+        "skip" drops it."""
+        if unknown not in UNKNOWN_POLICIES:
+            raise ValueError(f"unknown-residue policy must be one of {UNKNOWN_POLICIES}, got {unknown!r}")
+        if self.space_separated:
+            seq = seq.replace(" ", "")
+        if not seq:
+            raise InputError(f"{record}: empty sequence")
+        try:
+            raw = seq.encode("ascii")
+        except UnicodeEncodeError as err:
+            raise InputError(
+                f"{record}: non-ASCII character {seq[err.start]!r} at position {err.start + 1}"
+            ) from None
+        ids = self._table[np.frombuffer(raw, dtype=np.uint8)]
+        bad = np.flatnonzero(ids < 0)
+        if bad.size:
+            if unknown == "error":
+                pos = int(bad[0])
+                raise InputError(
+                    f"{record}: unknown residue {seq[pos]!r} at position {pos + 1}"
+                    + (f" (and {bad.size - 1} more)" if bad.size > 1 else "")
+                )
+            if unknown == "skip":
+                ids = ids[ids >= 0]
+                if ids.size == 0:
+                    raise InputError(f"{record}: no valid residues")
+            else:
+                ids[bad] = self.x_id if unknown == "x" else self.unk_id
+        return ids
+
+    def prefix_token_ids(self, prefix: str | None) -> list[int]:
+        if prefix in (None, "none", ""):
+            return []
+        key = prefix.lower().strip("[]")
+        if key not in self.prefix_ids:
+            raise InputError(f"prefix {prefix!r} is not in this vocabulary (has: {sorted(self.prefix_ids) or 'none'})")
+        return [self.prefix_ids[key]]
+
+    def encode(self, seq: str, prefix: str | None = None, add_eos: bool = True, record: str = "<sequence>",
+               unknown: str = "error") -> list[int]:
+        ids = self.prefix_token_ids(prefix) + self.residue_array(seq, record, unknown).tolist()
+        if add_eos:
+            ids.append(self.eos_id)
+        return ids
+
+    def batch_encode(self, seqs: list[str], prefix: str | None = None, add_eos: bool = True,
+                     records: list[str] | None = None, unknown: str = "error") -> Batch:
+        pre = self.prefix_token_ids(prefix)
+        arrays = [self.residue_array(s, records[i] if records else f"<sequence {i}>", unknown) for i, s in enumerate(seqs)]
+        return self.pad([np.concatenate([pre, a, [self.eos_id] if add_eos else []]).astype(np.int64) for a in arrays],
+                        lengths=[len(a) for a in arrays], n_prefix=len(pre))
+
+    def pad(self, rows: list, lengths: list[int] | None = None, n_prefix: int = 0) -> Batch:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.as_tensor(np.asarray(r, dtype=np.int64))
+            mask[i, : len(r)] = 1
+        return Batch(ids, mask, lengths or [len(r) for r in rows], n_prefix)
+
+    # --- decoding -------------------------------------------------------------------------------------------
+    def decode(self, ids, keep_special: bool = False) -> str:
+        """Residue string of ``ids``; specials are dropped unless ``keep_special`` (then written as tokens)."""
+        out = []
+        for i in (ids.tolist() if hasattr(ids, "tolist") else ids):
+            tok = self.id_to_token.get(int(i), "<unk>")
+            if int(i) in self.special_ids:
+                if keep_special:
+                    out.append(tok)
+                continue
+            out.append(tok.lstrip("\u2581"))
+        return "".join(out)
+
+    # --- persistence ----------------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike) -> str:
+        """Write ``tokenizer.json`` (Hugging Face ``tokenizers`` format, word-level, one token per residue)."""
+        from protlm.utils import atomic_write_text
+
+        path = os.path.join(os.fspath(directory), "tokenizer.json")
+        atomic_write_text(path, self.to_tokenizers_json())
+        return path
+
+    def to_tokenizers_json(self) -> str:
+        specials = [t for t in self.vocab if t not in self.residue_ids]
+        data = {
+            "version": "1.0",
+            "truncation": None,
+            "padding": None,
+            "added_tokens": [
+                {"id": self.vocab[t], "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                 "normalized": False, "special": True}
+                for t in sorted(specials, key=self.vocab.get)
+            ],
+            "normalizer": None,
+            "pre_tokenizer": {"type": "Split", "pattern": {"String": ""}, "behavior": "Isolated", "invert": False},
+            "post_processor": {
+                "type": "TemplateProcessing",
+                "single": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}},
+                         {"Sequence": {"id": "B", "type_id": 0}}, {"SpecialToken": {"id": "</s>", "type_id": 0}}],
+                "special_tokens": {"</s>": {"id": "</s>", "ids": [self.eos_id], "tokens": ["</s>"]}},
+            },
+            "decoder": None,
+            "model": {"type": "WordLevel", "vocab": dict(sorted(self.vocab.items(), key=lambda kv: kv[1])),
+                      "unk_token": "<unk>"},
+        }
+        return json.dumps(data, indent=1, ensure_ascii=False) + "\n"
+
+
+def protlm_tokenizer() -> Tokenizer:
+    """protlm's own Ankh3-layout tokenizer (256 ids)."""
+    vocab = ankh3_vocab()
+    return Tokenizer(vocab, {aa: vocab[aa] for aa in RESIDUES}, source="protlm ankh3 layout")
+
+
+def _residue_ids_from_vocab(vocab: dict[str, int], spaced: bool, source: str) -> dict[str, int]:
+    out = {}
+    for aa in RESIDUES:
+        candidates = ("\u2581" + aa, aa) if spaced else (aa, "\u2581" + aa)
+        for c in candidates:
+            if c in vocab:
+                out[aa] = vocab[c]
+                break
+    missing = [aa for aa in STANDARD if aa not in out]
+    if missing:
+        from protlm.errors import CheckpointError
+
+        raise CheckpointError(f"{source}: vocabulary has no token for residue(s) {''.join(missing)}")
+    return out
+
+
+def load_tokenizer(directory: str | os.PathLike, family: str = "custom") -> Tokenizer | None:
+    """Read a checkpoint's own vocabulary (``tokenizer.json`` or ``spiece.model``); None if it has neither."""
+    from protlm.errors import CheckpointError
+
+    directory = os.fspath(directory)
+    spaced = family == "prot-t5"
+    aliases = {r: "X" for r in RARE} if spaced else {}
+    tj = os.path.join(directory, "tokenizer.json")
+    sp = os.path.join(directory, "spiece.model")
+    if os.path.exists(tj):
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+
+            vocab = HFTokenizer.from_file(tj).get_vocab(with_added_tokens=True)
+        except Exception as err:  # the library raises plain Exception subclasses for corrupt files
+            raise CheckpointError(f"{tj}: cannot read tokenizer ({err})") from None
+        source = tj
+    elif os.path.exists(sp):
+        try:
+            import sentencepiece as spm
+
+            proc = spm.SentencePieceProcessor(model_file=sp)
+        except Exception as err:
+            raise CheckpointError(f"{sp}: cannot read SentencePiece model ({err})") from None
+        vocab = {proc.id_to_piece(i): i for i in range(proc.get_piece_size())}
+        source = sp
+    else:
+        return None
+    residue_ids = _residue_ids_from_vocab(vocab, spaced, source)
+    if spaced:
+        residue_ids = {aa: i for aa, i in residue_ids.items() if aa not in RARE}
+    return Tokenizer(vocab, residue_ids, space_separated=spaced, aliases=aliases, source=source)
