@@ -29,6 +29,7 @@ _HF_PASSIVE_KEYS = frozenset({
     "length_penalty", "min_length", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty",
     "chunk_size_feed_forward", "add_cross_attention", "tie_encoder_decoder", "pruned_heads",
     "use_return_dict", "sep_token_id", "cross_attention_hidden_size", "decoder_start_token_ids",
+    "is_decoder",
 })
 
 
@@ -112,6 +113,12 @@ class T5Config:
         affect the network are dropped when ``strict`` is False (reading a published config.json)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {}
+        if not strict and isinstance(data.get("scale_decoder_outputs"), bool):
+            # transformers 5.x writes tie_word_embeddings=True for every T5 and keeps the checkpoint's own
+            # setting (the d_model**-0.5 rescale of a tied head) in scale_decoder_outputs.
+            scale = data["scale_decoder_outputs"]
+            data = {k: v for k, v in data.items() if k != "scale_decoder_outputs"}
+            data["tie_word_embeddings"] = scale
         for key, value in data.items():
             if key in names:
                 kwargs[key] = value

@@ -12,6 +12,12 @@ from protlm.errors import ProtlmError
 # Sub-command modules under protlm.cli; each defines add_parser(subparsers) and run(args) -> int | None.
 COMMANDS = [
     "info",
+    "pretrain",
+    "embed",
+    "project",
+    "generate", "infill", "score",
+    "analyze",
+    "data", "evaluate",
 ]
 
 

@@ -21,6 +21,11 @@ VALID = frozenset("ACDEFGHIKLMNPQRSTVWYXUZOB")
 BAD_RECORD_POLICIES = ("error", "skip", "x")
 
 
+class RecordError(InputError):
+    """A record's content is bad (empty, or characters that are not residues); the lenient policies of
+    :func:`read_fasta` ("skip", "x") deal with these."""
+
+
 @dataclass(frozen=True)
 class Record:
     id: str  # first word of the header (UniRef50: "UniRef50_A0A5A9P0L4")
@@ -42,8 +47,10 @@ class ReadStats:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-def open_text(path: str | os.PathLike) -> io.TextIOBase:
-    """Open a text file, gunzipping when the name ends in .gz or the content starts with the gzip magic."""
+def open_text(path: str | os.PathLike, errors: str = "strict") -> io.TextIOBase:
+    """Open a text file, gunzipping when the name ends in .gz or the content starts with the gzip magic.
+
+    ``errors`` is the UTF-8 decoding policy; "surrogateescape" lets the caller find and name a bad byte."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise InputError(f"{path}: no such file")
@@ -52,13 +59,14 @@ def open_text(path: str | os.PathLike) -> io.TextIOBase:
     with open(path, "rb") as fh:
         magic = fh.read(2)
     if path.endswith(".gz") or magic == b"\x1f\x8b":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors="strict", newline=None)
-    return open(path, encoding="utf-8", errors="strict", newline=None)
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", errors=errors, newline=None)
+    return open(path, encoding="utf-8", errors=errors, newline=None)
 
 
 def _lines(path: str) -> Iterator[tuple[int, str]]:
     try:
-        with open_text(path) as fh:
+        # Bad bytes come through as lone surrogates, so the record holding them can be named.
+        with open_text(path, errors="surrogateescape") as fh:
             for lineno, line in enumerate(fh, 1):
                 yield lineno, line.rstrip("\r\n")
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
@@ -97,7 +105,7 @@ def read_fasta(
         where = f"{path}: record {rid!r} (line {header_line})"
         if not seq:
             if policy == "error":
-                raise InputError(f"{where}: empty sequence")
+                raise RecordError(f"{where}: empty sequence")
             stats.skipped += 1
             stats.note("empty")
             return None
@@ -105,12 +113,15 @@ def read_fasta(
         if bad:
             if not seq.isascii():
                 pos = next(i for i, c in enumerate(seq) if not c.isascii())
+                if policy == "error" and _is_bad_byte(seq[pos]):
+                    raise RecordError(f"{path}: non-UTF-8 bytes in record {rid!r} (line {header_line}): "
+                                      f"byte 0x{ord(seq[pos]) - 0xDC00:02x} at residue {pos + 1}")
                 if policy == "error":
-                    raise InputError(f"{where}: non-ASCII character {seq[pos]!r} at residue {pos + 1}")
+                    raise RecordError(f"{where}: non-ASCII character {seq[pos]!r} at residue {pos + 1}")
             if policy == "error":
                 c = seq[bad[0]]
                 what = "gap" if c in "-." else "stop codon" if c == "*" else "invalid character"
-                raise InputError(f"{where}: {what} {c!r} at residue {bad[0] + 1}"
+                raise RecordError(f"{where}: {what} {c!r} at residue {bad[0] + 1}"
                                  + (f" ({len(bad) - 1} more)" if len(bad) > 1 else ""))
             if policy == "skip":
                 stats.skipped += 1
@@ -128,6 +139,10 @@ def read_fasta(
 
     for lineno, line in _lines(path):
         if line.startswith(">"):
+            if not line.isascii() and any(_is_bad_byte(c) for c in line):
+                c = next(c for c in line if _is_bad_byte(c))
+                raise InputError(f"{path}: non-UTF-8 bytes in the header at line {lineno} (byte 0x{ord(c) - 0xDC00:02x}); "
+                                 "sequence files must be UTF-8 text")
             if header is not None:
                 rec = finish()
                 if rec is not None:
@@ -146,10 +161,24 @@ def read_fasta(
         raise InputError(f"{path}: no FASTA records (empty file or no '>' header lines)")
 
 
+def _is_bad_byte(c: str) -> bool:
+    return "\udc80" <= c <= "\udcff"  # how surrogateescape carries an undecodable byte
+
+
 def read_csv_sequences(path: str | os.PathLike, id_column: str | None = None,
                        sequence_column: str | None = None) -> Iterator[Record]:
     """Records from a CSV with an id and a sequence column (guessed by name when not given)."""
     path = os.fspath(path)
+    try:
+        yield from _csv_records(path, id_column, sequence_column)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise InputError(f"{path}: compressed file is truncated or corrupt ({err})") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: non-UTF-8 byte 0x{err.object[err.start]:02x}; "
+                         "sequence files must be UTF-8 text") from None
+
+
+def _csv_records(path: str, id_column: str | None, sequence_column: str | None) -> Iterator[Record]:
     with open_text(path) as fh:
         reader = csv.DictReader(fh)
         cols = [c.strip() for c in (reader.fieldnames or [])]
@@ -167,10 +196,10 @@ def read_csv_sequences(path: str | os.PathLike, id_column: str | None = None,
             if not rid:
                 raise InputError(f"{path}: line {n}: empty id")
             if not seq:
-                raise InputError(f"{path}: line {n}: record {rid!r} has an empty sequence")
+                raise RecordError(f"{path}: line {n}: record {rid!r} has an empty sequence")
             bad = next((i for i, c in enumerate(seq) if c not in VALID), None)
             if bad is not None:
-                raise InputError(f"{path}: line {n}: record {rid!r}: invalid character {seq[bad]!r} at residue {bad + 1}")
+                raise RecordError(f"{path}: line {n}: record {rid!r}: invalid character {seq[bad]!r} at residue {bad + 1}")
             yield Record(rid, rid, seq)
 
 

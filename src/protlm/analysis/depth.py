@@ -1,0 +1,510 @@
+"""Which layers of a T5 protein language model do the work: the measurements behind ``protlm analyze depth``.
+
+The measures follow the probing- and perturbation-based analyses of "From Words to Amino Acids: Does the Curse
+of Depth Persist?" (Siji et al., 2026; seeds/002) and of the LLM studies it extends:
+
+1. contribution: per block, ||attention update|| / ||h||, ||cross-attention update|| / ||h|| (decoder),
+   ||FFN update|| / ||h|| and ||h_out - h_in|| / ||h_in||, and the cosine of each update with the stream it is
+   added to (h is the stream the sublayer reads);
+2. skip: remove one block (its output := its input); relative change ||h'_m - h_m|| / ||h_m|| of every later
+   stream m, and the change of the output distribution on denoising targets (KL(full || skipped) and top-1
+   agreement);
+3. early exit: the encoder stream after block l, through the final norm, fed to the decoder (KL and top-1
+   agreement to the full model); for the decoder, the final norm and LM head on each decoder stream (logit lens);
+4. probe: a linear probe per encoder layer on a residue task (``probe.py``);
+5. similarity: linear CKA between every pair of layers.
+
+Representations for probes and CKA are final_layer_norm(h_l): what a model truncated after block l outputs.
+Everything runs block by block through :class:`~protlm.analysis.runner.StackRunner` under inference mode, one
+token-budget batch at a time, so memory stays bounded by the batch, never by the number of proteins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_proteins
+from protlm.analysis.metrics import (PerProtein, Summary, compare_outputs, linear_cka_matrix, relative_norm, row_mean,
+                                     update_stats)
+from protlm.analysis.probe import LayerProbes, ProbeTask, load_probe_task
+from protlm.analysis.runner import StackMasks, StackRunner
+from protlm.errors import ConfigError
+
+ANALYSES = ("contribution", "skip", "early-exit", "cka", "probe")
+
+
+@dataclass
+class DepthOptions:
+    """Settings of a depth analysis (each is a flag of ``protlm analyze depth``)."""
+
+    analyses: tuple[str, ...] | None = None  # subset of ANALYSES; None = every one the model supports
+    decoder: bool | None = None  # also analyse the decoder's layers; None = when the model has a decoder
+    encoder_layers: list[int] | None = None  # layers (0..N) for skip/early-exit/CKA/probes; None = all
+    decoder_layers: list[int] | None = None  # same for the decoder (0..M)
+    max_length: int = 512  # residues per protein; longer ones are cropped to a seeded random window
+    mask_rate: float = 0.15  # share of residues masked for the denoising targets
+    seed: int = 0  # masking, cropping, token sampling and probe subsets
+    batch_tokens: int = 4096  # padded encoder tokens per batch
+    cka_tokens: int = 8192  # tokens (sampled evenly over proteins) per CKA matrix
+    probe_task: str | None = "ssp3"  # None = no probes
+    probe_data: str | None = None  # folder with the probe task's files (default: $PROTLM_DATA/ssp_netsurfp)
+    probe_train: int = 200  # training proteins for the probes
+    probe_test: int = 100  # test proteins for the probes
+    flip_threshold: float = 0.05  # summary: a layer "barely changes the output" below this top-1 flip rate
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["analyses"] = list(self.analyses) if self.analyses is not None else None
+        return d
+
+
+@dataclass
+class Plan:
+    """What will be computed, resolved against the model (errors for impossible requests are raised here)."""
+
+    analyses: tuple[str, ...]
+    has_decoder: bool  # the model has a decoder: output measures are possible
+    decoder: bool  # the decoder's own layers are analysed
+    encoder_layers: list[int]
+    decoder_layers: list[int]
+
+
+def resolve_plan(model, options: DepthOptions) -> Plan:
+    has_decoder = model.decoder is not None
+    if options.decoder and not has_decoder:
+        raise ConfigError("this model is encoder-only; decoder analyses need an encoder-decoder checkpoint")
+    analyse_decoder = has_decoder if options.decoder is None else options.decoder
+    if options.analyses is None:
+        analyses = [a for a in ANALYSES if (a != "early-exit" or has_decoder) and (a != "probe" or options.probe_task)]
+    else:
+        analyses = list(dict.fromkeys(options.analyses))
+        for a in analyses:
+            if a not in ANALYSES:
+                raise ConfigError(f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
+        if "early-exit" in analyses and not has_decoder:
+            raise ConfigError("early-exit needs a decoder (the encoder's layers are read through it); this model is encoder-only")
+        if "probe" in analyses and not options.probe_task:
+            raise ConfigError("the probe analysis needs a task (--task ssp3)")
+    enc_layers = (model.encoder.resolve_layers(options.encoder_layers) if options.encoder_layers is not None
+                  else list(range(model.encoder.n_layers + 1)))
+    if options.decoder_layers is not None and not has_decoder:
+        raise ConfigError("--decoder-layers given, but this model is encoder-only (it has no decoder)")
+    if options.decoder_layers is not None and not analyse_decoder:
+        raise ConfigError("--decoder-layers given together with --no-decoder")
+    dec_layers = []
+    if analyse_decoder:
+        dec_layers = (model.decoder.resolve_layers(options.decoder_layers) if options.decoder_layers is not None
+                      else list(range(model.decoder.n_layers + 1)))
+    if not 0 < options.flip_threshold < 1:
+        raise ConfigError(f"flip threshold must be in (0, 1), got {options.flip_threshold}")
+    if options.cka_tokens < 2:
+        raise ConfigError(f"--cka-tokens must be at least 2, got {options.cka_tokens}")
+    return Plan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers)
+
+
+# --- result records ------------------------------------------------------------------------------------------
+@dataclass
+class Series:
+    """One measure per layer: mean and std over proteins (NaN where undefined)."""
+
+    mean: list[float]
+    std: list[float]
+
+    @classmethod
+    def of(cls, summaries: list[Summary]) -> "Series":
+        return cls([s.mean for s in summaries], [s.std for s in summaries])
+
+
+@dataclass
+class Contribution:
+    layers: list[int]  # blocks 1..N
+    attn_rel: Series
+    ffn_rel: Series
+    layer_rel: Series
+    attn_cos: Series
+    ffn_cos: Series
+    layer_cos: Series
+    cross_rel: Series | None = None  # decoder only
+    cross_cos: Series | None = None
+
+
+@dataclass
+class SkipEffect:
+    skipped: list[int]  # rows: the removed block
+    later_layers: list[int]  # columns: streams 1..N
+    hidden_change: list[list[float]]  # [row][col] mean relative change; NaN for a stream before the skipped block
+    hidden_change_std: list[list[float]]
+    output_kl: Series | None = None  # None for an encoder-only model
+    output_top1_agreement: Series | None = None
+
+
+@dataclass
+class EarlyExit:
+    layers: list[int]
+    kl: Series  # KL(full || exit at l), nats per predicted residue
+    top1_agreement: Series
+    accuracy: Series  # top-1 accuracy on the true masked residues
+
+
+@dataclass
+class Similarity:
+    layers: list[int]
+    cka: list[list[float]]
+    n_tokens: int
+
+
+@dataclass
+class ProbeResult:
+    task: str
+    source: str
+    layers: list[int]
+    score: list[float]  # Q3: per-residue accuracy on the test residues
+    alpha: list[float]
+    best_layer: int
+    best_score: float
+    layer_95: int  # first layer reaching 95% of the best score
+    majority_baseline: float
+    n_train_proteins: int
+    n_test_proteins: int
+    n_test_residues: int
+
+
+@dataclass
+class StackReport:
+    stack: str  # "encoder" or "decoder"
+    n_layers: int
+    tokens: str  # which positions the per-token measures average over
+    contribution: Contribution | None = None
+    skip: SkipEffect | None = None
+    early_exit: EarlyExit | None = None
+    similarity: Similarity | None = None
+    probe: ProbeResult | None = None
+
+
+@dataclass
+class DepthReport:
+    model: dict
+    inputs: dict
+    options: dict
+    full_model: dict  # denoising accuracy / NLL of the unperturbed model (None for encoder-only)
+    encoder: StackReport
+    decoder: StackReport | None
+    timing: dict  # seconds per analysis
+    summary: str = ""
+    truncated: dict | None = None
+
+    def to_json_dict(self) -> dict:
+        return _json_safe(dataclasses.asdict(self))
+
+
+def _json_safe(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return _json_safe(x.item())
+    return x
+
+
+# --- the per-batch work --------------------------------------------------------------------------------------
+class _Analyser:
+    def __init__(self, model, plan: Plan, options: DepthOptions, n_proteins: int, cka_rates: dict[str, float]):
+        self.model = model
+        self.plan = plan
+        self.opt = options
+        self.enc = StackRunner(model.encoder)
+        self.dec = StackRunner(model.decoder) if plan.has_decoder else None
+        self.acc = PerProtein(n_proteins)
+        self.cka_rates = cka_rates
+        self.cka: dict[str, dict[int, list[Tensor]]] = {"encoder": defaultdict(list), "decoder": defaultdict(list)}
+        self.seconds: dict[str, float] = defaultdict(float)
+
+    def want(self, analysis: str) -> bool:
+        return analysis in self.plan.analyses
+
+    # contributions of one block, from its sublayer updates
+    def _contribution(self, stack: str, layer: int, h_in: Tensor, out, tokens: Tensor, idx: np.ndarray) -> None:
+        def put(name: str, update: Tensor, stream: Tensor) -> None:
+            rel, cos = update_stats(update, stream)
+            self.acc.put((stack, f"{name}_rel", layer), idx, row_mean(rel, tokens))
+            self.acc.put((stack, f"{name}_cos", layer), idx, row_mean(cos, tokens))
+
+        # each update is measured against the stream its sublayer reads (and adds to)
+        put("attn", out.attn_update, h_in)
+        if out.cross_update is not None:
+            put("cross", out.cross_update, h_in + out.attn_update)
+        put("ffn", out.ffn_update, out.hidden - out.ffn_update)
+        put("layer", out.hidden - h_in, h_in)
+
+    def _forward(self, runner: StackRunner, stack: str, h: Tensor, masks: StackMasks, tokens: Tensor,
+                 idx: np.ndarray, enc: Tensor | None = None) -> list[Tensor]:
+        """All streams h[0..N] of an unperturbed run, recording contributions when asked."""
+        streams = [h]
+        record = self.want("contribution") and (stack == "encoder" or self.plan.decoder)
+        for layer in range(1, runner.n_layers + 1):
+            out = runner.block(layer, streams[-1], masks, enc, updates=record)
+            if record:
+                self._contribution(stack, layer, streams[-1], out, tokens, idx)
+            streams.append(out.hidden)
+        return streams
+
+    def _logp(self, dec_last: Tensor) -> Tensor:
+        return F.log_softmax(self.model.lm_logits(self.dec.normed(dec_last)).float(), dim=-1)
+
+    def _decode_logp(self, enc_out: Tensor, b: DepthBatch, dm: StackMasks) -> Tensor:
+        h = self.dec.embed(b.decoder_input_ids)
+        last = self.dec.run(h, dm, 0, enc=enc_out)[-1]
+        return self._logp(last)
+
+    def _record_output(self, key: tuple, logp_full: Tensor, logp: Tensor, b: DepthBatch, accuracy: bool = False) -> None:
+        cmp = compare_outputs(logp_full, logp, b.labels)
+        self.acc.put(key + ("kl",), b.index, row_mean(cmp.kl, b.pred_mask))
+        self.acc.put(key + ("top1",), b.index, row_mean(cmp.top1_agree, b.pred_mask))
+        if accuracy:
+            self.acc.put(key + ("acc",), b.index, row_mean(cmp.correct, b.pred_mask))
+
+    def _hidden_change(self, stack: str, skipped: int, perturbed: list[Tensor], base: list[Tensor],
+                       tokens: Tensor, idx: np.ndarray) -> None:
+        # perturbed[i] is the stream after block skipped + i
+        for i, h in enumerate(perturbed):
+            m = skipped + i
+            change = relative_norm(h - base[m], base[m])
+            self.acc.put((stack, "skip_hidden", skipped, m), idx, row_mean(change, tokens))
+
+    def _sample_cka(self, stack: str, streams: list[Tensor], layers: list[int], tokens: Tensor, b: DepthBatch,
+                    runner: StackRunner) -> None:
+        rate = self.cka_rates[stack]
+        rows, cols = [], []
+        tok_cpu = tokens.cpu()
+        for r, p in enumerate(b.index):
+            pos = torch.nonzero(tok_cpu[r]).flatten()
+            draw = np.random.default_rng([self.opt.seed, int(p), 17 if stack == "encoder" else 23]).random(len(pos))
+            keep = pos[torch.from_numpy(draw < rate)]
+            rows.append(torch.full_like(keep, r))
+            cols.append(keep)
+        rows_t, cols_t = torch.cat(rows).to(tokens.device), torch.cat(cols).to(tokens.device)
+        if rows_t.numel() == 0:
+            return
+        for layer in layers:
+            self.cka[stack][layer].append(runner.normed(streams[layer][rows_t, cols_t]).float().cpu())
+
+    def batch(self, b: DepthBatch) -> None:
+        t = time.perf_counter()
+        plan, idx = self.plan, b.index
+        h0 = self.enc.embed(b.input_ids)
+        em = self.enc.masks(h0, b.attention_mask)
+        hs = self._forward(self.enc, "encoder", h0, em, b.enc_tokens, idx)
+        n_enc = self.enc.n_layers
+        logp_full = None
+        ds: list[Tensor] = []
+        dm = None
+        if plan.has_decoder:
+            enc_out = self.enc.normed(hs[n_enc])
+            d0 = self.dec.embed(b.decoder_input_ids)
+            dm = self.dec.masks(d0, None, b.attention_mask)
+            ds = self._forward(self.dec, "decoder", d0, dm, b.pred_mask, idx, enc=enc_out)
+            logp_full = self._logp(ds[-1])
+            self.acc.put(("output", "acc"), idx, row_mean((logp_full.argmax(-1) == b.labels).float(), b.pred_mask))
+            nll = -logp_full.gather(-1, b.labels.clamp(min=0)[..., None])[..., 0]
+            self.acc.put(("output", "nll"), idx, row_mean(nll, b.pred_mask))
+        self.seconds["forward+contribution"] += time.perf_counter() - t
+
+        if self.want("cka"):
+            t = time.perf_counter()
+            self._sample_cka("encoder", hs, plan.encoder_layers, b.enc_tokens, b, self.enc)
+            if plan.decoder:
+                self._sample_cka("decoder", ds, plan.decoder_layers, b.pred_mask, b, self.dec)
+            self.seconds["cka"] += time.perf_counter() - t
+
+        if self.want("skip"):
+            t = time.perf_counter()
+            for layer in (l for l in plan.encoder_layers if l >= 1):
+                later = self.enc.run(hs[layer - 1], em, layer - 1, skip=layer)
+                self._hidden_change("encoder", layer, later, hs, b.enc_tokens, idx)
+                if plan.has_decoder:
+                    logp = self._decode_logp(self.enc.normed(later[-1]), b, dm)
+                    self._record_output(("encoder", "skip_out", layer), logp_full, logp, b)
+            if plan.decoder:
+                for layer in (l for l in plan.decoder_layers if l >= 1):
+                    later = self.dec.run(ds[layer - 1], dm, layer - 1, enc=enc_out, skip=layer)
+                    self._hidden_change("decoder", layer, later, ds, b.pred_mask, idx)
+                    self._record_output(("decoder", "skip_out", layer), logp_full, self._logp(later[-1]), b)
+            self.seconds["skip"] += time.perf_counter() - t
+
+        if self.want("early-exit"):
+            t = time.perf_counter()
+            for layer in plan.encoder_layers:
+                # exiting after the last block is the full model itself
+                logp = logp_full if layer == n_enc else self._decode_logp(self.enc.normed(hs[layer]), b, dm)
+                self._record_output(("encoder", "exit", layer), logp_full, logp, b, accuracy=True)
+            if plan.decoder:
+                for layer in plan.decoder_layers:
+                    self._record_output(("decoder", "exit", layer), logp_full, self._logp(ds[layer]), b, accuracy=True)
+            self.seconds["early-exit"] += time.perf_counter() - t
+
+    # --- assembling the report ---------------------------------------------------------------------------
+    def _series(self, *key_prefix, layers) -> Series:
+        return Series.of([self.acc.summary(key_prefix + (l,)) for l in layers])
+
+    def stack_report(self, stack: str) -> StackReport:
+        runner = self.enc if stack == "encoder" else self.dec
+        n = runner.n_layers
+        layers = self.plan.encoder_layers if stack == "encoder" else self.plan.decoder_layers
+        tokens = ("unmasked residue positions of the encoder input" if stack == "encoder"
+                  else "decoder positions that predict a masked residue")
+        rep = StackReport(stack, n, tokens)
+        blocks = list(range(1, n + 1))
+        if self.want("contribution"):
+            s = lambda name: self._series(stack, name, layers=blocks)  # noqa: E731
+            cross = stack == "decoder"
+            rep.contribution = Contribution(blocks, s("attn_rel"), s("ffn_rel"), s("layer_rel"), s("attn_cos"),
+                                            s("ffn_cos"), s("layer_cos"), s("cross_rel") if cross else None,
+                                            s("cross_cos") if cross else None)
+        if self.want("skip"):
+            skipped = [l for l in layers if l >= 1]
+            mean = [[self.acc.summary((stack, "skip_hidden", l, m)).mean for m in blocks] for l in skipped]
+            std = [[self.acc.summary((stack, "skip_hidden", l, m)).std for m in blocks] for l in skipped]
+            rep.skip = SkipEffect(skipped, blocks, mean, std)
+            if self.plan.has_decoder:
+                rep.skip.output_kl = Series.of([self.acc.summary((stack, "skip_out", l, "kl")) for l in skipped])
+                rep.skip.output_top1_agreement = Series.of([self.acc.summary((stack, "skip_out", l, "top1")) for l in skipped])
+        if self.want("early-exit"):
+            rep.early_exit = EarlyExit(
+                list(layers),
+                Series.of([self.acc.summary((stack, "exit", l, "kl")) for l in layers]),
+                Series.of([self.acc.summary((stack, "exit", l, "top1")) for l in layers]),
+                Series.of([self.acc.summary((stack, "exit", l, "acc")) for l in layers]),
+            )
+        if self.want("cka"):
+            t = time.perf_counter()
+            feats = [torch.cat(self.cka[stack][l]) if self.cka[stack][l] else torch.zeros(0, 1) for l in layers]
+            matrix = linear_cka_matrix(feats) if feats and feats[0].shape[0] > 1 else np.full((len(layers),) * 2, np.nan)
+            rep.similarity = Similarity(list(layers), matrix.tolist(), int(feats[0].shape[0]) if feats else 0)
+            self.seconds["cka"] += time.perf_counter() - t
+        return rep
+
+
+# --- probes --------------------------------------------------------------------------------------------------
+def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOptions, device,
+               progress: bool = False) -> ProbeResult:
+    """Fit one linear probe per encoder layer on ``task.train`` and score it on ``task.test`` (clean input)."""
+    from tqdm.auto import tqdm
+
+    runner = StackRunner(model.encoder)
+    probes = LayerProbes(layers, len(task.classes))
+
+    def feed(split, train: bool):
+        records = list(zip(split.ids, split.sequences))
+        prots = prepare_proteins(records, tok, options.max_length, None, options.seed, source=f"probe {task.name}")
+        n_prefix = len(tok.prefix_token_ids("nlu" if "nlu" in tok.prefix_ids else None))
+        for b in tqdm(batches(prots, tok, options.batch_tokens), desc=f"probe {'train' if train else 'test'}",
+                      disable=not progress, leave=False):
+            b = b.to(device)
+            y = torch.full(b.input_ids.shape, -1, dtype=torch.long)
+            prot = torch.zeros(b.input_ids.shape, dtype=torch.long)
+            for r, p in enumerate(b.index):
+                pr = prots[p]
+                y[r, n_prefix:n_prefix + pr.length] = torch.from_numpy(split.labels[p][pr.start:pr.start + pr.length])
+                prot[r] = int(p)
+            y = y.to(device)
+            sel = y >= 0
+            if not sel.any():
+                continue
+            h = runner.embed(b.input_ids)
+            masks = runner.masks(h, b.attention_mask)
+            streams = [h] + runner.run(h, masks, 0)
+            feats = {l: runner.normed(streams[l][sel]) for l in layers}
+            if train:
+                probes.add_train(feats, y[sel], prot.to(device)[sel])
+            else:
+                probes.add_test(feats, y[sel])
+
+    feed(task.train, True)
+    probes.fit()
+    feed(task.test, False)
+    scores = probes.scores()
+    best = int(np.argmax(scores))
+    layer_95 = next(l for l, s in zip(layers, scores) if s >= 0.95 * scores[best])
+    return ProbeResult(task.name, task.source, list(layers), scores, [probes.fits[l].alpha for l in layers],
+                       layers[best], scores[best], layer_95, probes.majority_baseline(),
+                       len(task.train.ids), len(task.test.ids), probes.total)
+
+
+# --- entry point ---------------------------------------------------------------------------------------------
+def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = None, max_proteins: int | None = None,
+                  progress: bool = False) -> DepthReport:
+    """Run the depth analyses of ``pretrained`` (a :class:`protlm.convert.Pretrained`) over a FASTA/CSV file."""
+    from tqdm.auto import tqdm
+
+    from protlm.analysis.summary import summary_paragraph
+
+    options = options or DepthOptions()
+    model, tok = pretrained.model, pretrained.tokenizer
+    plan = resolve_plan(model, options)
+    # Bad probe input fails before any model time is spent.
+    task = None
+    if "probe" in plan.analyses:
+        task = load_probe_task(options.probe_task, options.probe_data, options.probe_train, options.probe_test,
+                               options.seed)
+    records = read_proteins(input_path, max_proteins)
+    proteins = prepare_proteins(records, tok, options.max_length, options.mask_rate if plan.has_decoder else None,
+                                options.seed, source=str(input_path))
+    device = next(model.parameters()).device
+    start_id = model.config.decoder_start_token_id
+    batch_list = batches(proteins, tok, options.batch_tokens, start_id)
+    enc_total = sum(int(b.enc_tokens.sum()) for b in batch_list)
+    pred_total = sum(int(b.pred_mask.sum()) for b in batch_list)
+    rates = {"encoder": min(1.0, options.cka_tokens / max(enc_total, 1)),
+             "decoder": min(1.0, options.cka_tokens / max(pred_total, 1))}
+    was_training = model.training
+    model.eval()
+    analyser = _Analyser(model, plan, options, len(proteins), rates)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for b in tqdm(batch_list, desc="depth analysis", disable=not progress):
+                analyser.batch(b.to(device))
+            encoder = analyser.stack_report("encoder")
+            decoder = analyser.stack_report("decoder") if plan.decoder else None
+            if task is not None:
+                t = time.perf_counter()
+                encoder.probe = run_probes(model, tok, task, plan.encoder_layers, options, device, progress)
+                analyser.seconds["probe"] += time.perf_counter() - t
+    finally:
+        model.train(was_training)
+    cfg = model.config
+    full = {}
+    if plan.has_decoder:
+        acc, nll = analyser.acc.summary(("output", "acc")), analyser.acc.summary(("output", "nll"))
+        full = {"denoising_accuracy": acc.mean, "denoising_nll": nll.mean, "n_predictions": pred_total}
+    timing = {k: round(v, 3) for k, v in analyser.seconds.items()}
+    timing["total"] = round(time.perf_counter() - t0, 3)
+    report = DepthReport(
+        model={"source": pretrained.source, "family": cfg.protlm_family, "d_model": cfg.d_model,
+               "encoder_layers": model.encoder.n_layers,
+               "decoder_layers": model.decoder.n_layers if model.decoder is not None else 0,
+               "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+               "random_init": str(pretrained.source).startswith("random-init")},
+        inputs={"path": str(input_path), "n_proteins": len(proteins),
+                "n_residues": int(sum(p.length for p in proteins)),
+                "n_cropped": int(sum(len(s) > options.max_length for _, s in records)),
+                "encoder_tokens_averaged": enc_total, "predicted_residues": pred_total,
+                "denoising_input": plan.has_decoder, "ids": [p.id for p in proteins]},
+        options={**options.to_dict(), "analyses": list(plan.analyses), "decoder": plan.decoder,
+                 "encoder_layers": plan.encoder_layers, "decoder_layers": plan.decoder_layers},
+        full_model=full, encoder=encoder, decoder=decoder, timing=timing,
+    )
+    report.summary = summary_paragraph(report)
+    return report

@@ -1,0 +1,148 @@
+"""Proteins for the depth analysis: read, crop, mask for denoising, and batch by a token budget.
+
+Every analysis runs on the denoising input, because the output-distribution measures (layer skipping, early
+exit) need the decoder's predictions for real denoising targets, and the hidden-state measures must come from
+the same runs. Per-token averages use the positions that hold an unmasked residue in the encoder and, in the
+decoder, the positions that predict a masked residue; prefix, ``</s>``, sentinels and padding never enter a mean.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from protlm.data.fasta import read_sequences
+from protlm.errors import ConfigError, InputError
+from protlm.objectives.example import IGNORE_INDEX, Example, collate
+from protlm.tokenizer.vocab import Tokenizer
+
+
+@dataclass
+class Protein:
+    id: str
+    start: int  # 0-based offset of the analysed window in the full sequence
+    length: int  # residues in the window
+    example: Example  # denoising input and target of the window
+
+
+@dataclass
+class DepthBatch:
+    index: np.ndarray  # (B,) positions of these proteins in the input order
+    input_ids: Tensor  # (B, Le) [prefix] residues-with-sentinels </s>, padded
+    attention_mask: Tensor  # (B, Le) 1 = token
+    enc_tokens: Tensor  # (B, Le) bool: unmasked residue positions (what encoder averages use)
+    labels: Tensor  # (B, Ld) decoder targets, IGNORE_INDEX on padding
+    decoder_input_ids: Tensor  # (B, Ld) start token + labels[:-1]
+    pred_mask: Tensor  # (B, Ld) bool: the label is a masked residue (what decoder/output averages use)
+
+    @property
+    def size(self) -> int:
+        return len(self.index)
+
+    def to(self, device) -> "DepthBatch":
+        move = {k: getattr(self, k).to(device) for k in
+                ("input_ids", "attention_mask", "enc_tokens", "labels", "decoder_input_ids", "pred_mask")}
+        return DepthBatch(self.index, **move)
+
+
+def read_proteins(path: str | os.PathLike, max_proteins: int | None = None) -> list[tuple[str, str]]:
+    """(id, sequence) of the first ``max_proteins`` records of a FASTA/CSV file."""
+    if max_proteins is not None and max_proteins < 1:
+        raise ConfigError(f"--max-proteins must be at least 1, got {max_proteins}")
+    out = []
+    for rec in read_sequences(path):
+        out.append((rec.id, rec.sequence))
+        if max_proteins is not None and len(out) >= max_proteins:
+            break
+    if not out:
+        raise InputError(f"{os.fspath(path)}: no sequences")
+    return out
+
+
+def denoise_example(residues: np.ndarray, rng: np.random.Generator, rate: float, tok: Tokenizer,
+                    prefix: str | None) -> Example:
+    """1-gram denoising as Ankh3 pretrains it: each masked residue becomes its own sentinel (i-th masked
+    position -> sentinel i); the target is sentinel_0 residue_0 sentinel_1 residue_1 ... </s>.
+
+    At least one residue is masked, so every protein contributes to the output measures.
+    """
+    # TODO(objectives): switch to protlm.objectives.denoise once it lands, so analysis and pretraining share
+    # one definition of the task.
+    n = len(residues)
+    k = min(n, max(1, int(round(rate * n))))
+    if k > len(tok.sentinel_ids):
+        raise ConfigError(f"{k} masked residues need more sentinels than the vocabulary has ({len(tok.sentinel_ids)}); "
+                          "lower --max-length or --mask-rate")
+    pos = np.sort(rng.choice(n, size=k, replace=False))
+    sentinels = np.asarray(tok.sentinel_ids[:k], dtype=np.int64)
+    enc = residues.astype(np.int64).copy()
+    enc[pos] = sentinels
+    input_ids = np.concatenate([tok.prefix_token_ids(prefix), enc, [tok.eos_id]]).astype(np.int64)
+    labels = np.empty(2 * k + 1, dtype=np.int64)
+    labels[0:-1:2] = sentinels
+    labels[1:-1:2] = residues[pos]
+    labels[-1] = tok.eos_id
+    return Example(input_ids, labels, "denoise")
+
+
+def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length: int, mask_rate: float | None,
+                     seed: int, source: str = "input") -> list[Protein]:
+    """Crop each sequence to a seeded random window of ``max_length`` and mask it for denoising.
+
+    ``mask_rate`` None gives the clean input (an encoder-only model has no denoising targets to predict).
+    The random stream of protein i depends only on (seed, i), so results do not depend on batching.
+    """
+    if max_length < 1:
+        raise ConfigError(f"--max-length must be at least 1, got {max_length}")
+    if mask_rate is not None:
+        if not 0 < mask_rate < 1:
+            raise ConfigError(f"--mask-rate must be in (0, 1), got {mask_rate}")
+        if not tok.sentinel_ids:
+            raise ConfigError("the tokenizer has no sentinel tokens, so no denoising targets can be built")
+    prefix = "nlu" if "nlu" in tok.prefix_ids else None
+    out = []
+    for i, (rid, seq) in enumerate(records):
+        residues = tok.residue_array(seq, record=f"{source}: record {rid!r}", unknown="x")
+        rng = np.random.default_rng([seed, i])
+        start = int(rng.integers(0, len(residues) - max_length + 1)) if len(residues) > max_length else 0
+        window = residues[start:start + max_length]
+        if mask_rate is None:
+            ids = np.concatenate([tok.prefix_token_ids(prefix), window, [tok.eos_id]]).astype(np.int64)
+            example = Example(ids, np.asarray([tok.eos_id], dtype=np.int64), "denoise")
+        else:
+            example = denoise_example(window, rng, mask_rate, tok, prefix)
+        out.append(Protein(rid, start, len(window), example))
+    return out
+
+
+def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_start_id: int = 0) -> list[DepthBatch]:
+    """Length-sorted batches whose padded encoder size stays within ``token_budget`` (a long protein runs alone).
+
+    ``decoder_start_id`` is the model's ``decoder_start_token_id`` (T5: the pad id), used for teacher forcing.
+    """
+    if token_budget < 1:
+        raise ConfigError(f"--batch-tokens must be at least 1, got {token_budget}")
+    order = sorted(range(len(proteins)), key=lambda i: len(proteins[i].example.input_ids))
+    groups: list[list[int]] = []
+    for i in order:
+        width = len(proteins[i].example.input_ids)
+        if groups and width * (len(groups[-1]) + 1) <= token_budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    residue_ids = torch.as_tensor(tok.residue_id_array)
+    out = []
+    for g in groups:
+        cols = collate([proteins[i].example for i in g], tok)
+        ids, labels = cols["input_ids"], cols["labels"]
+        enc_tokens = torch.isin(ids, residue_ids) & cols["attention_mask"].bool()
+        start = torch.full_like(labels[:, :1], decoder_start_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        shifted = shifted.masked_fill(shifted == IGNORE_INDEX, tok.pad_id)
+        pred_mask = torch.isin(labels, residue_ids)
+        out.append(DepthBatch(np.asarray(g), ids, cols["attention_mask"], enc_tokens, labels, shifted, pred_mask))
+    return out

@@ -1,0 +1,121 @@
+"""The numbers of the depth analysis: per-token measures, per-protein means, output comparison, linear CKA.
+
+All measures are computed in fp32 whatever the model's dtype. Per-token values are averaged within each protein
+over a boolean token mask, then over proteins (so a long protein counts as much as a short one).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def row_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """(B, L) values averaged over the True positions of each row; NaN for a row with none."""
+    mask = mask.to(values.dtype)
+    count = mask.sum(1)
+    total = (values * mask).sum(1)
+    return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
+
+
+def relative_norm(update: Tensor, stream: Tensor) -> Tensor:
+    """(B, L): ||update|| / ||stream|| per token."""
+    return torch.linalg.vector_norm(update.float(), dim=-1) / torch.linalg.vector_norm(stream.float(), dim=-1).clamp(min=1e-12)
+
+
+def cosine(update: Tensor, stream: Tensor) -> Tensor:
+    """(B, L): cosine between an update and the stream it is added to (0 for a zero update)."""
+    return update_stats(update, stream)[1]
+
+
+def update_stats(update: Tensor, stream: Tensor, stream_norm: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(relative norm, cosine), each (B, L), of an update against the stream it is added to, in one pass."""
+    u, h = update.float(), stream.float()
+    u_norm = torch.linalg.vector_norm(u, dim=-1)
+    h_norm = torch.linalg.vector_norm(h, dim=-1) if stream_norm is None else stream_norm
+    dot = (u * h).sum(-1)
+    return u_norm / h_norm.clamp(min=1e-12), dot / (u_norm * h_norm).clamp(min=1e-12)
+
+
+@dataclass
+class OutputComparison:
+    kl: Tensor  # (B, Ld) KL(p_full || p_other) in nats
+    top1_agree: Tensor  # (B, Ld) 1.0 where both distributions have the same argmax
+    correct: Tensor  # (B, Ld) 1.0 where the other distribution's argmax is the true label
+
+
+def compare_outputs(logp_full: Tensor, logp: Tensor, labels: Tensor) -> OutputComparison:
+    """Compare two (B, Ld, V) log-probability tensors position by position."""
+    kl = (logp_full.exp() * (logp_full - logp)).sum(-1)
+    top = logp.argmax(-1)
+    return OutputComparison(kl, (top == logp_full.argmax(-1)).float(), (top == labels).float())
+
+
+@dataclass
+class Summary:
+    """Mean and standard deviation over proteins; NaN (no valid protein) is written as None in JSON."""
+
+    mean: float
+    std: float
+    n: int  # proteins that had at least one valid position
+
+
+def summarise(per_protein: np.ndarray) -> Summary:
+    valid = per_protein[np.isfinite(per_protein)]
+    if valid.size == 0:
+        return Summary(math.nan, math.nan, 0)
+    return Summary(float(valid.mean()), float(valid.std(ddof=1)) if valid.size > 1 else 0.0, int(valid.size))
+
+
+class PerProtein:
+    """Per-protein values of many named measures, filled batch by batch in any protein order."""
+
+    def __init__(self, n_proteins: int):
+        self.n = n_proteins
+        self.values: dict[tuple, np.ndarray] = {}
+
+    def put(self, key: tuple, index: np.ndarray, values: Tensor) -> None:
+        arr = self.values.get(key)
+        if arr is None:
+            arr = self.values[key] = np.full(self.n, np.nan)
+        arr[index] = values.detach().float().cpu().numpy()
+
+    def summary(self, key: tuple) -> Summary:
+        if key not in self.values:
+            return Summary(math.nan, math.nan, 0)
+        return summarise(self.values[key])
+
+
+# --- linear CKA ----------------------------------------------------------------------------------------------
+def linear_cka_matrix(features: list[Tensor]) -> np.ndarray:
+    """Linear CKA (Kornblith et al., ICML 2019) between every pair of (n, d) feature matrices of the same tokens.
+
+    CKA(X, Y) = ||Yc^T Xc||_F^2 / (||Xc^T Xc||_F ||Yc^T Yc||_F) with column-centred Xc, Yc. It is 1 for
+    representations equal up to rotation and isotropic scaling. Computed in the feature space (d x d
+    products), which costs O(n d^2) per pair and no n x n Gram matrix.
+    """
+    if not features:
+        return np.zeros((0, 0))
+    n = features[0].shape[0]
+    if any(f.shape[0] != n for f in features):
+        raise ValueError("CKA needs the same tokens in every layer")
+    centred = []
+    for f in features:
+        f64 = f.double()
+        # Centre in fp64 (a large common offset would swamp fp32), then multiply in fp32 for speed.
+        centred.append((f64 - f64.mean(0, keepdim=True)).float())
+    k = len(centred)
+    hsic = np.zeros((k, k))
+    for i in range(k):
+        for j in range(i, k):
+            cross = centred[i].T @ centred[j]
+            hsic[i, j] = hsic[j, i] = float(cross.double().pow(2).sum())
+    diag = np.sqrt(np.clip(np.diag(hsic), 0, None))
+    denom = np.outer(diag, diag)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cka = np.where(denom > 0, hsic / denom, np.nan)
+    return cka

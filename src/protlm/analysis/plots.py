@@ -1,0 +1,188 @@
+"""PNG figures of a depth report (matplotlib, headless). One file per analysis, one row per stack."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from protlm.utils import atomic_path
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _arr(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _save(fig, path: str) -> str:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
+def _stacks(report):
+    return [r for r in (report.encoder, report.decoder) if r is not None]
+
+
+def plot_contribution(report, path: str) -> str | None:
+    stacks = [r for r in _stacks(report) if r.contribution is not None]
+    if not stacks:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(stacks), 2, figsize=(11, 3.6 * len(stacks)), squeeze=False)
+    for row, rep in zip(axes, stacks):
+        co = rep.contribution
+        x = np.asarray(co.layers)
+        series = [("attention", co.attn_rel, co.attn_cos), ("cross-attention", co.cross_rel, co.cross_cos),
+                  ("FFN", co.ffn_rel, co.ffn_cos), ("whole layer Δ", co.layer_rel, co.layer_cos)]
+        for label, rel, cos in series:
+            if rel is None:
+                continue
+            style = dict(marker="o", ms=3, lw=2.2 if label.startswith("whole") else 1.3, label=label)
+            row[0].errorbar(x, _arr(rel.mean), yerr=_arr(rel.std), capsize=2, **style)
+            row[1].errorbar(x, _arr(cos.mean), yerr=_arr(cos.std), capsize=2, **style)
+        row[0].set_yscale("log")
+        row[0].set_ylabel("‖update‖ / ‖h‖")
+        row[0].set_title(f"{rep.stack}: relative size of each update")
+        row[1].axhline(0, color="grey", lw=0.8)
+        row[1].set_ylabel("cos(update, h)")
+        row[1].set_title(f"{rep.stack}: direction of each update")
+        for ax in row:
+            ax.set_xlabel("block")
+            ax.set_xticks(x)
+            ax.grid(alpha=0.3)
+        row[0].legend(fontsize=8)
+    fig.suptitle(f"Contribution to the residual stream — {report.model['source']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_skip(report, path: str) -> str | None:
+    stacks = [r for r in _stacks(report) if r.skip is not None and r.skip.skipped]
+    if not stacks:
+        return None
+    plt = _pyplot()
+    from matplotlib.colors import LogNorm
+
+    fig, axes = plt.subplots(len(stacks), 2, figsize=(12, 4.4 * len(stacks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.25, 1]})
+    for row, rep in zip(axes, stacks):
+        sk = rep.skip
+        m = np.array([_arr(r) for r in sk.hidden_change])
+        positive = m[np.isfinite(m) & (m > 0)]
+        norm = LogNorm(vmin=max(positive.min(), 1e-4), vmax=max(positive.max(), 1e-3)) if positive.size else None
+        shown = np.where(np.isfinite(m) & (m > 0), m, np.nan)
+        im = row[0].imshow(shown, aspect="auto", cmap="magma", norm=norm, origin="upper")
+        row[0].set_xticks(range(len(sk.later_layers)), sk.later_layers)
+        row[0].set_yticks(range(len(sk.skipped)), sk.skipped)
+        row[0].set_xlabel("later stream (after block m)")
+        row[0].set_ylabel("skipped block l")
+        row[0].set_title(f"{rep.stack}: ‖h'_m − h_m‖ / ‖h_m‖ after removing block l")
+        fig.colorbar(im, ax=row[0], fraction=0.046)
+        ax = row[1]
+        x = np.asarray(sk.skipped)
+        if sk.output_top1_agreement is not None:
+            flip = 1 - _arr(sk.output_top1_agreement.mean)
+            ax.bar(x, flip, color="tab:red", alpha=0.75, label="top-1 changed")
+            ax.set_ylabel("share of predictions whose top-1 changes", color="tab:red")
+            ax.axhline(report.options["flip_threshold"], color="tab:red", ls=":", lw=1)
+            ax2 = ax.twinx()
+            ax2.plot(x, _arr(sk.output_kl.mean), "o-", color="tab:blue", label="KL(full‖skipped)")
+            ax2.set_yscale("symlog", linthresh=1e-3)
+            ax2.set_ylabel("KL (nats)", color="tab:blue")
+            ax.set_title(f"{rep.stack}: change of the output distribution")
+        else:
+            ax.bar(x, m[:, -1], color="tab:purple")
+            ax.set_ylabel("relative change of the last stream")
+            ax.set_title(f"{rep.stack}: change of the final stream (no decoder: no output measure)")
+        ax.set_xlabel("skipped block l")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"Layer skipping — {report.model['source']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_early_exit(report, path: str) -> str | None:
+    stacks = [r for r in _stacks(report) if r.early_exit is not None]
+    if not stacks:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(stacks), figsize=(6 * len(stacks), 4), squeeze=False)
+    for ax, rep in zip(axes[0], stacks):
+        ee = rep.early_exit
+        x = np.asarray(ee.layers)
+        ax.plot(x, _arr(ee.top1_agreement.mean), "o-", color="tab:green", label="top-1 agreement with full")
+        ax.plot(x, _arr(ee.accuracy.mean), "s--", color="tab:grey", ms=3, label="accuracy on true residues")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_ylabel("share of masked-residue predictions")
+        ax2 = ax.twinx()
+        ax2.plot(x, _arr(ee.kl.mean), "^-", color="tab:blue", label="KL(full‖exit)")
+        ax2.set_yscale("symlog", linthresh=1e-3)
+        ax2.set_ylabel("KL (nats)", color="tab:blue")
+        kind = "early exit into the decoder" if rep.stack == "encoder" else "logit lens"
+        ax.set_title(f"{rep.stack}: {kind}")
+        ax.set_xlabel("layer l")
+        ax.set_xticks(x)
+        ax.grid(alpha=0.3)
+        lines = ax.get_legend_handles_labels()
+        lines2 = ax2.get_legend_handles_labels()
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
+    fig.suptitle(f"Early exit — {report.model['source']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_probe(report, path: str) -> str | None:
+    pr = report.encoder.probe
+    if pr is None:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot(pr.layers, pr.score, "o-", label=f"{pr.task} Q3 (linear probe)")
+    ax.axhline(pr.majority_baseline, color="grey", ls=":", label="majority class")
+    ax.axhline(0.95 * pr.best_score, color="tab:orange", ls="--", lw=1, label="95% of best")
+    ax.axvline(pr.layer_95, color="tab:orange", lw=1)
+    ax.set_xlabel("encoder layer (after final norm)")
+    ax.set_ylabel("Q3 on test residues")
+    ax.set_xticks(pr.layers)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Per-layer probe — {report.model['source']}", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_cka(report, path: str) -> str | None:
+    stacks = [r for r in _stacks(report) if r.similarity is not None]
+    if not stacks:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(stacks), figsize=(5.5 * len(stacks), 4.6), squeeze=False)
+    for ax, rep in zip(axes[0], stacks):
+        sim = rep.similarity
+        im = ax.imshow(np.array(sim.cka, dtype=float), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        ax.set_xticks(range(len(sim.layers)), sim.layers)
+        ax.set_yticks(range(len(sim.layers)), sim.layers)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("layer")
+        ax.set_title(f"{rep.stack}: linear CKA ({sim.n_tokens} tokens)")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"Cross-layer similarity — {report.model['source']}", fontsize=10)
+    return _save(fig, path)
+
+
+def write_plots(report, out_dir: str) -> dict[str, str]:
+    """Write every plot the report has data for; returns name -> file name (relative to out_dir)."""
+    out = {}
+    for name, fn in (("contribution", plot_contribution), ("skip", plot_skip), ("early_exit", plot_early_exit),
+                     ("probe", plot_probe), ("cka", plot_cka)):
+        path = fn(report, os.path.join(out_dir, f"{name}.png"))
+        if path:
+            out[name] = os.path.basename(path)
+    return out

@@ -1,0 +1,80 @@
+"""``protlm analyze depth MODEL INPUT -o DIR``: which layers of a model do the work (JSON, PNG plots, markdown)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("analyze", help="analyse a model (depth: per-layer contribution, skipping, early exit, probes, CKA)")
+    kinds = p.add_subparsers(dest="analysis", metavar="ANALYSIS")
+    d = kinds.add_parser("depth", help="which layers do the work",
+                         description="Per-layer contribution to the residual stream, layer skipping, early exit / "
+                                     "logit lens, linear probes and linear CKA, for the encoder and (encoder-decoder "
+                                     "models) the decoder. Writes depth.json, depth.md and PNG plots into DIR.")
+    d.add_argument("model", help="checkpoint directory or Hub id (a preset name with --random-init)")
+    d.add_argument("input", help="FASTA (optionally .gz) or CSV of proteins")
+    d.add_argument("-o", "--out", required=True, help="output directory")
+    d.add_argument("--random-init", action="store_true", help="MODEL is a preset name; analyse a random-init model")
+    d.add_argument("--seed", type=int, default=0, help="seed for random init, masking, cropping and sampling (default 0)")
+    d.add_argument("--max-proteins", type=int, default=None, help="use the first N records of INPUT")
+    d.add_argument("--max-length", type=int, default=512, help="crop longer proteins to a random window (default 512)")
+    d.add_argument("--mask-rate", type=float, default=0.15, help="share of residues masked for denoising targets (default 0.15)")
+    d.add_argument("--analyses", nargs="+", default=None, metavar="NAME",
+                   help="subset of: contribution skip early-exit cka probe (default: all the model supports)")
+    d.add_argument("--layers", nargs="+", type=int, default=None, metavar="L",
+                   help="encoder layers (0..N, negative from the end) for skip/early-exit/CKA/probes (default all)")
+    d.add_argument("--decoder-layers", nargs="+", type=int, default=None, metavar="L",
+                   help="decoder layers (0..M) for the same analyses (default all)")
+    dec = d.add_mutually_exclusive_group()
+    dec.add_argument("--decoder", dest="decoder", action="store_true", default=None,
+                     help="require the decoder analyses (an error for an encoder-only model)")
+    dec.add_argument("--no-decoder", dest="decoder", action="store_false", help="analyse the encoder's layers only")
+    d.add_argument("--task", default="ssp3", help="probe task: ssp3, or none (default ssp3)")
+    d.add_argument("--probe-data", default=None,
+                   help="folder with the probe task's files (default: $PROTLM_DATA/ssp_netsurfp)")
+    d.add_argument("--probe-train", type=int, default=200, help="training proteins for the probes (default 200)")
+    d.add_argument("--probe-test", type=int, default=100, help="test proteins for the probes (default 100)")
+    d.add_argument("--cka-tokens", type=int, default=8192, help="tokens sampled for CKA (default 8192)")
+    d.add_argument("--batch-tokens", type=int, default=4096, help="padded encoder tokens per batch (default 4096)")
+    d.add_argument("--flip-threshold", type=float, default=0.05,
+                   help="summary: a layer barely changes the output when it flips fewer top-1 predictions (default 0.05)")
+    d.add_argument("--truncate-at", default=None, metavar="K",
+                   help="also write an encoder-only model cut after layer K (or 'auto': the probe's 95%% layer)")
+    d.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
+    d.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(run=run_depth)
+    p.set_defaults(run=lambda args: p.print_help() or 2)
+
+
+def run_depth(args: argparse.Namespace) -> int:
+    from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
+    from protlm.analysis.write import resolve_truncation
+    from protlm.cli.common import load_model
+    from protlm.errors import InputError
+
+    if not os.path.exists(args.input):
+        raise InputError(f"{args.input}: no such file")
+    task = None if args.task.lower() == "none" else args.task
+    options = DepthOptions(
+        analyses=tuple(args.analyses) if args.analyses else None, decoder=args.decoder,
+        encoder_layers=args.layers, decoder_layers=args.decoder_layers, max_length=args.max_length,
+        mask_rate=args.mask_rate, seed=args.seed, batch_tokens=args.batch_tokens, cka_tokens=args.cka_tokens,
+        probe_task=task, probe_data=args.probe_data, probe_train=args.probe_train, probe_test=args.probe_test,
+        flip_threshold=args.flip_threshold,
+    )
+    pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device, seed=args.seed)
+    if args.truncate_at not in (None, "auto"):  # a bad cut point fails before the (long) analysis
+        from protlm.analysis.truncate import check_cut
+
+        check_cut(pre.model.encoder.n_layers, resolve_truncation(None, args.truncate_at))
+    report = analyze_depth(pre, args.input, options, max_proteins=args.max_proteins, progress=not args.quiet)
+    written = write_depth_outputs(report, args.out, pre, args.truncate_at)
+    print(report.summary)
+    print()
+    for name, path in written.items():
+        print(f"{name:12s} {path}")
+    print(f"time         {report.timing['total']:.1f} s")
+    return 0

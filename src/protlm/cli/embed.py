@@ -1,0 +1,83 @@
+"""``protlm embed MODEL [INPUT]``: per-residue and per-protein embeddings into HDF5 files, resumable.
+
+Re-running the same command skips proteins already written; ``torchrun --nproc_per_node N -m protlm.cli.main
+embed ...`` shards the input over N processes and still writes one file per output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub) -> None:
+    from protlm.embed.engine import DEFAULT_OVERLAP, DEFAULT_WINDOW
+
+    p = sub.add_parser(
+        "embed", help="embed a FASTA/CSV file into per-residue and/or per-protein HDF5 files",
+        description="Embed protein sequences with a T5 encoder. The output files are resumable: re-run the same "
+                    "command after an interruption and it continues where it stopped.",
+    )
+    p.add_argument("model", help="checkpoint directory, Hugging Face Hub id, or a preset name with --random-init")
+    p.add_argument("input", nargs="?", default=None,
+                   help="FASTA, FASTA.gz or CSV (id and sequence columns); default: the bundled example.fasta")
+    p.add_argument("--per-residue", metavar="R.h5", help="write (L, D) arrays per protein here")
+    p.add_argument("--per-protein", metavar="P.h5", help="write (D,) arrays (mean over residues) per protein here")
+    p.add_argument("--layers", nargs="+", default=["-1"], metavar="L",
+                   help="encoder layers: 0 = embeddings, l = after block l, -1 = last (after the final norm); "
+                        "several give arrays with a leading layer axis; 'all' for every layer (default: -1)")
+    p.add_argument("--prefix", choices=["auto", "nlu", "s2s", "none"], default="auto",
+                   help="task token before the residues; auto: [NLU] for Ankh3, none for Ankh and ProtT5")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="compute dtype; auto: fp32 on CPU, bf16 on GPUs that support it (else fp16, guarded)")
+    p.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                   help="padded tokens per batch (default 2048 on CPU, 16384 on GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="N",
+                   help=f"proteins longer than N residues are embedded in overlapping windows (default {DEFAULT_WINDOW})")
+    p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, metavar="N",
+                   help="residues shared by neighbouring windows (default: a quarter of --window)")
+    p.add_argument("--bad-records", choices=["error", "skip", "x"], default="error",
+                   help="FASTA records that are empty or hold gaps, stops or other non-residue characters: stop "
+                        "with an error naming the record (default), skip and count them, or repair them "
+                        "(drop gaps, other characters become X)")
+    p.add_argument("--store-dtype", choices=["fp32", "fp16"], default="fp32",
+                   help="dtype of the stored arrays (fp16 halves the files)")
+    p.add_argument("--random-init", action="store_true", help="MODEL is a preset; use random weights (tests, benchmarks)")
+    p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--mkdir", action="store_true", help="create missing output directories")
+    p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
+                   help="save finished proteins at least this often (default 30)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from protlm.embed.run import embed_files
+    from protlm.errors import ConfigError
+
+    layers: object
+    if args.layers == ["all"]:
+        layers = "all"
+    else:
+        try:
+            layers = [int(x) for x in args.layers]
+        except ValueError:
+            raise ConfigError(f"--layers takes integers or 'all', got {' '.join(args.layers)}") from None
+    summary = embed_files(
+        args.model, args.input, per_residue=args.per_residue, per_protein=args.per_protein,
+        random_init=args.random_init, seed=args.seed, mkdir=args.mkdir, progress=not args.no_progress,
+        checkpoint_seconds=args.checkpoint_seconds, store_dtype={"fp32": "float32", "fp16": "float16"}[args.store_dtype],
+        layers=layers, prefix=args.prefix, dtype=args.dtype, device=args.device, max_tokens=args.max_tokens,
+        window=args.window, overlap=args.overlap, bad_records=args.bad_records, threads=args.threads,
+    )
+    if _rank() == 0:
+        print(summary.format(), file=sys.stderr)
+    return 0
+
+
+def _rank() -> int:
+    import os
+
+    return int(os.environ.get("RANK", 0))

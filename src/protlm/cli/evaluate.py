@@ -1,0 +1,95 @@
+"""``protlm evaluate``: Ankh3's downstream benchmark (ConvBERT heads, 3 seeds) for models or stored embeddings.
+
+    protlm evaluate --suite configs/eval/ankh3.yaml --model runs/tiny-cpu/final
+    protlm evaluate --suite configs/eval/ankh3.yaml --embeddings name=DIR     # DIR/<dataset>.h5, per residue
+    protlm evaluate --suite configs/eval/ankh3.yaml --random-init tiny --quick
+    protlm evaluate --suite configs/eval/ankh3.yaml --export-fasta DIR       # sequences to embed elsewhere
+
+The one-hot baseline is always in the table, and each --model gets its random-init twin (same architecture,
+random weights) unless --no-baselines. Re-running the same command resumes: finished (model, task, seed) units
+are read back from OUT/units.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="benchmark embeddings with Ankh3's protocol (ConvBERT heads, seeds 7/0/42)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", default=os.path.join("configs", "eval", "ankh3.yaml"), help="suite YAML (default: %(default)s)")
+    p.add_argument("--model", action="append", default=[], metavar="MODEL",
+                   help="checkpoint directory or Hub id to embed with (repeatable)")
+    p.add_argument("--random-init", action="append", default=[], metavar="ARCH",
+                   help="a randomly initialised model of a preset or of a checkpoint's architecture (repeatable)")
+    p.add_argument("--embeddings", action="append", default=[], metavar="[NAME=]DIR",
+                   help="precomputed per-residue embeddings: DIR/<dataset>.h5 per dataset (repeatable)")
+    p.add_argument("--no-baselines", action="store_true",
+                   help="leave out the one-hot baseline and the random-init twins of --model")
+    p.add_argument("--out", help="output directory (default: runs/eval/<suite name>[-quick])")
+    p.add_argument("--quick", action="store_true", help="smoke-test profile: subsets and fewer epochs")
+    p.add_argument("--tasks", help="comma-separated task names to run (default: all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a suite setting, e.g. training.epochs=5, seeds=[7], tasks.SSP-3.training.lr=1e-3")
+    p.add_argument("--data-root", help="directory the suite's dataset paths are relative to (default: the suite's data_root)")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer to embed (default: -1, the last)")
+    p.add_argument("--prefix", default="auto", choices=["auto", "nlu", "s2s", "none"],
+                   help="task token before the sequence (default: by model family, [NLU] for Ankh3)")
+    p.add_argument("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="dtype of the embedding forward pass (default: auto, fp32 on CPU)")
+    p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="leave out proteins that have no embedding (counted in the report) instead of stopping")
+    p.add_argument("--export-fasta", metavar="DIR", help="write DIR/<dataset>.fasta for every dataset and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from protlm.errors import ConfigError
+    from protlm.evaluate import (DirectorySource, ModelSource, OneHotSource, export_fasta, load_suite, run_suite,
+                                 write_report)
+
+    suite = load_suite(args.suite, args.set, args.data_root)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    if args.export_fasta:
+        for path, n in export_fasta(suite, args.export_fasta, tasks):
+            print(f"wrote {path} ({n} sequences)")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = args.cache_dir or os.environ.get("PROTLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
+    common = dict(layer=args.layer, prefix=args.prefix, cache_dir=cache, dtype=args.embed_dtype, device=device,
+                  threads=args.threads)
+    sources = [] if args.no_baselines else [OneHotSource()]
+    for spec in args.random_init:
+        sources.append(ModelSource(spec, random_init_of=spec, **common))
+    for spec in args.model:
+        if not args.no_baselines:
+            sources.append(ModelSource(spec, random_init_of=spec, **common))
+        sources.append(ModelSource(spec, **common))
+    for item in args.embeddings:
+        name, _, directory = item.rpartition("=")
+        sources.append(DirectorySource(directory, name or None, None if args.layer == -1 else args.layer))
+    if not sources:
+        raise ConfigError("nothing to evaluate: give --model, --random-init or --embeddings (or drop --no-baselines)")
+    keys = [s.key for s in sources]
+    if len(set(keys)) != len(keys):
+        raise ConfigError("the same model or embeddings directory is listed twice")
+    out = args.out or os.path.join("runs", "eval", suite.name + ("-quick" if args.quick else ""))
+    print(f"protlm evaluate: suite {suite.source} ({'quick' if args.quick else 'full'} profile), "
+          f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}")
+    result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,
+                       device=device, progress=not args.no_progress, write_report=write_report)
+    with open(os.path.join(out, "report.md"), encoding="utf-8") as fh:
+        print(fh.read())
+    print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")
+    return 0

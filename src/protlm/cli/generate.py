@@ -1,0 +1,103 @@
+"""``protlm generate MODEL --prefix SEQ | --input prefixes.fasta``: complete proteins, FASTA out."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from protlm.errors import ConfigError, InputError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL plus the options that say how to build it (shared by generate, infill and score)."""
+    p.add_argument("model", help="checkpoint directory or Hub id; a preset name with --random-init")
+    p.add_argument("--random-init", action="store_true", help="MODEL is a preset; use random weights (tests, baselines)")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init (default 0)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default: as stored)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("generate", help="complete protein prefixes (Ankh3 [S2S] task)",
+                       description="Complete each prefix with the decoder (encoder input: [S2S] + prefix + </s>). "
+                                   "Only residues are generated; </s> ends a sequence. Output is FASTA with the "
+                                   "settings in each header.")
+    add_model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prefix", action="append", help="a prefix sequence (repeat for several)")
+    src.add_argument("--input", help="FASTA (or CSV) file of prefixes")
+    p.add_argument("-o", "--output", help="output FASTA (default: stdout)")
+    p.add_argument("--num", type=int, default=1, help="sequences per prefix (default 1)")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--max-new-tokens", type=int, help="cap on generated residues (default 512)")
+    length.add_argument("--length-ratio", type=float, help="cap = ratio x prefix length (Ankh3 trained on 1.0)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="longest prefix or continuation accepted (default 4096)")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
+    p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
+    p.add_argument("--top-k", type=int, help="sample from the k most likely residues (default: all)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default 1.0 = off)")
+    p.add_argument("--beams", type=int, help="beam search with this many beams (returns the --num best)")
+    p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**this (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="decoder rows per batch (default 16)")
+    p.add_argument("--residues", choices=["standard", "all"], default="standard",
+                   help="which residues may be generated: the 20 standard ones, or also X/U/Z/O/B")
+    p.add_argument("--only-new", action="store_true", help="write only the generated part, not prefix + continuation")
+    p.add_argument("--no-cache", action="store_true", help="recompute the decoder at every step (slow; for checks)")
+    p.set_defaults(run=run)
+
+
+def build_config(args: argparse.Namespace):
+    from protlm.generate import GenerationConfig
+
+    sampling_opts = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
+                                       ("top_p", args.top_p)) if v is not None}
+    given = ", ".join(f"--{k.replace('_', '-')}" for k in sampling_opts)
+    if args.beams is not None and args.beams > 1:
+        if args.greedy or sampling_opts:
+            raise ConfigError(f"--beams cannot be combined with {'--greedy' if args.greedy else given}")
+        strategy = "beam"
+    elif args.greedy:
+        if sampling_opts:
+            raise ConfigError(f"--greedy cannot be combined with {given}")
+        strategy = "greedy"
+    else:
+        strategy = "sample"
+    extra = {"max_length": args.max_length} if args.max_length is not None else {}
+    return GenerationConfig(
+        strategy=strategy, num_return=args.num, max_new_tokens=args.max_new_tokens, length_ratio=args.length_ratio,
+        num_beams=args.beams or 1, length_penalty=args.length_penalty, seed=args.seed, batch_size=args.batch_size,
+        residues=args.residues, use_cache=not args.no_cache, **sampling_opts, **extra,
+    )
+
+
+def read_prefixes(args: argparse.Namespace) -> list[tuple[str, str]]:
+    if args.prefix:
+        return [(f"prefix{i + 1}", p) for i, p in enumerate(args.prefix)]
+    from protlm.data.fasta import read_sequences
+
+    records = [(r.id, r.sequence) for r in read_sequences(args.input)]
+    if not records:
+        raise InputError(f"{args.input}: no sequences")
+    return records
+
+
+def run(args: argparse.Namespace) -> int:
+    from protlm.cli.common import load_model
+    from protlm.generate import generate, to_fasta
+    from protlm.utils import atomic_write_text
+
+    config = build_config(args)
+    config.validate()  # before loading a model: bad options fail fast
+    prefixes = read_prefixes(args)
+    pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
+                     seed=args.init_seed)
+    completions = generate(pre, prefixes, config)
+    text = to_fasta(completions, config, only_new=args.only_new)
+    if args.output:
+        atomic_write_text(args.output, text)
+        print(f"wrote {len(completions)} sequences to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0

@@ -1,0 +1,247 @@
+"""The downstream head: one ConvBERT layer on frozen per-residue embeddings, then a task-kind output.
+
+Ankh3's benchmark (paper Table 4) trains the same small network on every task: a ConvBERT encoder (Jiang et al.
+2020) of 1 layer, feed-forward width = embedding width / 2, 4 heads, dropout 0.1, kernel 7, with global average
+pooling for per-protein tasks. This module writes that network once; the task kind only picks the output:
+
+- ``residue_classification``: a linear layer per residue (secondary structure);
+- ``protein_classification`` / ``protein_regression``: masked mean over residues, then a linear layer (DeepLoc;
+  GB1, fluorescence);
+- ``contact``: a score for every residue pair (see :class:`PairScorer` for how pair features are built).
+
+ConvBERT's "mixed attention" splits the heads in two: half are ordinary self-attention heads, half are
+span-based dynamic convolution heads, whose kernel at each position is computed from the query and a local
+(convolved) view of the keys. Both halves see only real residues: padding is excluded from attention keys and
+zeroed before every convolution, so a protein's output does not depend on what it was batched with.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from protlm.errors import ConfigError
+
+KINDS = ("residue_classification", "protein_classification", "protein_regression", "contact")
+
+
+@dataclass
+class HeadConfig:
+    """Head shape; defaults are Ankh3's Table 4."""
+
+    num_layers: int = 1  # ConvBERT layers
+    ff_ratio: float = 0.5  # feed-forward width as a fraction of the embedding width ("embedding dim / 2")
+    num_heads: int = 4  # heads of the mixed attention, self-attention and convolution heads together
+    head_ratio: int = 2  # ConvBERT's split: num_heads / head_ratio heads are self-attention, the rest convolution
+    dropout: float = 0.1  # on attention probabilities and after each sub-layer
+    kernel_size: int = 7  # width of the dynamic convolution and of the key-span convolution
+    pair_dim: int = 64  # contact kind only: width of the per-residue projection that pair features come from
+
+    def __post_init__(self) -> None:
+        if self.num_layers < 1 or self.num_heads < 1:
+            raise ConfigError(f"head: num_layers and num_heads must be >= 1 (got {self.num_layers}, {self.num_heads})")
+        if self.head_ratio < 1 or self.num_heads % self.head_ratio:
+            raise ConfigError(f"head: num_heads ({self.num_heads}) must be a multiple of head_ratio ({self.head_ratio})")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"head: kernel_size must be odd so the convolution is centred (got {self.kernel_size})")
+        if not 0 < self.ff_ratio:
+            raise ConfigError(f"head: ff_ratio must be positive (got {self.ff_ratio})")
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """Inverted dropout. On CPU the keep-mask comes from 16-bit slices of 64-bit random words: torch's own
+    dropout draws one 32-bit number per element and, on this kind of head, spends more time there than in all
+    the matrix products. The keep probability is 1 - round(p * 2**15) / 2**15 (within 2e-5 of 1 - p)."""
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu":
+        return F.dropout(x, p, True)
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each (the sign bit is 0)
+    lanes = words.view(torch.int16)[:n] & 0x7FFF  # 15 uniform bits per element
+    threshold = round(p * 32768)
+    keep = (lanes >= threshold).view(x.shape)
+    return x * keep.to(x.dtype) * (32768 / (32768 - threshold))
+
+
+class Dropout(nn.Module):
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over the residue axis of (B, L, D) using only positions where ``mask`` (B, L) is true."""
+    m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _shift_sum(x: Tensor, weight: Tensor, kernel_size: int) -> Tensor:
+    """A centred convolution along the residue axis (dim 1) of x (B, L, ...), zero outside the sequence:
+    out[:, i] = sum_t weight[..., t] * x[:, i + t - K//2]. ``weight`` broadcasts against x's trailing dims plus
+    a last kernel axis: (D, K) for a depthwise convolution, (B, L, H, 1, K) for per-position dynamic kernels.
+
+    Written as K shifted multiply-adds because, for kernels this small, that is several times faster on CPU
+    than conv1d with groups or unfold (and it needs no (B, L, D, K) intermediate).
+    """
+    L = x.shape[1]
+    half = kernel_size // 2
+    padded = F.pad(x, (0, 0) * (x.dim() - 2) + (half, half))
+    out = None
+    for t in range(kernel_size):
+        term = padded[:, t:t + L] * weight[..., t]
+        out = term if out is None else out + term
+    return out
+
+
+class MixedAttention(nn.Module):
+    """ConvBERT's mixed attention: self-attention heads and span-based dynamic-convolution heads side by side."""
+
+    def __init__(self, dim: int, cfg: HeadConfig):
+        super().__init__()
+        if dim % cfg.num_heads:
+            raise ConfigError(f"head: width {dim} is not a multiple of num_heads={cfg.num_heads}")
+        self.head_dim = dim // cfg.num_heads
+        self.n_att = cfg.num_heads // cfg.head_ratio
+        self.n_conv = cfg.num_heads - self.n_att
+        self.kernel_size = cfg.kernel_size
+        self.dropout = cfg.dropout
+        att_w = self.n_att * self.head_dim
+        conv_w = self.n_conv * self.head_dim
+        self.query = nn.Linear(dim, att_w + conv_w)  # one projection, split between the two kinds of head
+        self.key = nn.Linear(dim, att_w)
+        self.value = nn.Linear(dim, att_w)
+        if self.n_conv:
+            # Key span: a depthwise-separable convolution sees the kernel_size neighbours of each position.
+            self.span_depthwise = nn.Parameter(torch.randn(dim, cfg.kernel_size) / cfg.kernel_size**0.5)
+            self.span_pointwise = nn.Linear(dim, conv_w)
+            self.kernel = nn.Linear(conv_w, self.n_conv * cfg.kernel_size)  # per-position, per-head conv kernel
+            self.conv_value = nn.Linear(dim, conv_w)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x (B, L, D), mask (B, L) bool
+        B, L, _ = x.shape
+        q = self.query(x)
+        q_att, q_conv = q.split([self.n_att * self.head_dim, self.n_conv * self.head_dim], dim=-1)
+        heads = lambda t: t.view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
+        keep = mask[:, None, None, :]  # (B, 1, 1, L): attend to residues only
+        qh, kh, vh = heads(q_att), heads(self.key(x)), heads(self.value(x))
+        if self.training and self.dropout > 0 and x.device.type == "cpu":
+            # written out so the probabilities can use the fast CPU dropout above
+            scores = (qh @ kh.transpose(-1, -2)) * self.head_dim**-0.5
+            probs = scores.float().masked_fill(~keep, float("-inf")).softmax(-1).to(qh.dtype)
+            att = dropout(probs, self.dropout, True) @ vh
+        else:
+            att = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        out = [att.transpose(1, 2).reshape(B, L, -1)]
+        if self.n_conv:
+            zero_pad = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
+            span = self.span_pointwise(_shift_sum(x * zero_pad, self.span_depthwise, self.kernel_size))
+            k = self.kernel(q_conv * span).view(B, L, self.n_conv, 1, self.kernel_size)
+            k = dropout(k.float().softmax(-1).to(x.dtype), self.dropout, self.training)  # (B, L, Hc, 1, K)
+            v = (self.conv_value(x) * zero_pad).view(B, L, self.n_conv, self.head_dim)
+            out.append(_shift_sum(v, k, self.kernel_size).reshape(B, L, -1))
+        return torch.cat(out, dim=-1)
+
+
+class ConvBertLayer(nn.Module):
+    """Mixed attention and a feed-forward block, each with dropout, a residual and a post-LayerNorm (BERT style)."""
+
+    def __init__(self, dim: int, ff_dim: int, cfg: HeadConfig):
+        super().__init__()
+        self.mixer = MixedAttention(dim, cfg)
+        self.mixer_out = nn.Linear(dim, dim)
+        self.norm1 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
+        self.norm2 = nn.LayerNorm(dim)
+        self.drop = Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        x = self.norm1(x + self.drop(self.mixer_out(self.mixer(x, mask))))
+        return self.norm2(x + self.drop(self.ff(x)))
+
+
+class PairScorer(nn.Module):
+    """Contact logits for all residue pairs.
+
+    Pair features: each residue's ConvBERT output h_i is projected to p_i (``pair_dim`` wide); the pair (i, j) is
+    described by f_ij = [p_i * p_j, |p_i - p_j|] (elementwise), which is symmetric in i and j, so the contact map
+    comes out symmetric without averaging. One linear layer scores f_ij. The product half is computed as a
+    weighted dot product, without materialising an (L, L, pair_dim) tensor for it.
+    """
+
+    def __init__(self, dim: int, pair_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(dim, pair_dim)
+        self.w_prod = nn.Parameter(torch.randn(pair_dim) / pair_dim**0.5)
+        self.w_diff = nn.Linear(pair_dim, 1)
+
+    def forward(self, h: Tensor) -> Tensor:  # (B, L, D) -> (B, L, L)
+        p = self.proj(h)
+        prod = torch.einsum("bic,bjc->bij", p * self.w_prod, p)
+        diff = self.w_diff((p[:, :, None, :] - p[:, None, :, :]).abs()).squeeze(-1)
+        return prod + diff
+
+
+class ConvBertHead(nn.Module):
+    """ConvBERT encoder plus the output of one task kind; ``n_out`` is the class count (1 for regression/contact)."""
+
+    def __init__(self, in_dim: int, kind: str, n_out: int = 1, cfg: HeadConfig | None = None):
+        super().__init__()
+        if kind not in KINDS:
+            raise ConfigError(f"unknown task kind {kind!r}; choose one of {', '.join(KINDS)}")
+        cfg = cfg or HeadConfig()
+        self.kind = kind
+        self.in_dim = in_dim
+        # Widths that 4 heads do not divide (one-hot is 21 wide) get zero channels appended; a zero channel adds
+        # nothing to any projection, it only makes the head split even.
+        self.dim = -(-in_dim // cfg.num_heads) * cfg.num_heads
+        ff_dim = max(1, round(in_dim * cfg.ff_ratio))
+        self.layers = nn.ModuleList(ConvBertLayer(self.dim, ff_dim, cfg) for _ in range(cfg.num_layers))
+        self.drop = Dropout(cfg.dropout)
+        if kind == "contact":
+            self.out = PairScorer(self.dim, cfg.pair_dim)
+        else:
+            self.out = nn.Linear(self.dim, 1 if kind == "protein_regression" else n_out)
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """x (B, L, in_dim), mask (B, L) bool -> logits: (B, L, C) per residue, (B, C) or (B,) per protein,
+        (B, L, L) for contacts."""
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))  # once here, not again in every projection
+        if self.dim != self.in_dim:
+            x = F.pad(x, (0, self.dim - self.in_dim))
+        x = x * mask.unsqueeze(-1).to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, mask)
+        if self.kind == "residue_classification":
+            return self.out(self.drop(x))
+        if self.kind == "contact":
+            return self.out(x)
+        pooled = self.out(self.drop(masked_mean(x, mask)))
+        return pooled.squeeze(-1) if self.kind == "protein_regression" else pooled
+
+    def per_protein_loss(self, logits: Tensor, target: Tensor) -> Tensor:
+        """(B,) loss of each protein: its own mean over its scored elements.
+
+        Targets: per-residue class ids with -1 for unscored residues; per-protein class ids; per-protein floats;
+        contact maps as floats with -1 for unscored pairs. A protein with nothing scored gets 0.
+        """
+        if self.kind == "residue_classification":
+            ce = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")  # (B, L)
+            scored = (target >= 0).float()
+            return (ce * scored).sum(1) / scored.sum(1).clamp_min(1.0)
+        if self.kind == "protein_classification":
+            return F.cross_entropy(logits.float(), target, reduction="none")
+        if self.kind == "protein_regression":
+            return F.mse_loss(logits.float(), target.float(), reduction="none")
+        scored = (target >= 0).float()  # contact
+        bce = F.binary_cross_entropy_with_logits(logits.float(), target.clamp_min(0).float(), reduction="none")
+        return (bce * scored).sum((1, 2)) / scored.sum((1, 2)).clamp_min(1.0)

@@ -1,0 +1,345 @@
+"""Running a suite: every (source, task, seed) trains one head; finished units are files, so a run resumes.
+
+Output directory layout::
+
+    OUT/suite.yaml                             the resolved suite (after --set), with the run's options
+    OUT/units/<source key>/<task>/seed<S>.json         one trained head (standard protocol)
+    OUT/units/<source key>/<task>/seed<S>.fold<K>.json one fold (leave-one-out)
+    OUT/report.md, OUT/results.csv, OUT/results.json  rewritten after every task
+
+A unit file holds a hash of everything that decides its result (task, settings, source, seed, fold, the ids in
+each split). On a re-run, units whose file exists with the same hash are read back instead of trained; a unit
+whose settings changed is trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from protlm.errors import InputError
+from protlm.evaluate.datasets import Record, load_dataset
+from protlm.evaluate.embeddings import Source, gather_features
+from protlm.evaluate.metrics import mean_std
+from protlm.evaluate.suite import Suite, table4_differences
+from protlm.evaluate.tasks import Example, TaskSpec, holdout, resolve_split, subsample
+from protlm.evaluate.training import RunResult, TrainConfig, train_head
+from protlm.utils import atomic_write_text
+
+
+@dataclass
+class Fold:
+    """One training run's data: the standard protocol has one fold, leave-one-out one per record."""
+
+    index: int | None
+    train: list[Example]
+    valid: list[Example]
+    tests: dict[str, list[Example]]
+
+
+@dataclass
+class TaskData:
+    task: TaskSpec
+    folds: list[Fold]
+    records: dict[tuple[str, str], Record]  # (dataset, id) -> record, for embedding
+    splits: dict[str, list[Example]]  # every split the task uses, by role ("train", "valid", "test:<name>")
+
+
+@dataclass
+class Cell:
+    """One (source, task) result: per test set and metric, the value of every seed."""
+
+    source: str  # source name (report column)
+    source_key: str
+    task: str
+    values: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # test -> metric -> per seed
+    seeds: list[int] = field(default_factory=list)
+    best_epochs: list[int] = field(default_factory=list)
+    train_seconds: float = 0.0  # summed over units, including units finished by earlier runs
+    embed_seconds: float = 0.0  # embedding done by this run
+    wall_seconds: float = 0.0  # wall-clock of this (source, task) in this run
+    resumed_units: int = 0
+    trained_units: int = 0
+    missing: dict[str, list[int]] = field(default_factory=dict)  # split -> [missing, total]
+    n: dict[str, int] = field(default_factory=dict)  # proteins per split
+
+
+@dataclass
+class SuiteRun:
+    suite: Suite
+    sources: list[Source]
+    quick: bool
+    cells: list[Cell] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # task -> why (data not reachable)
+    deviations: dict[str, list[str]] = field(default_factory=dict)  # task -> list
+    settings: dict[str, dict] = field(default_factory=dict)  # task -> effective training settings
+    started: float = field(default_factory=time.time)
+    seconds: float = 0.0
+
+
+def _ids_hash(examples: list[Example]) -> str:
+    return hashlib.sha1("\n".join(f"{e.dataset}/{e.id}" for e in examples).encode()).hexdigest()[:16]
+
+
+def build_task_data(suite: Suite, task: TaskSpec, loaded: dict[str, dict[str, list[Record]]], quick: bool) -> TaskData:
+    """Encode the task's records and cut them into folds (quick profile: fixed subsets)."""
+    files = {name: ds.files for name, ds in suite.datasets.items()}
+    records: dict[tuple[str, str], Record] = {}
+
+    def examples(ref: str) -> list[Example]:
+        ds = ref.partition("/")[0]
+        out = []
+        for rec in resolve_split(ref, loaded, task.name, files):
+            ex = task.encode(rec, ds)
+            if ex is not None:
+                out.append(ex)
+                records[(ds, rec.id)] = rec
+        if not out:
+            raise InputError(f"{', '.join(files[ds].values())}: no usable records for task {task.name!r} in {ref!r}")
+        return out
+
+    q = suite.quick if quick else None
+    if task.protocol == "leave_one_out":
+        pool = examples(task.data)
+        n = len(pool)
+        if n < task.loo_valid + 2:
+            raise InputError(f"task {task.name!r}: leave-one-out needs at least {task.loo_valid + 2} records, got {n}")
+        folds = []
+        for k in range(n):
+            valid_idx = {(k + 1 + j) % n for j in range(task.loo_valid)}
+            folds.append(Fold(k, [e for i, e in enumerate(pool) if i != k and i not in valid_idx],
+                              [pool[i] for i in sorted(valid_idx)], {task.test_name or "test": [pool[k]]}))
+        if q and q.max_folds:
+            folds = folds[: q.max_folds]
+        return TaskData(task, folds, records, {"all": pool})
+    train = examples(task.train)
+    if isinstance(task.valid, dict):
+        train, valid = holdout(train, float(task.valid["holdout"]))
+    else:
+        valid = examples(task.valid)
+    tests = {name: examples(ref) for name, ref in task.test.items()}
+    if q:
+        train = subsample(train, q.max_train)
+        valid = subsample(valid, q.max_valid)
+        tests = {k: subsample(v, q.max_test) for k, v in tests.items()}
+    used = {(e.dataset, e.id) for exs in [train, valid, *tests.values()] for e in exs}
+    records = {k: v for k, v in records.items() if k in used}
+    splits = {"train": train, "valid": valid, **{f"test:{k}": v for k, v in tests.items()}}
+    return TaskData(task, [Fold(None, train, valid, tests)], records, splits)
+
+
+def unit_path(out_dir: str, source: Source, task: str, seed: int, fold: int | None) -> str:
+    name = f"seed{seed}" + (f".fold{fold}" if fold is not None else "") + ".json"
+    safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
+    return os.path.join(out_dir, "units", source.key, safe_task, name)
+
+
+def unit_hash(suite: Suite, task: TaskSpec, cfg: TrainConfig, source: Source, seed: int, fold: Fold) -> str:
+    blob = json.dumps({
+        "task": dataclasses.asdict(task), "training": dataclasses.asdict(cfg), "head": dataclasses.asdict(suite.head),
+        "source": source.describe(), "seed": seed, "fold": fold.index,
+        "train": _ids_hash(fold.train), "valid": _ids_hash(fold.valid),
+        "tests": {k: _ids_hash(v) for k, v in fold.tests.items()},
+    }, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()
+
+
+def run_suite(
+    suite: Suite,
+    sources: list[Source],
+    out_dir: str,
+    quick: bool = False,
+    tasks: list[str] | None = None,
+    allow_missing: bool = False,
+    device: str = "cpu",
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+    write_report: Callable[[SuiteRun, str], None] | None = None,
+) -> SuiteRun:
+    """Train and score every (source, task, seed); write unit files and (via ``write_report``) the report."""
+    os.makedirs(out_dir, exist_ok=True)
+    selected = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
+    seeds = (suite.quick.seeds if quick and suite.quick.seeds else None) or suite.seeds
+    run = SuiteRun(suite, sources, quick)
+    import yaml
+
+    atomic_write_text(os.path.join(out_dir, "suite.yaml"), yaml.safe_dump(
+        {**suite.raw, "run": {"quick": quick, "tasks": [t.name for t in selected], "seeds": seeds,
+                              "sources": [s.describe() for s in sources], "device": device,
+                              "allow_missing": allow_missing}}, sort_keys=False))
+    loaded: dict[str, dict[str, list[Record]]] = {}
+    t_start = time.perf_counter()
+    for task in selected:
+        cfg = suite.train_config(task, quick)
+        run.settings[task.name] = {k: v for k, v in dataclasses.asdict(cfg).items()}
+        run.deviations[task.name] = list(task.deviations) + [f"training: {d}" for d in table4_differences(cfg, suite.head)]
+        absent = []
+        for ds in task.datasets():
+            spec = suite.datasets[ds]
+            missing_files = spec.missing_files()
+            if missing_files:
+                if not spec.unavailable:
+                    raise InputError(f"{missing_files[0]}: no such file (dataset {ds!r}, task {task.name!r})")
+                absent.append(f"{ds}: {spec.unavailable}")
+        if absent:
+            run.skipped[task.name] = "; ".join(absent)
+            log(f"[{task.name}] skipped: {run.skipped[task.name]}")
+            continue
+        for ds in task.datasets():
+            if ds not in loaded:
+                spec = suite.datasets[ds]
+                loaded[ds] = load_dataset(ds, spec.format, spec.files)
+        data = build_task_data(suite, task, loaded, quick)
+        for source in sources:
+            run.cells.append(_run_cell(suite, task, data, cfg, source, seeds, out_dir, allow_missing, device,
+                                       progress, log))
+            if write_report is not None:
+                run.seconds = time.perf_counter() - t_start
+                write_report(run, out_dir)
+    run.seconds = time.perf_counter() - t_start
+    if write_report is not None:
+        write_report(run, out_dir)
+    return run
+
+
+def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, source: Source, seeds: list[int],
+              out_dir: str, allow_missing: bool, device: str, progress: bool, log) -> Cell:
+    t0 = time.perf_counter()
+    cell = Cell(source.name, source.key, task.name, seeds=list(seeds))
+    # Which units still need training? Only then are embeddings needed at all.
+    plan = []
+    for seed in seeds:
+        for fold in data.folds:
+            path = unit_path(out_dir, source, task.name, seed, fold.index)
+            h = unit_hash(suite, task, cfg, source, seed, fold)
+            done = _read_unit(path, h)
+            plan.append((seed, fold, path, h, done))
+    features = None
+    kept_folds: dict[int | None, Fold] = {}
+    if any(done is None for *_, done in plan):
+        by_ds: dict[str, list[Record]] = {}
+        for (ds, _), rec in data.records.items():
+            by_ds.setdefault(ds, []).append(rec)
+        stores = {}
+        for ds, recs in sorted(by_ds.items()):
+            log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
+            prepared = source.prepare(ds, recs, progress=progress)
+            cell.embed_seconds += prepared.seconds
+            stores[ds] = prepared
+        features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
+        dropped = {id(e) for split, exs in data.splits.items() for e in exs} - {id(e) for exs in kept.values() for e in exs}
+        for fold in data.folds:
+            kept_folds[fold.index] = Fold(fold.index, [e for e in fold.train if id(e) not in dropped],
+                                          [e for e in fold.valid if id(e) not in dropped],
+                                          {k: [e for e in v if id(e) not in dropped] for k, v in fold.tests.items()})
+    for seed, fold, path, h, done in plan:
+        if done is None:
+            f = kept_folds[fold.index]
+            if not f.tests or not any(f.tests.values()) or not f.train or not f.valid:
+                continue  # a leave-one-out fold whose protein had no embedding
+            label = f"{source.name} | {task.name} | seed {seed}" + (f" | fold {fold.index + 1}/{len(data.folds)}" if fold.index is not None else "")
+            result = _train_unit(task, f, features, cfg, suite, seed, device, progress, label)
+            done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
+                    "result": result.to_dict(), "missing": cell.missing}
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_write_text(path, json.dumps(done, indent=1, default=_json_default))
+            cell.trained_units += 1
+        else:
+            cell.resumed_units += 1
+            cell.missing = done.get("missing") or cell.missing
+        res = done["result"]
+        cell.train_seconds += float(res.get("seconds", 0.0))
+        cell.best_epochs.append(int(res.get("best_epoch", 0)))
+        for test_name, metrics in res["test"].items():
+            for metric, value in metrics.items():
+                per_seed = cell.values.setdefault(test_name, {}).setdefault(metric, {})
+                per_seed.setdefault(seed, []).append(value)
+    # One value per seed; with leave-one-out, the mean over that seed's folds (i.e. over the test proteins).
+    for test_name, metrics in cell.values.items():
+        for metric, per_seed in metrics.items():
+            metrics[metric] = [_nanmean(per_seed.get(s, [])) for s in seeds]
+    n_split = {k: len(v) for k, v in data.splits.items()}
+    cell.n = n_split
+    cell.wall_seconds = time.perf_counter() - t0
+    summary = ", ".join(f"{t} {m} {mean_std(v)[0]:.4f}" for t, ms in cell.values.items() for m, v in ms.items())
+    log(f"[{task.name}] {source.name}: {summary} ({cell.trained_units} trained, {cell.resumed_units} resumed, "
+        f"{cell.wall_seconds:.0f} s)")
+    return cell
+
+
+def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label) -> RunResult:
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=None, desc=label, unit="step", leave=False, dynamic_ncols=True)
+
+    def report(done: int, total: int, note: str) -> None:
+        if bar is not None:
+            if bar.total != total:
+                bar.total = total
+            bar.n = done
+            bar.set_postfix_str(note, refresh=False)
+            bar.refresh()
+
+    try:
+        return train_head(task, fold.train, fold.valid, fold.tests, features, features.dim, seed, cfg, suite.head,
+                          device, report)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _nanmean(values: list) -> float:
+    vals = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return float(np.mean(vals)) if vals else math.nan
+
+
+def _read_unit(path: str, h: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except (OSError, json.JSONDecodeError):
+        return None  # written atomically, so this is a foreign or damaged file: train the unit again
+    return data if data.get("hash") == h else None
+
+
+def _json_default(o: Any):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def export_fasta(suite: Suite, directory: str, tasks: list[str] | None = None) -> list[tuple[str, int]]:
+    """Write ``DIR/<dataset>.fasta`` with every sequence (all splits) under the ids the suite looks up, so that
+    any embedder can produce the ``DIR/<dataset>.h5`` files that ``--embeddings DIR`` reads."""
+    os.makedirs(directory, exist_ok=True)
+    selected = [suite.task(t) for t in tasks] if tasks else suite.tasks
+    names = sorted({ds for t in selected for ds in t.datasets()})
+    written = []
+    for name in names:
+        spec = suite.datasets[name]
+        if spec.missing_files():
+            if spec.unavailable:
+                continue
+            raise InputError(f"{spec.missing_files()[0]}: no such file (dataset {name!r})")
+        seen: dict[str, str] = {}
+        for recs in load_dataset(name, spec.format, spec.files).values():
+            for r in recs:
+                seen.setdefault(r.id, r.sequence)
+        path = os.path.join(directory, f"{name}.fasta")
+        atomic_write_text(path, "".join(f">{i}\n{s}\n" for i, s in seen.items()))
+        written.append((path, len(seen)))
+    return written

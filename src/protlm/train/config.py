@@ -1,0 +1,328 @@
+"""The pretraining configuration: a tree of dataclasses read from YAML, with ``--set key=value`` overrides.
+
+Every field is declared, typed and documented here. Reading is strict: an unknown key or a value of the
+wrong type is a :class:`ConfigError` that names the dotted key and the file (or ``--set``) it came from, so a
+typo never trains silently with a default. Run state (step, data position, RNG) is never stored here; it
+lives in checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from protlm.errors import ConfigError
+from protlm.objectives import ObjectiveConfig
+
+
+@dataclass
+class ModelSection:
+    """Which network to train."""
+
+    preset: str = "tiny"  # a protlm preset (protlm info x --presets lists them)
+    overrides: dict[str, Any] = field(default_factory=dict)  # T5Config fields that differ from the preset
+    init_from: str | None = None  # a checkpoint directory to start from instead of a random init
+
+
+@dataclass
+class DataSection:
+    """Where sequences come from and what is kept out."""
+
+    train: list[str] = field(default_factory=list)  # FASTA / FASTA.gz / parquet / HF datasets directories
+    validation: list[str] = field(default_factory=list)  # held-out FASTA files for validation loss
+    # Evaluation proteins to keep out of training: FASTA/CSV files whose sequences are dropped wherever they
+    # occur (exact match), and id lists (one per line, or a FASTA whose record ids are taken).
+    exclude_sequences: list[str] = field(default_factory=list)
+    exclude_ids: list[str] = field(default_factory=list)
+    max_length: int = 512  # encoder tokens per example, special tokens included; longer sequences are cropped
+    min_length: int = 1  # residues; shorter sequences are dropped
+    policy: str = "skip"  # bad FASTA records: "skip" (count and warn) or "error"
+    validation_sequences: int = 512  # at most this many validation sequences (the first ones, in file order)
+    workers: int = 0  # DataLoader worker processes preparing batches; 0 prepares them in the training process
+
+
+@dataclass
+class OptimSection:
+    """Optimizer and learning-rate schedule."""
+
+    name: str = "adafactor"  # "adafactor" (torch.optim.Adafactor, as in Ankh3) or "adamw"
+    lr: float = 1e-2  # peak learning rate
+    schedule: str = "rsqrt"  # "rsqrt" (T5: constant in warmup, then lr*sqrt(warmup/step)), "cosine", "constant"
+    warmup_steps: int = 10_000  # rsqrt: length of the constant phase; cosine: linear ramp from 0
+    min_lr_ratio: float = 0.1  # cosine: final lr as a fraction of lr
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0  # clip the global gradient norm to this; 0 disables (the norm is logged either way)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # adamw only
+    eps: float = 1e-8  # adamw only
+    adafactor_beta2_decay: float = -0.8  # adafactor: second-moment decay exponent (T5 value)
+    adafactor_clip: float = 1.0  # adafactor: update clipping threshold ("d" in torch.optim.Adafactor)
+
+
+@dataclass
+class RunSection:
+    """The training loop."""
+
+    steps: int = 1000  # optimizer steps in total
+    batch_size: int = 32  # sequences per optimizer step, summed over all processes
+    micro_batch_size: int = 8  # sequences per forward pass on one process; the rest is gradient accumulation
+    precision: str = "bf16"  # "bf16" (autocast, fp32 weights and optimizer) or "fp32"
+    activation_checkpointing: bool = False  # recompute each block in backward to save memory
+    parallel: str = "auto"  # "auto" (ddp when several processes, else none), "none", "ddp", "fsdp"
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    seed: int = 0  # model init, data order and objective draws all derive from it
+    threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+
+
+@dataclass
+class LogSection:
+    """What is written, and how often."""
+
+    every: int = 10  # steps between metric records (JSONL, TensorBoard)
+    tensorboard: bool = True
+    progress: bool = True  # tqdm progress bar on rank 0
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 = a table for known GPUs, or a matmul measured on CPU
+
+
+@dataclass
+class EvalSection:
+    """Validation on held-out sequences."""
+
+    every: int = 500  # steps between validation passes; 0 disables
+    batch_size: int = 16
+    seed: int = 1234  # draws of the validation examples (fixed for the whole run, so curves are comparable)
+    baseline_sequences: int = 20000  # training sequences counted for the unigram (residue frequency) baseline
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # newest checkpoints kept; older ones are deleted
+    export: bool = True  # write the final model in the Hugging Face layout to <output_dir>/final
+
+
+@dataclass
+class TrainConfig:
+    """A pretraining run."""
+
+    output_dir: str = "runs/pretrain"
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    log: LogSection = field(default_factory=LogSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+
+    def validate(self, source: str = "config") -> None:
+        """Checks across fields that no single type annotation expresses."""
+
+        def bad(key: str, why: str) -> ConfigError:
+            return ConfigError(f"{source}: {key} {why}")
+
+        choices = {
+            "optim.name": (self.optim.name, ("adafactor", "adamw")),
+            "optim.schedule": (self.optim.schedule, ("rsqrt", "cosine", "constant")),
+            "run.precision": (self.run.precision, ("bf16", "fp32")),
+            "run.parallel": (self.run.parallel, ("auto", "none", "ddp", "fsdp")),
+            "run.device": (self.run.device, ("auto", "cpu", "cuda")),
+            "data.policy": (self.data.policy, ("skip", "error")),
+        }
+        for key, (value, allowed) in choices.items():
+            if value not in allowed:
+                raise bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")
+        positive = {"run.steps": self.run.steps, "run.batch_size": self.run.batch_size,
+                    "run.micro_batch_size": self.run.micro_batch_size, "data.max_length": self.data.max_length,
+                    "log.every": self.log.every, "eval.batch_size": self.eval.batch_size,
+                    "checkpoint.every": self.checkpoint.every, "checkpoint.keep": self.checkpoint.keep}
+        for key, value in positive.items():
+            if value <= 0:
+                raise bad(key, f"must be positive, got {value}")
+        if self.optim.lr <= 0:
+            raise bad("optim.lr", f"must be positive, got {self.optim.lr}")
+        if self.optim.warmup_steps < 0:
+            raise bad("optim.warmup_steps", "must be >= 0")
+        if len(self.optim.betas) != 2:
+            raise bad("optim.betas", f"must hold two numbers, got {self.optim.betas}")
+        if self.data.workers < 0:
+            raise bad("data.workers", "must be >= 0")
+        if self.eval.every < 0:
+            raise bad("eval.every", "must be >= 0")
+        if not self.data.train:
+            raise bad("data.train", "lists no training files")
+        if self.data.max_length < 8:
+            raise bad("data.max_length", f"is too short to hold an example, got {self.data.max_length}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per process per step; the global batch must split evenly."""
+        per_step = self.run.micro_batch_size * world_size
+        if self.run.batch_size % per_step:
+            raise ConfigError(
+                f"run.batch_size={self.run.batch_size} is not a multiple of run.micro_batch_size "
+                f"({self.run.micro_batch_size}) x processes ({world_size})"
+            )
+        return self.run.batch_size // per_step
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
+
+
+# --- reading -------------------------------------------------------------------------------------------------
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML recipe (or start from the defaults) and apply ``key=value`` overrides in order."""
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = os.fspath(path)
+        try:
+            with open(source, encoding="utf-8") as fh:
+                loaded = yaml.safe_load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{source}: no such config file") from None
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{source}: not valid YAML{where}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
+        data = loaded
+    cfg = from_dict(TrainConfig, data, source)
+    for item in overrides:
+        cfg = apply_override(cfg, item)
+    cfg.validate(source if not overrides else f"{source} with --set")
+    return cfg
+
+
+def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
+    """``section.key=value``; the value is parsed as YAML (so ``1e-3``, ``true``, ``[a, b]`` work)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
+    data = cfg.to_dict()
+    node = data
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
+            raise ConfigError(f"--set: unknown config key {'.'.join(parts[: i + 1])!r}")
+        node = node[part]
+    last = parts[-1]
+    # model.overrides is a free mapping (its keys are checked by T5Config); everything else must exist
+    if last not in node and parts[:-1] != ["model", "overrides"]:
+        hint = difflib.get_close_matches(last, list(node), n=1)
+        raise ConfigError(f"--set: unknown config key {key!r}" + (f" (did you mean {'.'.join(parts[:-1] + hint)!r}?)" if hint else ""))
+    node[last] = value
+    return from_dict(TrainConfig, data, "--set")
+
+
+def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from nested dicts, checking every key and type."""
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            hint = difflib.get_close_matches(str(key), names, n=1)
+            raise ConfigError(f"{source}: unknown config key {prefix + str(key)!r}"
+                              + (f" (did you mean {prefix + hint[0]!r}?)" if hint else ""))
+        kwargs[key] = _convert(value, hints[key], source, prefix + key)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:  # a section's own check; its message names its keys
+        raise ConfigError(f"{source}: {err}") from None
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: {where}: {err}") from None
+
+
+def _convert(value: Any, annotation: Any, source: str, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if dataclasses.is_dataclass(annotation):
+        return from_dict(annotation, value, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, source, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise _type_error(source, key, annotation, value)
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise _type_error(source, key, annotation, value)
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _type_error(source, key, annotation, value)
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _type_error(source, key, annotation, value)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise _type_error(source, key, annotation, value)
+    if origin in (list, tuple):
+        if isinstance(value, str) and origin is list:
+            value = [value]  # a single path where a list is expected
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(source, key, annotation, value)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
+        if origin is tuple and args:
+            if len(value) != len(args):
+                raise _type_error(source, key, annotation, value)
+            return tuple(_convert(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        out = [_convert(v, inner, source, f"{key}[{i}]") for i, v in enumerate(value)]
+        return out if origin is list else tuple(out)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise _type_error(source, key, annotation, value)
+        kt, vt = args if args else (Any, Any)
+        return {_convert(k, kt, source, f"{key}.{k}"): _convert(v, vt, source, f"{key}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{source}: {key}: unsupported field type {annotation!r} (a protlm bug)")
+
+
+def _type_error(source: str, key: str, annotation: Any, value: Any) -> ConfigError:
+    name = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
+    return ConfigError(f"{source}: {key} must be {name or _type_name(annotation)}, got {value!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists so YAML stays readable and a dump reads back."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

@@ -1,0 +1,407 @@
+"""The pretraining loop: data -> objectives -> model -> loss -> optimizer, with checkpoints, validation and logs.
+
+One code path for 1 CPU process and N processes under ``torchrun`` (DDP or FSDP2, see :mod:`protlm.distributed`).
+
+The loss of a step is the mean cross-entropy over every target token of the *global* batch (all micro-batches
+of all processes). Each process scales its summed token loss by ``world_size / global_tokens`` before
+backward, so that the gradient average that DDP and FSDP perform gives exactly that global mean: N processes
+then follow the same loss curve as 1 process with the same global batch (the distributed test checks this).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from protlm.config import T5Config, preset
+from protlm.data.exclude import Exclusion
+from protlm.data.stream import SequenceStream
+from protlm.distributed import (DistEnv, all_reduce_sum, barrier, gradient_sync, init_distributed, parallelize,
+                                resolve_strategy, unwrap)
+from protlm.errors import CheckpointError, ConfigError
+from protlm.model.t5 import T5
+from protlm.objectives import IGNORE_INDEX, TASKS, PretrainBatches, TaskMixer, collate, fixed_examples
+from protlm.tokenizer.vocab import Tokenizer, protlm_tokenizer
+from protlm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_meta, remove_partial,
+                                     save_checkpoint)
+from protlm.train.config import TrainConfig
+from protlm.train.metrics import SLOTS, MetricsLog, Throughput, peak_flops, step_flops, summarise, token_stats
+from protlm.train.optim import build_optimizer, lr_at, set_lr
+from protlm.utils import atomic_write_text
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last completed optimizer step
+    output_dir: str
+    final_dir: str | None  # the Hugging Face export, when written
+    last_metrics: dict[str, float]
+
+
+def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> T5Config:
+    try:
+        mcfg = preset(cfg.model.preset, **cfg.model.overrides)
+    except ConfigError as err:
+        raise ConfigError(f"model: {err}") from None
+    if mcfg.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model: vocab_size {mcfg.vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids")
+    return mcfg
+
+
+class Trainer:
+    """Build everything from a :class:`TrainConfig` and run it; see :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, env: DistEnv | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.env = env or init_distributed(cfg.run.device)
+        self.out = os.path.abspath(cfg.output_dir)
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        self.accum = cfg.accumulation(self.env.world_size)
+        self.strategy = resolve_strategy(cfg.run.parallel, self.env)
+
+    # --- setup ----------------------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.env.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(f"protlm pretrain: {msg}", file=sys.stderr)
+
+    def _prepare_output(self) -> Any:
+        """Decide between a fresh start and a resume; returns the checkpoint to resume from (or None)."""
+        found = latest_checkpoint(self.out)
+        if found is not None and not self.resume:
+            raise ConfigError(f"{self.out}: holds checkpoints up to step {found.step}; pass --resume to continue "
+                              "that run, or choose another output_dir")
+        if self.env.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            remove_partial(self.out)
+        barrier()
+        if self.resume and found is None:
+            self._log(f"no checkpoint in {self.out}; starting from step 0")
+        return found
+
+    def _build_tokenizer_and_model(self) -> tuple[Tokenizer, T5, T5Config]:
+        cfg = self.cfg
+        torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
+        if cfg.model.init_from:
+            from protlm.convert import load
+
+            pre = load(cfg.model.init_from)
+            if pre.model.encoder_only:
+                raise ConfigError(f"model.init_from: {cfg.model.init_from} is encoder-only; pretraining needs a decoder")
+            if cfg.model.overrides:
+                raise ConfigError("model.overrides cannot change the shape of a model loaded with model.init_from")
+            tok, model, mcfg = pre.tokenizer, pre.model, pre.config
+        else:
+            tok = protlm_tokenizer()
+            mcfg = build_model_config(cfg, tok)
+            model = T5(mcfg)
+        model.train()
+        return tok, model, mcfg
+
+    def _build_data(self, tok: Tokenizer) -> tuple[PretrainBatches, TaskMixer]:
+        cfg, env = self.cfg, self.env
+        self.exclusion = None
+        if cfg.data.exclude_sequences or cfg.data.exclude_ids:
+            self.exclusion = Exclusion.from_files(cfg.data.exclude_ids, cfg.data.exclude_sequences)
+        stream = SequenceStream(cfg.data.train, tok, max_length=cfg.data.max_length, min_length=cfg.data.min_length,
+                                seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, exclude=self.exclusion,
+                                policy=cfg.data.policy)
+        mixer = TaskMixer(cfg.objective, tok, max_length=cfg.data.max_length)
+        batches = PretrainBatches(stream, mixer, batch_size=cfg.run.micro_batch_size, accumulation=self.accum,
+                                  seed=cfg.run.seed)
+        return batches, mixer
+
+    def _build_validation(self, tok: Tokenizer, mixer: TaskMixer) -> dict[str, list[dict]]:
+        """Fixed validation batches per task (this process's share), built once for the whole run."""
+        cfg, env = self.cfg, self.env
+        if not cfg.data.validation or cfg.eval.every == 0:
+            return {}
+        out = {}
+        for task in mixer.tasks:
+            stream = SequenceStream(cfg.data.validation, tok, max_length=cfg.data.max_length,
+                                    min_length=cfg.data.min_length, seed=cfg.eval.seed, shuffle=False, epochs=1,
+                                    policy=cfg.data.policy)
+            examples = fixed_examples(stream, mixer, task, seed=cfg.eval.seed, limit=cfg.data.validation_sequences)
+            mine = examples[env.rank::env.world_size]
+            # length-sorted batches waste less on padding; the order does not change the sums
+            mine.sort(key=lambda e: len(e.input_ids))
+            out[task] = [collate(mine[i:i + cfg.eval.batch_size], tok)
+                         for i in range(0, len(mine), cfg.eval.batch_size)]
+        return out
+
+    def _unigram_baseline(self, tok: Tokenizer, val: dict[str, list[dict]]) -> dict[str, float]:
+        """Cross-entropy of the validation residue targets under the training residue frequencies.
+
+        The frequencies come from up to ``eval.baseline_sequences`` training sequences (add-one smoothed);
+        this is the loss of a model that knows residue composition and nothing else.
+        """
+        cfg = self.cfg
+        if not val:
+            return {}
+        counts = np.ones(tok.vocab_size, dtype=np.float64)
+        stream = SequenceStream(cfg.data.train, tok, max_length=cfg.data.max_length, min_length=cfg.data.min_length,
+                                seed=cfg.run.seed, epochs=1, policy=cfg.data.policy, exclude=self.exclusion)
+        for i, residues in enumerate(stream):
+            counts += np.bincount(residues, minlength=tok.vocab_size)
+            if i + 1 >= cfg.eval.baseline_sequences:
+                break
+        is_res = np.zeros(tok.vocab_size, dtype=bool)
+        is_res[tok.residue_id_array] = True
+        probs = np.where(is_res, counts, 0.0)
+        logp = np.log(probs / probs.sum(), where=is_res, out=np.full(tok.vocab_size, -np.inf))
+        sums = torch.zeros(len(TASKS), 2, dtype=torch.float64)
+        for task, batches in val.items():
+            for b in batches:
+                labels = b["labels"].numpy()
+                sel = labels[(labels != IGNORE_INDEX)]
+                sel = sel[is_res[sel]]
+                sums[TASKS.index(task)] += torch.tensor([-logp[sel].sum(), sel.size], dtype=torch.float64)
+        all_reduce_sum(sums)
+        return {f"val/{t}/unigram_loss": float(sums[i, 0] / sums[i, 1]) for i, t in enumerate(TASKS) if sums[i, 1] > 0}
+
+    # --- the loop -------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg, env = self.cfg, self.env
+        found = self._prepare_output()
+        tok, model, mcfg = self._build_tokenizer_and_model()
+        batches, mixer = self._build_data(tok)
+        val = self._build_validation(tok, mixer)
+        baseline = self._unigram_baseline(tok, val)
+        n_params = sum(p.numel() for p in model.parameters())
+        net = parallelize(model, self.strategy, env, cfg.run.activation_checkpointing)
+        optimizer = build_optimizer(net, cfg.optim, foreach=False if self.strategy == "fsdp" else None)
+
+        step = 0
+        if found is not None:
+            step = self._resume_from(found.path, mcfg, net, optimizer, batches)
+        # Dropout draws differ between processes (each sees different data); restored exactly on resume.
+        if found is None:
+            torch.manual_seed(cfg.run.seed + 1 + env.rank)
+        if env.is_main:
+            atomic_write_text(os.path.join(self.out, "config.yaml"), cfg.to_yaml())
+            atomic_write_text(os.path.join(self.out, "model_config.json"),
+                              __import__("json").dumps(mcfg.to_hf_dict(), indent=1) + "\n")
+        metrics = MetricsLog(self.out, cfg.log.tensorboard, None if found is None else step) if env.is_main else None
+        peak, peak_source = peak_flops(env.device, cfg.run.precision, cfg.log.peak_tflops)
+        self._log(f"{n_params / 1e6:.2f}M parameters, {self.strategy} on {env.world_size} process(es) "
+                  f"({env.device.type}), global batch {cfg.run.batch_size} = {cfg.run.micro_batch_size} x "
+                  f"{self.accum} accumulation x {env.world_size}; steps {step}->{cfg.run.steps}; "
+                  f"MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+        if baseline:
+            self._log("unigram baseline on validation residues: "
+                      + ", ".join(f"{k.split('/')[1]} {v:.4f}" for k, v in baseline.items()))
+
+        residue_ids = torch.as_tensor(tok.residue_id_array, device=env.device)
+        autocast = self._autocast()
+        world = env.world_size
+        data = batches.loader(num_workers=cfg.data.workers)
+        bar = self._progress(step)
+        window = Throughput()
+        window.reset()
+        window_table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
+        window_steps = 0
+        last: dict[str, float] = {}
+        grad_norm = torch.zeros((), device=env.device)
+        try:
+            while step < cfg.run.steps:
+                micro = [next(data) for _ in range(self.accum)]
+                if micro[0]["step"] != step:  # the data position and the step counter must agree
+                    raise CheckpointError(f"data is at step {micro[0]['step']} but training is at step {step}")
+                counts = torch.tensor([float((b["labels"] != IGNORE_INDEX).sum()) for b in micro],
+                                      dtype=torch.float64).sum().reshape(1).to(env.device)
+                global_tokens = float(all_reduce_sum(counts).item())
+                lr = lr_at(step + 1, cfg.optim, cfg.run.steps)
+                set_lr(optimizer, lr)
+                table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
+                for i, b in enumerate(micro):
+                    b = {k: (v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+                    with gradient_sync(net, i == self.accum - 1):
+                        with autocast:
+                            out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                      decoder_input_ids=self._shift_right(b["labels"], mcfg),
+                                      decoder_mask=b["decoder_attention_mask"])
+                        loss_sum, t = token_stats(out.logits, b["labels"], b["task"], residue_ids)
+                        (loss_sum * (world / global_tokens)).backward()
+                    table += t
+                    window.tokens += float(b["attention_mask"].sum())
+                    window.target_tokens += float(t[:, 1].sum())
+                    window.flops += step_flops(mcfg, b["attention_mask"].sum(1).cpu(),
+                                               b["decoder_attention_mask"].sum(1).cpu())
+                grad_norm = self._clip(net, cfg.optim.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                window_table += table
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+
+                if step % cfg.log.every == 0 or step == cfg.run.steps:
+                    last = self._report(step, window, window_table, window_steps, lr, grad_norm, peak, metrics, bar)
+                    window.reset()
+                    window_table.zero_()
+                    window_steps = 0
+                if val and (step % cfg.eval.every == 0 or step == cfg.run.steps):
+                    v = self._validate(net, val, mcfg, residue_ids, autocast)
+                    v.update(baseline)
+                    last.update(v)
+                    if metrics is not None:
+                        metrics.write(step, v)
+                    self._log(f"step {step} validation: " + ", ".join(
+                        f"{t} {v[f'val/{t}/loss']:.4f} (residues {v.get(f'val/{t}/residue_loss', math.nan):.4f}"
+                        f" vs unigram {v.get(f'val/{t}/unigram_loss', math.nan):.4f})"
+                        for t in TASKS if f"val/{t}/loss" in v))
+                    window.reset()  # validation time is not training throughput
+                if step % cfg.checkpoint.every == 0 or step == cfg.run.steps:
+                    self._save(step, net, optimizer, batches, mcfg)
+                    window.reset()
+        finally:
+            if bar is not None:
+                bar.close()
+            if metrics is not None:
+                metrics.close()
+
+        final_dir = self._export(net, mcfg, tok) if cfg.checkpoint.export else None
+        return TrainResult(step, self.out, final_dir, last)
+
+    # --- pieces of a step -----------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.cfg.run.precision == "bf16":
+            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @staticmethod
+    def _shift_right(labels: torch.Tensor, mcfg: T5Config) -> torch.Tensor:
+        """Teacher forcing: the decoder reads the start token, then the target shifted by one."""
+        start = torch.full_like(labels[:, :1], mcfg.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == IGNORE_INDEX, mcfg.pad_token_id)
+
+    @staticmethod
+    def _clip(net: torch.nn.Module, max_norm: float) -> torch.Tensor:
+        params = [p for p in net.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+            norm = norm.full_tensor()
+        return norm
+
+    def _report(self, step, window, table, n_steps, lr, grad_norm, peak, metrics, bar) -> dict[str, float]:
+        env = self.env
+        all_reduce_sum(table)
+        totals = torch.tensor([window.tokens, window.target_tokens, window.flops], dtype=torch.float64,
+                              device=env.device)
+        all_reduce_sum(totals)
+        seconds = max(time.perf_counter() - window.start, 1e-9)
+        values = summarise(table, "train")
+        values.update({
+            "train/lr": lr,
+            "train/grad_norm": float(grad_norm),
+            "train/tokens_per_s": float(totals[0]) / seconds,
+            "train/target_tokens_per_s": float(totals[1]) / seconds,
+            "train/mfu": float(totals[2]) / seconds / (peak * env.world_size) if peak > 0 else math.nan,
+            "train/steps_in_window": n_steps,
+        })
+        if metrics is not None:
+            metrics.write(step, values)
+        if bar is not None:
+            bar.set_postfix(loss=f"{values.get('train/all/loss', math.nan):.4f}",
+                            tok_s=f"{values['train/tokens_per_s']:.0f}", refresh=False)
+        return values
+
+    @torch.no_grad()
+    def _validate(self, net, val, mcfg, residue_ids, autocast) -> dict[str, float]:
+        net.eval()
+        table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=self.env.device)
+        # Every process must run the same number of forwards (FSDP gathers parameters in each), so a process
+        # with fewer batches repeats its last one without counting it.
+        for task in val:
+            counts = torch.tensor([float(len(val[task]))], device=self.env.device)
+            if self.env.distributed:
+                torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
+            batches = val[task]
+            for i in range(int(counts.item())):
+                b = batches[i] if i < len(batches) else batches[-1] if batches else None
+                if b is None:
+                    continue
+                b = {k: (v.to(self.env.device) if torch.is_tensor(v) else v) for k, v in b.items()}
+                with autocast:
+                    out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                              decoder_input_ids=self._shift_right(b["labels"], mcfg),
+                              decoder_mask=b["decoder_attention_mask"])
+                _, t = token_stats(out.logits, b["labels"], b["task"], residue_ids)
+                if i < len(batches):  # padding forwards (to keep processes in step) do not count
+                    table += t
+        all_reduce_sum(table)
+        net.train()
+        return summarise(table, "val")
+
+    def _progress(self, step: int):
+        if not (self.env.is_main and self.cfg.log.progress):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.cfg.run.steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+                    file=sys.stderr)
+
+    # --- checkpoints ----------------------------------------------------------------------------------------
+    def _meta(self, mcfg: T5Config) -> dict[str, Any]:
+        return {"model_config": mcfg.to_dict(), "config": self.cfg.to_dict(), "strategy": self.strategy}
+
+    def _save(self, step, net, optimizer, batches, mcfg) -> None:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
+            save_checkpoint(self.out, step, net, optimizer, self.env, {"data": batches.state_dict()},
+                            self._meta(mcfg), keep=self.cfg.checkpoint.keep)
+
+    def _resume_from(self, path, mcfg, net, optimizer, batches) -> int:
+        meta = read_meta(path)
+        saved_model = meta.get("model_config", {})
+        now_model = mcfg.to_dict()
+        for key in sorted(set(saved_model) | set(now_model)):
+            if saved_model.get(key) != now_model.get(key):
+                raise CheckpointError(f"{path}: model config differs from this run: {key} is "
+                                      f"{saved_model.get(key)!r} in the checkpoint but {now_model.get(key)!r} now")
+        if meta.get("world_size") != self.env.world_size:
+            raise CheckpointError(f"{path}: written by {meta.get('world_size')} process(es), resumed with "
+                                  f"{self.env.world_size}; the data position is per process, so use the same number")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
+            saved = load_checkpoint(path, net, optimizer, self.env)
+        batches.load_state_dict(saved["data"])
+        self._log(f"resumed from {path} (step {meta['step']})")
+        return int(meta["step"])
+
+    def _export(self, net, mcfg: T5Config, tok: Tokenizer) -> str | None:
+        """The final weights in the Hugging Face layout (``protlm.load`` and ``transformers`` both read it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from protlm.convert import save_pretrained
+
+        state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        final = os.path.join(self.out, "final")
+        if self.env.is_main:
+            with torch.device("meta"):
+                plain = T5(mcfg)
+            plain.load_state_dict({k: v for k, v in state.items()}, strict=False, assign=True)
+            if plain.lm_head is not None and mcfg.tie_word_embeddings:
+                plain.lm_head.weight = plain.shared.weight
+            missing = [n for n, p in plain.named_parameters() if p.is_meta]
+            if missing:
+                raise CheckpointError(f"export: parameters missing from the trained state: {missing[:4]}")
+            save_pretrained(plain, final, tok)
+            self._log(f"final model written to {final}")
+        barrier()
+        return final
