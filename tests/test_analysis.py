@@ -138,7 +138,7 @@ def test_skipping_the_last_layer_equals_exiting_one_layer_early():
         n = rep.n_layers
         skip_kl = rep.skip.output_kl.mean[rep.skip.skipped.index(n)]
         exit_kl = rep.early_exit.kl.mean[rep.early_exit.layers.index(n - 1)]
-        assert skip_kl > 1e-3
+        assert skip_kl > 1e-5
         assert skip_kl == pytest.approx(exit_kl, rel=1e-5)
         # and exiting at the last layer is the full model
         assert rep.early_exit.kl.mean[-1] == 0.0
@@ -224,8 +224,9 @@ def test_ridge_moments_give_the_direct_solution_and_error():
     (w, b), = _ridge_solutions(m, [0.0])
     design = torch.cat([x.double(), torch.ones(300, 1, dtype=torch.float64)], 1)
     ref = torch.linalg.lstsq(design, y.double()).solution
-    torch.testing.assert_close(w, ref[:6], atol=1e-8, rtol=1e-6)
-    torch.testing.assert_close(b, ref[6], atol=1e-8, rtol=1e-6)
+    # fp32 batch products (as in the probe) with an offset of 4: agreement to ~1e-6, not to fp64 precision
+    torch.testing.assert_close(w, ref[:6], atol=1e-5, rtol=1e-3)
+    torch.testing.assert_close(b, ref[6], atol=1e-5, rtol=1e-3)
     direct = float(((x.double() @ w + b - y.double()) ** 2).sum())
     assert _sse(m, w, b) == pytest.approx(direct, rel=1e-6)
 
@@ -312,6 +313,7 @@ def test_decoder_analyses_on_an_encoder_only_model_are_errors():
 
 
 # --- command line --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_writes_json_plots_summary_and_truncated_model(tmp_path):
     from protlm.cli.main import main
 
@@ -336,13 +338,23 @@ def test_cli_writes_json_plots_summary_and_truncated_model(tmp_path):
     assert cut.model.encoder.n_layers == k and cut.model.encoder_only
 
 
-def test_cli_errors_are_one_line(tmp_path):
-    cmd = [sys.executable, "-m", "protlm.cli.main", "analyze", "depth", "debug", FASTA, "--random-init",
-           "-o", str(tmp_path / "o"), "--task", "none", "--max-proteins", "2"]
-    for extra, message in ((["--layers", "7"], "layer 7 is out of range for a 2-layer encoder"),
-                           (["--truncate-at", "3"], "--truncate-at 3 is out of range"),
-                           (["--task", "ssp3", "--probe-data", str(tmp_path)], "does not hold flip_ss3")):
-        proc = subprocess.run(cmd + extra, capture_output=True, text=True, env={**os.environ, "PROTLM_DATA": ""})
-        assert proc.returncode == 2, proc.stderr
-        assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-        assert message in proc.stderr
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    from protlm.cli.main import main
+
+    monkeypatch.delenv("PROTLM_DATA", raising=False)
+    base = ["analyze", "depth", "debug", FASTA, "--random-init", "-o", str(tmp_path / "o"), "--task", "none",
+            "--max-proteins", "2", "--quiet"]
+    for extra, message in ((["--truncate-at", "3"], "--truncate-at 3 is out of range for a 2-layer encoder"),
+                           (["--task", "ssp3"], "needs its data: pass --probe-data"),
+                           (["--task", "ssp3", "--probe-data", str(tmp_path)], "does not hold flip_ss3"),
+                           (["--decoder-layers", "-3"], "layer -3 is out of range for a 1-layer decoder")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err
+        assert err.strip().count("\n") == 0 and message in err, err
+    assert not (tmp_path / "o").exists()  # nothing written for a bad request
+    # and as a process: one line on stderr, no traceback
+    proc = subprocess.run([sys.executable, "-m", "protlm.cli.main"] + base + ["--layers", "7"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert "layer 7 is out of range for a 2-layer encoder" in proc.stderr

@@ -55,7 +55,7 @@ def test_file_layout_and_attributes(model, tmp_path):
         assert fh.attrs["kind"] == "per_protein" and list(fh.attrs["layers"]) == [1, 3]
         assert fh.attrs["prefix"] == "nlu" and fh.attrs["dtype"] == "fp32" and fh.attrs["protlm_version"]
         assert all("original_id" in ds.attrs for ds in fh.values())
-        assert "sp|P0A7B8|HSLV_ECOLI" in fh  # '|' is allowed in HDF5 names
+        assert "sp|A0A385XJ53|INSA9_ECOLI" in fh  # "|" is allowed in HDF5 names
     res, prot = EmbeddingStore(tmp_path / "r.h5"), EmbeddingStore(tmp_path / "p.h5")
     for oid, seq in seqs.items():
         assert res[oid].shape == (len(seq), 40)  # the last stored layer by default

@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
         result = Trainer(cfg, resume=args.resume).run()
     finally:
         shutdown()
-    print(f"done: step {result.step}; outputs in {result.output_dir}"
-          + (f"; final model in {result.final_dir}" if result.final_dir else ""))
+    if result.is_main:
+        print(f"done: step {result.step}; outputs in {result.output_dir}"
+              + (f"; final model in {result.final_dir}" if result.final_dir else ""))
     return 0

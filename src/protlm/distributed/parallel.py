@@ -3,7 +3,9 @@
 The model code never knows it is distributed. :func:`parallelize` takes a plain :class:`~protlm.model.T5` and
 - wraps it in ``DistributedDataParallel`` ("ddp"), or
 - shards it with FSDP2 ("fsdp"): ``fully_shard`` on every encoder and decoder block, then on the root (which
-  then holds the shared embedding, the LM head and the final norms), as torchtitan does;
+  then holds the shared embedding, the LM head and the final norms), as torchtitan does. The relative
+  position-bias table is sharded as a unit of its own first: it belongs to block 0 but the stack looks it up
+  before any block runs, when block 0's parameters are still sharded;
 and optionally recomputes each block in backward (activation checkpointing) first.
 
 One code path serves 1 CPU process and many GPUs on many nodes: run under ``torchrun`` and the environment
@@ -156,6 +158,9 @@ def parallelize(model: nn.Module, strategy: str, env: DistEnv, activation_checkp
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        for mod in model.modules():
+            if isinstance(getattr(mod, "relative_attention_bias", None), nn.Module):
+                fully_shard(mod.relative_attention_bias)
         for blk in blocks(model):
             fully_shard(blk)
         fully_shard(model)

@@ -16,7 +16,6 @@ position given all the others. Log-probabilities are over the full vocabulary (t
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +131,15 @@ def score_variants(pre, wildtype: str, variants, strategy: str = "masked-margina
                      for v in parsed], dtype=np.float64)
 
 
+def _broadcast_cache(cache, n: int):
+    """A view of a batch-1 cache as n rows (expand, no copy); the original is left untouched."""
+    layers = []
+    for layer in cache.layers:
+        fields = {k: (None if t is None else t.expand(n, *t.shape[1:])) for k, t in vars(layer).items()}
+        layers.append(type(layer)(**fields))
+    return type(cache)(layers)
+
+
 def _joint_scores(pre, wildtype: str, variants: list[Variant], token_budget: int) -> np.ndarray:
     """Group variants by their position set: one encoder pass per group, teacher-forced decoder rows."""
     model, tok = pre.model, pre.tokenizer
@@ -167,8 +175,7 @@ def _joint_scores(pre, wildtype: str, variants: list[Variant], token_budget: int
             step = _rows_per_batch(dec.shape[1] + enc_ids.shape[1], token_budget)
             for lo in range(0, len(dec), step):
                 d = dec[lo:lo + step, 1:]
-                cache = type(shared)([copy.copy(layer) for layer in shared.layers])  # reorder must not touch `shared`
-                cache.reorder(torch.zeros(len(d), dtype=torch.long, device=device))
+                cache = _broadcast_cache(shared, len(d))
                 h = model.decode(d, enc.expand(len(d), -1, -1), enc_mask.expand(len(d), -1), cache=cache)
                 lp = model.lm_logits(h.last_hidden_state[:, 0::2]).float().log_softmax(-1)  # (n, m, V) after each sentinel
                 totals.append(lp.gather(2, targets[lo:lo + step, :, None])[..., 0].sum(1).cpu())

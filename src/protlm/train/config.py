@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ import yaml
 
 from protlm.errors import ConfigError
 from protlm.objectives import ObjectiveConfig
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass
@@ -192,7 +195,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{source}: not valid YAML{where}") from None
+            problem = getattr(err, "problem", None)
+            raise ConfigError(f"{source}: not valid YAML{where}" + (f" ({problem})" if problem else "")) from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -282,6 +286,10 @@ def _convert(value: Any, annotation: Any, source: str, key: str) -> Any:
         raise _type_error(source, key, annotation, value)
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads exponent notation without a dot (1e-3) as a string; it is a number in every other
+        # reader a user knows, so it is accepted here (and only this form).
+        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
             return float(value)
         raise _type_error(source, key, annotation, value)
     if annotation is str:

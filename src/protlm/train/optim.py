@@ -38,9 +38,12 @@ def lr_at(step: int, cfg: OptimSection, total_steps: int) -> float:
 
 def build_optimizer(model: nn.Module, cfg: OptimSection, foreach: bool | None = None) -> torch.optim.Optimizer:
     """The optimizer over ``model``'s trainable parameters; the lr is set per step by :func:`set_lr`."""
+    from torch.distributed.tensor import DTensor
+
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.name == "adafactor":
-        return torch.optim.Adafactor(
+        cls = ShardedAdafactor if any(isinstance(p, DTensor) for p in params) else torch.optim.Adafactor
+        return cls(
             params, lr=cfg.lr, beta2_decay=cfg.adafactor_beta2_decay, d=cfg.adafactor_clip,
             weight_decay=cfg.weight_decay, foreach=foreach,
         )
@@ -57,3 +60,81 @@ def build_optimizer(model: nn.Module, cfg: OptimSection, foreach: bool | None = 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+class ShardedAdafactor(torch.optim.Adafactor):
+    """``torch.optim.Adafactor`` for FSDP2-sharded (DTensor) parameters.
+
+    torch's implementation updates its factored statistics in place, which DTensor refuses when a statistic is
+    a reduction across shards (the column means of a row-sharded matrix). This step is the same algorithm,
+    operation for operation (torch 2.x ``_single_tensor_adafactor``), written out of place where a reduction
+    crosses shards, so DTensor inserts the collectives. The state keeps torch's names and shapes (row_var,
+    col_var, variance, step), sharded like the parameter where it can be. Plain tensors go to torch's step.
+    """
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from torch.distributed.tensor import DTensor
+
+        if not any(isinstance(p, DTensor) for g in self.param_groups for p in g["params"]):
+            return super().step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            eps1, eps2 = group["eps"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
+                self._update(p, grad, self.state[p], group["lr"], group["beta2_decay"], group["weight_decay"],
+                             group["d"], eps1, eps2)
+        return loss
+
+    @staticmethod
+    def _update(param, grad, state, lr, beta2_decay, weight_decay, d, eps1, eps2) -> None:
+        lr = float(lr)
+        if eps1 is None:
+            eps1 = torch.finfo(param.dtype).eps
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+        step = state["step"].item()
+        one_minus_beta2 = step ** beta2_decay
+        rho = min(lr, 1 / (step ** 0.5))
+        alpha = max(eps2, _scalar(param.norm(2)) / (param.numel() ** 0.5)) * rho
+        if weight_decay != 0:
+            param.mul_(1 - lr * weight_decay)
+        if grad.dim() > 1:
+            row_mean = _settle(torch.norm(grad, dim=-1, keepdim=True).square().div(grad.size(-1)))
+            col_mean = _settle(torch.norm(grad, dim=-2, keepdim=True).square().div(grad.size(-2)))
+            if "row_var" not in state:
+                state["row_var"] = torch.zeros_like(row_mean)
+                state["col_var"] = torch.zeros_like(col_mean)
+            row_var, col_var = state["row_var"], state["col_var"]
+            row_var.lerp_(row_mean, one_minus_beta2)
+            col_var.lerp_(col_mean, one_minus_beta2)
+            var_estimate = row_var @ col_var
+            var_estimate = var_estimate.div(_settle(row_var.mean(dim=-2, keepdim=True)).clamp(min=eps1))
+        else:
+            if "variance" not in state:
+                state["variance"] = torch.zeros_like(grad)
+            state["variance"].lerp_(grad * grad, one_minus_beta2)
+            var_estimate = state["variance"].clone()
+        update = var_estimate.clamp(min=eps1 * eps1).rsqrt().mul(grad)
+        denom = max(1.0, _scalar(update.norm(2)) / ((update.numel() ** 0.5) * d))
+        param.add_(update, alpha=-alpha / denom)
+
+
+def _settle(x):
+    """A DTensor holding pending partial sums (a reduction across shards) becomes replicated; else as is."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if isinstance(x, DTensor) and any(pl.is_partial() for pl in x.placements):
+        x = x.redistribute(x.device_mesh, [Replicate() if pl.is_partial() else pl for pl in x.placements])
+    return x
+
+
+def _scalar(x) -> float:
+    return float(x.full_tensor().item()) if hasattr(x, "full_tensor") else float(x.item())

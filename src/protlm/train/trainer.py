@@ -46,6 +46,7 @@ class TrainResult:
     output_dir: str
     final_dir: str | None  # the Hugging Face export, when written
     last_metrics: dict[str, float]
+    is_main: bool = True  # rank 0 (the process that wrote the logs and the export)
 
 
 def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> T5Config:
@@ -275,7 +276,7 @@ class Trainer:
                 metrics.close()
 
         final_dir = self._export(net, mcfg, tok) if cfg.checkpoint.export else None
-        return TrainResult(step, self.out, final_dir, last)
+        return TrainResult(step, self.out, final_dir, last, env.is_main)
 
     # --- pieces of a step -----------------------------------------------------------------------------------
     def _autocast(self):
