@@ -213,3 +213,12 @@ def test_cli_generate_writes_fasta(tmp_path):
     assert "temperature=0.9" in records[0].description and "top_p=0.95" in records[0].description
     assert main(["generate", "debug", "--random-init", "--prefix", "MKT", "--greedy", "--top-k", "3"]) == 2
     assert main(["generate", "debug", "--random-init", "--prefix", "MKT", "--max-new-tokens", "100000"]) == 2
+
+
+def test_min_new_tokens_holds_back_eos_like_transformers(tmp_path):
+    pre = _pre(eos_bias=1.5)
+    hf, processors = _hf(pre, tmp_path)
+    expected, _ = _hf_continuations(pre, hf, processors, PREFIXES, max_new_tokens=16, min_new_tokens=6, num_beams=1)
+    ours = generate(pre, PREFIXES, strategy="greedy", max_new_tokens=16, min_new_tokens=6)
+    assert [c.continuation for c in ours] == expected
+    assert all(len(c.continuation) >= 6 for c in ours) and any(c.stop == "eos" for c in ours)

@@ -19,10 +19,8 @@ def _slow_greedy_fill(pre, template: str):
     """Left-to-right argmax with a full forward pass per position, built from the vocabulary by hand."""
     model, tok = pre.model, pre.tokenizer
     masked = [i for i, c in enumerate(template) if c == "?"]
-    enc = [tok.vocab["[NLU]"]]
-    for c in template:
-        enc.append(tok.vocab[f"<extra_id_{masked.index(len(enc) - 1)}>"] if c == "?" else tok.vocab[c])
-    enc.append(tok.vocab["</s>"])
+    body = [tok.vocab[f"<extra_id_{masked.index(i)}>"] if c == "?" else tok.vocab[c] for i, c in enumerate(template)]
+    enc = [tok.vocab["[NLU]"], *body, tok.vocab["</s>"]]
     ids = torch.tensor([enc])
     dec = [model.config.decoder_start_token_id]
     chosen, probs = [], []

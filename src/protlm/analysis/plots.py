@@ -29,6 +29,15 @@ def _save(fig, path: str) -> str:
     return path
 
 
+def _kl_scale(ax, kl: np.ndarray) -> None:
+    """Log scale when the KL values span decades (zeros, e.g. the full model itself, are then not drawn)."""
+    positive = kl[np.isfinite(kl) & (kl > 0)]
+    if positive.size > 1 and positive.max() / positive.min() > 100:
+        ax.set_yscale("log")
+    else:
+        ax.set_ylim(bottom=0)
+
+
 def _stacks(report):
     return [r for r in (report.encoder, report.decoder) if r is not None]
 
@@ -70,22 +79,30 @@ def plot_skip(report, path: str) -> str | None:
     if not stacks:
         return None
     plt = _pyplot()
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import LogNorm, Normalize
 
-    fig, axes = plt.subplots(len(stacks), 2, figsize=(12, 4.4 * len(stacks)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.25, 1]})
+    fig, axes = plt.subplots(len(stacks), 2, figsize=(13, 4.6 * len(stacks)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.25, 1], "wspace": 0.45})
     for row, rep in zip(axes, stacks):
         sk = rep.skip
         m = np.array([_arr(r) for r in sk.hidden_change])
         positive = m[np.isfinite(m) & (m > 0)]
-        norm = LogNorm(vmin=max(positive.min(), 1e-4), vmax=max(positive.max(), 1e-3)) if positive.size else None
-        shown = np.where(np.isfinite(m) & (m > 0), m, np.nan)
-        im = row[0].imshow(shown, aspect="auto", cmap="magma", norm=norm, origin="upper")
+        if positive.size and positive.max() / positive.min() > 30:  # spans decades: a log colour scale
+            norm = LogNorm(vmin=positive.min(), vmax=positive.max())
+        else:
+            norm = Normalize(vmin=0, vmax=positive.max() if positive.size else 1)
+        im = row[0].imshow(np.where(np.isfinite(m), m, np.nan), aspect="auto", cmap="magma", norm=norm)
+        if m.size <= 400:
+            for (i, j), v in np.ndenumerate(m):
+                if np.isfinite(v):
+                    bright = norm(v) > 0.6 if v > 0 or not isinstance(norm, LogNorm) else False
+                    row[0].text(j, i, f"{v:.2g}", ha="center", va="center", fontsize=6,
+                                color="black" if bright else "white")
         row[0].set_xticks(range(len(sk.later_layers)), sk.later_layers)
         row[0].set_yticks(range(len(sk.skipped)), sk.skipped)
-        row[0].set_xlabel("later stream (after block m)")
+        row[0].set_xlabel("later stream m (after block m)")
         row[0].set_ylabel("skipped block l")
-        row[0].set_title(f"{rep.stack}: ‖h'_m − h_m‖ / ‖h_m‖ after removing block l")
+        row[0].set_title(f"{rep.stack}: ‖h'_m − h_m‖ / ‖h_m‖ after removing block l", fontsize=10)
         fig.colorbar(im, ax=row[0], fraction=0.046)
         ax = row[1]
         x = np.asarray(sk.skipped)
@@ -95,9 +112,10 @@ def plot_skip(report, path: str) -> str | None:
             ax.set_ylabel("share of predictions whose top-1 changes", color="tab:red")
             ax.axhline(report.options["flip_threshold"], color="tab:red", ls=":", lw=1)
             ax2 = ax.twinx()
-            ax2.plot(x, _arr(sk.output_kl.mean), "o-", color="tab:blue", label="KL(full‖skipped)")
-            ax2.set_yscale("symlog", linthresh=1e-3)
-            ax2.set_ylabel("KL (nats)", color="tab:blue")
+            kl = _arr(sk.output_kl.mean)
+            ax2.plot(x, kl, "o-", color="tab:blue", label="KL(full‖skipped)")
+            _kl_scale(ax2, kl)
+            ax2.set_ylabel("KL(full ‖ skipped), nats", color="tab:blue")
             ax.set_title(f"{rep.stack}: change of the output distribution")
         else:
             ax.bar(x, m[:, -1], color="tab:purple")
@@ -124,8 +142,9 @@ def plot_early_exit(report, path: str) -> str | None:
         ax.set_ylim(-0.02, 1.02)
         ax.set_ylabel("share of masked-residue predictions")
         ax2 = ax.twinx()
-        ax2.plot(x, _arr(ee.kl.mean), "^-", color="tab:blue", label="KL(full‖exit)")
-        ax2.set_yscale("symlog", linthresh=1e-3)
+        kl = _arr(ee.kl.mean)
+        ax2.plot(x, kl, "^-", color="tab:blue", label="KL(full‖exit)")
+        _kl_scale(ax2, kl)
         ax2.set_ylabel("KL (nats)", color="tab:blue")
         kind = "early exit into the decoder" if rep.stack == "encoder" else "logit lens"
         ax.set_title(f"{rep.stack}: {kind}")

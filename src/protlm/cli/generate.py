@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-new-tokens", type=int, help="cap on generated residues (default 512)")
     length.add_argument("--length-ratio", type=float, help="cap = ratio x prefix length (Ankh3 trained on 1.0)")
+    p.add_argument("--min-new-tokens", type=int, default=0, help="do not end before this many residues (default 0)")
     p.add_argument("--max-length", type=int, default=None,
                    help="longest prefix or continuation accepted (default 4096)")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (default: sampling)")
@@ -67,6 +68,7 @@ def build_config(args: argparse.Namespace):
     extra = {"max_length": args.max_length} if args.max_length is not None else {}
     return GenerationConfig(
         strategy=strategy, num_return=args.num, max_new_tokens=args.max_new_tokens, length_ratio=args.length_ratio,
+        min_new_tokens=args.min_new_tokens,
         num_beams=args.beams or 1, length_penalty=args.length_penalty, seed=args.seed, batch_size=args.batch_size,
         residues=args.residues, use_cache=not args.no_cache, **sampling_opts, **extra,
     )

@@ -3,9 +3,9 @@
 The model code never knows it is distributed. :func:`parallelize` takes a plain :class:`~protlm.model.T5` and
 - wraps it in ``DistributedDataParallel`` ("ddp"), or
 - shards it with FSDP2 ("fsdp"): ``fully_shard`` on every encoder and decoder block, then on the root (which
-  then holds the shared embedding, the LM head and the final norms), as torchtitan does. The relative
-  position-bias table is sharded as a unit of its own first: it belongs to block 0 but the stack looks it up
-  before any block runs, when block 0's parameters are still sharded;
+  then holds the shared embedding, the LM head and the final norms), as torchtitan does. The first block of
+  each stack is the exception: it owns the relative position-bias table, which the stack reads before any
+  block runs, so it stays in the root's group (gathered for the whole forward; 2 blocks of 72 in Ankh3);
 and optionally recomputes each block in backward (activation checkpointing) first.
 
 One code path serves 1 CPU process and many GPUs on many nodes: run under ``torchrun`` and the environment
@@ -158,14 +158,16 @@ def parallelize(model: nn.Module, strategy: str, env: DistEnv, activation_checkp
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for mod in model.modules():
-            if isinstance(getattr(mod, "relative_attention_bias", None), nn.Module):
-                fully_shard(mod.relative_attention_bias)
         for blk in blocks(model):
-            fully_shard(blk)
+            if not _owns_position_bias(blk):
+                fully_shard(blk)
         fully_shard(model)
         return model
     raise ConfigError(f"run.parallel must be one of auto, none, ddp, fsdp; got {strategy!r}")
+
+
+def _owns_position_bias(block: nn.Module) -> bool:
+    return any(name.endswith("relative_attention_bias.weight") for name, _ in block.named_parameters())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

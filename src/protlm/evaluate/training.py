@@ -247,7 +247,7 @@ def train_head(
                     logits = head(x, mask)
                 loss = head.per_protein_loss(logits, y).sum() / len(chunk)
                 loss.backward()
-                step_loss += float(loss)
+                step_loss += float(loss.detach())
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
             opt.step()

@@ -30,6 +30,7 @@ class GenerationConfig:
     num_return: int = 1  # sequences per prefix; greedy gives one, beam returns the best num_return beams
     max_new_tokens: int | None = None  # cap on generated residues; default DEFAULT_MAX_NEW_TOKENS
     length_ratio: float | None = None  # instead of max_new_tokens: cap = ceil(ratio * prefix length)
+    min_new_tokens: int = 0  # </s> is not allowed before this many residues (a row's cap still wins)
     temperature: float = 1.0  # sampling only
     top_k: int = 0  # sampling only; 0 = off
     top_p: float = 1.0  # sampling only; 1.0 = off
@@ -52,6 +53,8 @@ class GenerationConfig:
             raise ConfigError("give max_new_tokens or length_ratio, not both")
         if self.max_new_tokens is not None and self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.min_new_tokens < 0:
+            raise ConfigError(f"min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.length_ratio is not None and not self.length_ratio > 0:
             raise ConfigError(f"length_ratio must be > 0, got {self.length_ratio}")
         if self.max_new_tokens is not None and self.max_new_tokens > self.max_length:
@@ -89,6 +92,8 @@ class GenerationConfig:
                       f"seed={self.seed}"]
         if self.strategy == "beam":
             parts += [f"beams={self.num_beams}", f"length_penalty={self.length_penalty:g}"]
+        if self.min_new_tokens:
+            parts.append(f"min_new_tokens={self.min_new_tokens}")
         if self.residues != "standard":
             parts.append(f"residues={self.residues}")
         return " ".join(parts)
@@ -170,7 +175,7 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
             chunk = [rows[r] for r in order[start:start + per_batch]]
             enc, mask = _encode(model, tok, [c[1] for c in chunk], device)
             beams = beam_search(model, enc, mask, [c[2] for c in chunk], allowed, tok.eos_id, config.num_beams,
-                                config.num_return, config.length_penalty, config.use_cache)
+                                config.num_return, config.length_penalty, config.use_cache, config.min_new_tokens)
             for (i, _, _), hyps in zip(chunk, beams):
                 for k, h in enumerate(hyps):
                     results[(i, k)] = _completion(records[i], k, h, tok)
@@ -183,7 +188,7 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
             enc, mask = _encode(model, tok, [row[1] for row, _ in chunk], device)
             gens = None if sampling.greedy else row_generators(config.seed, [(row[0], k) for row, k in chunk])
             decoded = decode(model, enc, mask, [row[2] for row, _ in chunk], allowed, tok.eos_id, sampling, gens,
-                             config.use_cache)
+                             config.use_cache, config.min_new_tokens)
             for (row, k), d in zip(chunk, decoded):
                 results[(row[0], k)] = _completion(records[row[0]], k, d, tok)
     return [results[key] for key in sorted(results)]

@@ -101,6 +101,7 @@ def decode(
     sampling: Sampling,
     generators: list[torch.Generator] | None = None,
     use_cache: bool = True,
+    min_new: int = 0,  # </s> is not allowed before this many tokens
 ) -> list[Decoded]:
     """Greedy or sampled decoding of B rows; each row stops at ``</s>`` or at its own ``max_new``."""
     n = enc.shape[0]
@@ -109,6 +110,8 @@ def decode(
     live = torch.arange(n, device=device)  # original row index of each live row
     limits = torch.as_tensor(max_new, device=device)
     gens = list(generators) if generators is not None else None
+    no_eos = allowed.clone()
+    no_eos[eos_id] = False
     out_ids: list[list[int]] = [[] for _ in range(n)]
     out_lp = [0.0] * n
     stop = ["length"] * n
@@ -117,7 +120,7 @@ def decode(
     history = step_in  # every decoder input so far; only used without a cache
     for step in range(int(max(max_new))):
         logits = _step_logits(model, step_in if use_cache else history, enc, enc_mask, cache)
-        nxt = choose(logits.masked_fill(~allowed, NEG_INF), sampling, gens)
+        nxt = choose(logits.masked_fill(~(allowed if step >= min_new else no_eos), NEG_INF), sampling, gens)
         lp = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
         rows, toks, lps = live.tolist(), nxt.tolist(), lp.tolist()
         for r, t, v in zip(rows, toks, lps):
@@ -162,6 +165,7 @@ def beam_search(
     num_return: int = 1,
     length_penalty: float = 1.0,
     use_cache: bool = True,
+    min_new: int = 0,  # </s> is not allowed before this many tokens
 ) -> list[list[Decoded]]:
     """Beam search; returns the ``num_return`` best hypotheses of each input, best first.
 
@@ -173,6 +177,8 @@ def beam_search(
     """
     b = num_beams
     n = enc.shape[0]
+    no_eos = allowed.clone()
+    no_eos[eos_id] = False
     device = enc.device
     vocab = allowed.shape[0]
     start = model.config.decoder_start_token_id
@@ -191,7 +197,8 @@ def beam_search(
         logits = _step_logits(model, step_in if use_cache else history, enc, enc_mask, cache)
         # Beams rank by the model's own log-probability (full vocabulary) of the allowed tokens, as
         # transformers does when a logits processor masks tokens after the log-softmax.
-        logp = logits.log_softmax(-1).masked_fill(~allowed, NEG_INF).view(len(live), b, vocab)
+        logp = logits.log_softmax(-1).masked_fill(~(allowed if step >= min_new else no_eos), NEG_INF)
+        logp = logp.view(len(live), b, vocab)
         cand = (beam_scores[:, :, None] + logp).view(len(live), b * vocab)
         top_scores, top_idx = cand.topk(2 * b, dim=-1)
         top_scores, top_idx = top_scores.tolist(), top_idx.tolist()

@@ -1,0 +1,157 @@
+"""The ConvBERT head: shapes per task kind, padding never leaks, the packed step equals batch-1 accumulation,
+and the Table 4 protocol actually learns simple tasks."""
+
+import numpy as np
+import pytest
+import torch
+
+from protlm.evaluate.heads import ConvBertHead, HeadConfig, dropout, masked_mean
+from protlm.evaluate.tasks import Example, TaskSpec
+from protlm.evaluate.training import TrainConfig, _batches, _collate, train_head
+
+
+def _batch(lengths, dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(len(lengths), max(lengths), dim, generator=g)
+    mask = torch.zeros(len(lengths), max(lengths), dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = True
+    return x, mask
+
+
+@pytest.mark.parametrize("kind,n_out,shape", [
+    ("residue_classification", 3, (2, 9, 3)),
+    ("protein_classification", 10, (2, 10)),
+    ("protein_regression", 1, (2,)),
+    ("contact", 1, (2, 9, 9)),
+])
+@pytest.mark.parametrize("dim", [21, 40])  # 21 (one-hot) is not a multiple of 4 heads
+def test_output_shapes(kind, n_out, shape, dim):
+    head = ConvBertHead(dim, kind, n_out).eval()
+    x, mask = _batch([9, 5], dim)
+    assert head(x, mask).shape == shape
+
+
+def test_table4_shape():
+    head = ConvBertHead(256, "residue_classification", 3)
+    layer = head.layers[0]
+    assert len(head.layers) == 1
+    assert layer.ff[0].out_features == 128  # embedding dim / 2
+    assert layer.mixer.n_att == 2 and layer.mixer.n_conv == 2 and layer.mixer.kernel_size == 7
+    assert head.drop.p == 0.1
+
+
+@pytest.mark.parametrize("kind", ["residue_classification", "protein_classification", "protein_regression", "contact"])
+def test_padding_does_not_change_a_proteins_output(kind):
+    torch.manual_seed(0)
+    head = ConvBertHead(40, kind, 4).eval()
+    x, mask = _batch([6, 13], 40)
+    x[0, 6:] = 1e3  # garbage in the padding must not matter
+    together = head(x, mask)
+    alone = head(x[:1, :6], mask[:1, :6])
+    if kind == "residue_classification":
+        torch.testing.assert_close(together[0, :6], alone[0], atol=1e-5, rtol=1e-5)
+    elif kind == "contact":
+        torch.testing.assert_close(together[0, :6, :6], alone[0], atol=1e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(together[0], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_masked_mean_ignores_padding():
+    x = torch.tensor([[[1.0], [3.0], [100.0]]])
+    assert masked_mean(x, torch.tensor([[True, True, False]])).item() == 2.0
+
+
+def test_contact_logits_are_symmetric():
+    head = ConvBertHead(24, "contact").eval()
+    x, mask = _batch([11], 24)
+    out = head(x, mask)[0]
+    torch.testing.assert_close(out, out.T)
+
+
+def test_packed_step_gradient_equals_batch_one_accumulation():
+    # Table 4: batch 1, accumulate 16 -> the step's gradient is the mean over proteins of each protein's own loss
+    cfg = HeadConfig(dropout=0.0)
+    torch.manual_seed(0)
+    head = ConvBertHead(24, "residue_classification", 3, cfg)
+    lengths = [4, 9, 7]
+    x, mask = _batch(lengths, 24)
+    y = torch.randint(0, 3, (3, 9))
+    y[~mask] = -1
+    y[1, 2] = -1  # an unscored residue inside a protein
+    head.zero_grad()
+    (head.per_protein_loss(head(x, mask), y).sum() / 3).backward()
+    packed = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    for i, n in enumerate(lengths):
+        (head.per_protein_loss(head(x[i:i + 1, :n], mask[i:i + 1, :n]), y[i:i + 1, :n]).sum() / 3).backward()
+    for a, b in zip(packed, [p.grad for p in head.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_fast_dropout_keeps_the_expected_fraction_and_mean():
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = dropout(x, 0.1, True)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.005
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert dropout(x, 0.1, False) is x
+
+
+def test_micro_batches_respect_the_token_budget():
+    exs = [Example(str(i), "d", n, None) for i, n in enumerate([3, 5, 5, 8, 20])]
+    batches = _batches(exs, 16)
+    assert [[e.length for e in b] for b in batches] == [[3, 5, 5], [8], [20]]  # 20 > budget: alone
+
+
+# --- the protocol learns --------------------------------------------------------------------------------------
+def _one_hot_examples(n, length, kind, rng):
+    out = {}
+    for i in range(n):
+        L = int(rng.integers(length // 2, length))
+        tokens = rng.integers(0, 6, size=L)
+        feats = np.eye(6, dtype=np.float32)[tokens]
+        if kind == "residue_classification":
+            target = (tokens % 3).astype(np.int64)  # a per-residue rule of the input
+        else:
+            target = float((tokens == 0).mean())  # fraction of token 0: needs the pooled mean
+        out[f"p{i}"] = (Example(f"p{i}", "toy", L, target), feats)
+    return out
+
+
+@pytest.mark.parametrize("kind,metric,floor", [("residue_classification", "accuracy", 0.95),
+                                               ("protein_regression", "spearman", 0.9)])
+def test_training_learns_a_simple_rule(kind, metric, floor):
+    rng = np.random.default_rng(0)
+    data = _one_hot_examples(160, 30, kind, rng)
+    exs = [e for e, _ in data.values()]
+    feats = {k: f for k, (_, f) in data.items()}
+    task = TaskSpec(name="toy", kind=kind, label="x", train="toy/train", valid="toy/valid", test={"t": "toy"},
+                    classes=["a", "b", "c"] if kind == "residue_classification" else None)
+    cfg = TrainConfig(lr=1e-2, warmup_steps=5, epochs=6, grad_accum=8, precision="fp32")
+    res = train_head(task, exs[:120], exs[120:140], {"t": exs[140:]}, lambda e: feats[e.id], 6, seed=7, cfg=cfg,
+                     head_cfg=HeadConfig())
+    assert res.test["t"][metric] > floor
+    assert 1 <= res.best_epoch <= 6 and len(res.history) == 6
+    assert res.steps == 6 * 15  # ceil(120 / 8) optimiser steps per epoch
+
+
+def test_training_is_reproducible_for_a_seed_and_differs_between_seeds():
+    rng = np.random.default_rng(1)
+    data = _one_hot_examples(40, 20, "protein_regression", rng)
+    exs = [e for e, _ in data.values()]
+    feats = {k: f for k, (_, f) in data.items()}
+    task = TaskSpec(name="toy", kind="protein_regression", label="x", train="t", valid="v", test={"t": "t"})
+    cfg = TrainConfig(warmup_steps=2, epochs=2, grad_accum=4, precision="fp32")
+    run = lambda seed: train_head(task, exs[:30], exs[30:35], {"t": exs[35:]}, lambda e: feats[e.id], 6, seed, cfg,
+                                  HeadConfig()).history[-1].train_loss
+    assert run(7) == run(7)
+    assert run(7) != run(0)
+
+
+def test_collate_pads_targets_with_minus_one():
+    exs = [Example("a", "d", 2, np.array([1, 2])), Example("b", "d", 3, np.array([0, -1, 2]))]
+    x, mask, y = _collate(exs, lambda e: np.ones((e.length, 4), np.float32), "residue_classification",
+                          torch.device("cpu"))
+    assert x.shape == (2, 3, 4) and x[0, 2].abs().sum() == 0
+    assert y.tolist() == [[1, 2, -1], [0, -1, 2]]
