@@ -10,6 +10,15 @@ from protlm.evaluate.tasks import Example, TaskSpec
 from protlm.evaluate.training import TrainConfig, _batches, _collate, train_head
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Small heads on a shared CPU: a second thread only adds synchronisation (several times slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _batch(lengths, dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(len(lengths), max(lengths), dim, generator=g)

@@ -108,7 +108,7 @@ def test_cache_logits_match_full_decoder_pass():
 
 def test_seeded_sampling_is_reproducible_and_independent_of_batching():
     pre = _pre()
-    kw = dict(strategy="sample", num_return=3, max_new_tokens=20, temperature=1.3, top_p=0.9)
+    kw = dict(strategy="sample", num_return=3, max_new_tokens=10, temperature=1.3, top_p=0.9)
     a = generate(pre, PREFIXES, seed=11, batch_size=4, **kw)
     b = generate(pre, PREFIXES, seed=11, batch_size=4, **kw)
     c = generate(pre, PREFIXES, seed=11, batch_size=1, **kw)

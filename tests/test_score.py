@@ -204,3 +204,18 @@ def test_cli_pll(tmp_path):
     pre = protlm.random_init("debug", seed=0)
     expected = pseudo_log_likelihood(pre, ["MKTAYIAK", "MSEQ"])
     np.testing.assert_allclose([float(r["pll"]) for r in rows], expected, rtol=1e-4)
+
+
+def test_cli_random_twin_of_a_checkpoint(tmp_path):
+    from protlm.cli.main import main
+
+    trained = protlm.random_init(odd_config(), seed=7)
+    protlm.save_pretrained(trained.model, tmp_path / "ckpt", trained.tokenizer)
+    seqs = tmp_path / "s.fasta"
+    seqs.write_text(">a\nMKTAYIAK\n")
+    for extra, seed in (([], 7), (["--random-init", "--init-seed", "5"], 5)):
+        out = tmp_path / f"pll{seed}.csv"
+        assert main(["score", str(tmp_path / "ckpt"), *extra, "--pll", "--input", str(seqs), "-o", str(out)]) == 0
+        (row,) = csv.DictReader(open(out))
+        expected = pseudo_log_likelihood(protlm.random_init(odd_config(), seed=seed), ["MKTAYIAK"])[0]
+        assert float(row["pll"]) == pytest.approx(expected, rel=1e-4)

@@ -11,7 +11,8 @@ from protlm.errors import ConfigError, InputError
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus the options that say how to build it (shared by generate, infill and score)."""
     p.add_argument("model", help="checkpoint directory or Hub id; a preset name with --random-init")
-    p.add_argument("--random-init", action="store_true", help="MODEL is a preset; use random weights (tests, baselines)")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (a random twin)")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default: as stored)")
@@ -47,6 +48,26 @@ def add_parser(sub) -> None:
     p.add_argument("--only-new", action="store_true", help="write only the generated part, not prefix + continuation")
     p.add_argument("--no-cache", action="store_true", help="recompute the decoder at every step (slow; for checks)")
     p.set_defaults(run=run)
+
+
+def load(args: argparse.Namespace):
+    """The model of MODEL; with --random-init a checkpoint directory gives its random-weights twin."""
+    import os
+
+    import torch
+
+    from protlm.cli.common import load_model
+
+    if args.random_init and os.path.isdir(args.model):
+        import protlm
+        from protlm.cli.common import parse_dtype
+        from protlm.config import T5Config
+
+        pre = protlm.random_init(T5Config.from_json(os.path.join(args.model, "config.json")), seed=args.init_seed)
+        pre.model.to(device=args.device, dtype=parse_dtype(args.dtype) or torch.float32)
+        return pre
+    return load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
+                      seed=args.init_seed)
 
 
 def build_config(args: argparse.Namespace):
@@ -86,15 +107,13 @@ def read_prefixes(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.cli.common import load_model
     from protlm.generate import generate, to_fasta
     from protlm.utils import atomic_write_text
 
     config = build_config(args)
     config.validate()  # before loading a model: bad options fail fast
     prefixes = read_prefixes(args)
-    pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
-                     seed=args.init_seed)
+    pre = load(args)
     completions = generate(pre, prefixes, config)
     text = to_fasta(completions, config, only_new=args.only_new)
     if args.output:

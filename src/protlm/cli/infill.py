@@ -7,7 +7,7 @@ import csv
 import io
 import sys
 
-from protlm.cli.generate import add_model_args
+from protlm.cli.generate import add_model_args, load
 from protlm.errors import InputError
 
 
@@ -49,7 +49,6 @@ def read_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.cli.common import load_model
     from protlm.generate import infill
     from protlm.utils import atomic_write_text
 
@@ -57,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
     sample = args.sample or args.num > 1 or any(v is not None for v in (args.temperature, args.top_k, args.top_p))
     settings = dict(strategy="sample" if sample else "greedy", temperature=args.temperature or 1.0,
                     top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0)
-    pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
-                     seed=args.init_seed)
+    pre = load(args)
     results = infill(pre, inputs, num=args.num, seed=args.seed, residues=args.residues, **settings)
     header = f"strategy={settings['strategy']}"
     if sample:

@@ -13,7 +13,7 @@ import json
 import os
 import sys
 
-from protlm.cli.generate import add_model_args
+from protlm.cli.generate import add_model_args, load
 from protlm.errors import InputError
 
 MUTATION_COLUMNS = ("mutant", "mutation", "mutations", "variant", "variants", "mutant_name")
@@ -137,11 +137,9 @@ def run(args: argparse.Namespace) -> int:
         scores = blosum62_scores(variants)
         method = "blosum62"
     else:
-        from protlm.cli.common import load_model
         from protlm.generate import score_variants
 
-        pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
-                         seed=args.init_seed)
+        pre = load(args)
         scores = score_variants(pre, wildtype, variants, strategy=args.strategy, first_index=args.first_index,
                                 token_budget=args.token_budget)
         method = args.strategy
@@ -182,7 +180,6 @@ def correlate(header, rows, scores, target: str, path: str) -> dict:
 
 
 def run_pll(args: argparse.Namespace) -> int:
-    from protlm.cli.common import load_model
     from protlm.data.fasta import read_sequences
     from protlm.generate import pseudo_log_likelihood
 
@@ -191,8 +188,7 @@ def run_pll(args: argparse.Namespace) -> int:
     if args.model in BASELINES:
         raise InputError(f"{args.model} scores substitutions only; --pll needs a model")
     records = [(r.id, r.sequence) for r in read_sequences(args.input)]
-    pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
-                     seed=args.init_seed)
+    pre = load(args)
     per_pos = pseudo_log_likelihood(pre, records, token_budget=args.token_budget, per_position=True)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")

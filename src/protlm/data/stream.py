@@ -14,7 +14,8 @@ How the order is defined (so that it is deterministic and the same whatever the 
    of each global batch starting at ``r``, and of ``W`` DataLoader workers, worker ``w`` takes the global
    batches ``m`` with ``m % W == w``. Shards never overlap and together yield every record once per epoch,
    and batch ``m`` holds the same records whatever the number of ranks (for the same ``R*c``) and workers.
-   Plain iteration uses ``c = 1``: rank r (worker w) yields the positions ``p`` with ``p % R == r``.
+   Plain iteration uses ``c = 1``: rank r, worker w yields the positions ``p`` with ``p % R == r`` and
+   ``(p // R) % W == w``.
 5. A record longer than ``max_length - 2`` residues is cropped to a window whose start is drawn with
    (seed, position), so the prefix token and ``</s>`` still fit.
 
@@ -134,6 +135,10 @@ class SequenceStream(torch.utils.data.IterableDataset):
         block_size: raw records per shuffle block (memory: one block of sequences per shard).
         sequence_column, id_column: column names in parquet / ``datasets`` data (guessed when None).
         split: which split of a saved ``DatasetDict`` to read.
+
+    :meth:`state_dict` covers the shards iterated in this process. Inside DataLoader workers each worker
+    advances its own copy, so a trainer with workers should iterate
+    :class:`protlm.objectives.PretrainBatches`, which carries the position back with every batch.
     """
 
     def __init__(

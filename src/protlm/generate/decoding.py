@@ -107,33 +107,28 @@ def decode(
     n = enc.shape[0]
     device = enc.device
     start = model.config.decoder_start_token_id
+    steps = int(max(max_new))
     live = torch.arange(n, device=device)  # original row index of each live row
     limits = torch.as_tensor(max_new, device=device)
     gens = list(generators) if generators is not None else None
     no_eos = allowed.clone()
     no_eos[eos_id] = False
-    out_ids: list[list[int]] = [[] for _ in range(n)]
-    out_lp = [0.0] * n
-    stop = ["length"] * n
+    # Outputs stay on the device until the end; the only host sync per step is the "who finished" list.
+    tokens = torch.full((n, steps), -1, dtype=torch.long, device=device)  # -1 = not generated
+    log_prob = torch.zeros(n, dtype=torch.float64, device=device)
     cache = model.new_cache() if use_cache else None
     step_in = torch.full((n, 1), start, dtype=torch.long, device=device)
     history = step_in  # every decoder input so far; only used without a cache
-    for step in range(int(max(max_new))):
+    for step in range(steps):
         logits = _step_logits(model, step_in if use_cache else history, enc, enc_mask, cache)
         nxt = choose(logits.masked_fill(~(allowed if step >= min_new else no_eos), NEG_INF), sampling, gens)
-        lp = logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0]
-        rows, toks, lps = live.tolist(), nxt.tolist(), lp.tolist()
-        for r, t, v in zip(rows, toks, lps):
-            out_lp[r] += v
-            if t == eos_id:
-                stop[r] = "eos"
-            else:
-                out_ids[r].append(t)
-        done = (nxt == eos_id) | (limits[live] <= step + 1)
-        if bool(done.all()):
+        tokens[live, step] = nxt
+        log_prob[live] += logits.log_softmax(-1).gather(1, nxt[:, None])[:, 0].double()
+        done = ((nxt == eos_id) | (limits[live] <= step + 1)).tolist()
+        if all(done):
             break
-        if bool(done.any()):
-            keep = (~done).nonzero()[:, 0]
+        if any(done):
+            keep = torch.as_tensor([i for i, d in enumerate(done) if not d], device=device)
             live, nxt, enc, enc_mask, history = live[keep], nxt[keep], enc[keep], enc_mask[keep], history[keep]
             if cache is not None:
                 cache.reorder(keep)
@@ -142,7 +137,12 @@ def decode(
         step_in = nxt[:, None]
         if not use_cache:
             history = torch.cat([history, step_in], dim=1)
-    return [Decoded(out_ids[i], out_lp[i], stop[i]) for i in range(n)]
+    results = []
+    for row, lp in zip(tokens.tolist(), log_prob.tolist()):
+        ids = [t for t in row if t >= 0]
+        ended = bool(ids) and ids[-1] == eos_id
+        results.append(Decoded(ids[:-1] if ended else ids, lp, "eos" if ended else "length"))
+    return results
 
 
 @dataclass

@@ -11,8 +11,7 @@ import math
 
 import numpy as np
 
-from protlm.objectives.denoise import _prefix_id
-from protlm.objectives.example import Example
+from protlm.objectives.example import Example, prefix_id
 from protlm.tokenizer.vocab import Tokenizer
 
 
@@ -35,7 +34,7 @@ def complete(
         ratio = lo if lo == hi else float(rng.uniform(lo, hi))
     k = split_point(len(residues), ratio)
     input_ids = np.empty(k + 2, dtype=np.int64)
-    input_ids[0] = _prefix_id(tok, "s2s")
+    input_ids[0] = prefix_id(tok, "s2s")
     input_ids[1:-1] = residues[:k]
     input_ids[-1] = tok.eos_id
     labels = np.empty(len(residues) - k + 1, dtype=np.int64)

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from protlm.errors import ConfigError
-from protlm.objectives.example import Example
+from protlm.objectives.example import Example, prefix_id
 from protlm.tokenizer.vocab import Tokenizer
 
 
@@ -53,8 +53,8 @@ def sentinels_needed(length: int, rate: float, merge_adjacent: bool = False, mea
     if mean_span > 1:
         return max(n_spans(k, length, mean_span) for k in range(n + 1))
     if merge_adjacent:
-        # k masked residues form at most min(k, length - k + 1) runs
-        return max(min(k, length - k + 1) for k in range(n + 1))
+        # k masked residues form at most min(k, length - k + 1) runs, largest at k = n or k = (length + 1) // 2
+        return min(n, (length + 1) // 2)
     return n
 
 
@@ -106,7 +106,7 @@ def denoise(
 
 def denoise_with_mask(residues: np.ndarray, mask: np.ndarray, tok: Tokenizer, one_per_run: bool = False) -> Example:
     """The example for a given corruption mask (split out so hand-made masks can be tested exactly)."""
-    prefix, eos = _prefix_id(tok, "nlu"), tok.eos_id
+    prefix, eos = prefix_id(tok, "nlu"), tok.eos_id
     positions = np.flatnonzero(mask)
     n = len(positions)
     if not one_per_run:
@@ -144,11 +144,3 @@ def _sentinels(tok: Tokenizer, count: int) -> np.ndarray:
         raise ConfigError(f"denoising needs {count} sentinels for one sequence but the vocabulary has "
                           f"{len(tok.sentinel_ids)}; lower max_length or the mask rates, or merge adjacent masks")
     return np.asarray(tok.sentinel_ids[:count], dtype=np.int64)
-
-
-def _prefix_id(tok: Tokenizer, key: str) -> int:
-    try:
-        return tok.prefix_ids[key]
-    except KeyError:
-        raise ConfigError(f"the tokenizer ({tok.source}) has no [{key.upper()}] token; Ankh3 objectives need "
-                          "an Ankh3-layout vocabulary") from None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from protlm.errors import ConfigError
 from protlm.objectives.config import TASK_IDS
 from protlm.tokenizer.vocab import Tokenizer
 
@@ -21,6 +22,15 @@ class Example:
 
     def __repr__(self) -> str:
         return f"Example(task={self.task!r}, input_ids={self.input_ids.tolist()}, labels={self.labels.tolist()})"
+
+
+def prefix_id(tok: Tokenizer, key: str) -> int:
+    """Id of the task prefix ``[NLU]`` ("nlu") or ``[S2S]`` ("s2s")."""
+    try:
+        return tok.prefix_ids[key]
+    except KeyError:
+        raise ConfigError(f"the tokenizer ({tok.source}) has no [{key.upper()}] token; Ankh3 objectives need "
+                          "an Ankh3-layout vocabulary") from None
 
 
 def collate(examples: list[Example], tok: Tokenizer) -> dict[str, torch.Tensor]:

@@ -67,9 +67,9 @@ class TaskMixer:
         cfg = self.config
         budget = len(self.tok.sentinel_ids)
         for rate in cfg.mask_rates:
-            # The worst case is not always at the longest sequence for merged masks, so scan every length.
-            need = max(sentinels_needed(length, rate, cfg.merge_adjacent, cfg.mean_span)
-                       for length in range(1, self.max_residues + 1))
+            # The need never falls as sequences get longer (more masked residues, and more room between
+            # runs and spans), so the longest sequence is the worst case.
+            need = sentinels_needed(self.max_residues, rate, cfg.merge_adjacent, cfg.mean_span)
             if need > budget:
                 raise ConfigError(
                     f"objective.mask_rates: rate {rate} on sequences of up to {self.max_residues} residues "
