@@ -164,3 +164,28 @@ def test_collate_pads_targets_with_minus_one():
                           torch.device("cpu"))
     assert x.shape == (2, 3, 4) and x[0, 2].abs().sum() == 0
     assert y.tolist() == [[1, 2, -1], [0, -1, 2]]
+
+
+def test_cpu_training_attention_path_matches_sdpa():
+    # With dropout on, CPU training writes attention out (for the fast dropout); with a keep probability that
+    # rounds to 1 it must give what SDPA gives in eval mode, padding included.
+    torch.manual_seed(0)
+    head = ConvBertHead(40, "residue_classification", 3, HeadConfig(dropout=1e-9))
+    x, mask = _batch([6, 13], 40)
+    head.train()
+    train_out = head(x, mask)
+    head.eval()
+    torch.testing.assert_close(train_out[0, :6], head(x, mask)[0, :6], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(train_out[1], head(x, mask)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_long_proteins_are_cropped_to_both_ends_for_per_protein_tasks():
+    from protlm.evaluate.datasets import Record
+
+    task = TaskSpec(name="loc", kind="protein_classification", label="loc", classes=["a"], train="d", valid="v",
+                    test={"t": "d"}, max_length=6)
+    ex = task.encode(Record("p", "ACDEFGHIKL", {"loc": "a"}), "d")
+    assert ex.keep.tolist() == [0, 1, 2, 7, 8, 9] and ex.seen == 6 and ex.length == 10
+    feats = np.arange(10, dtype=np.float32)[:, None].repeat(4, 1)
+    x, mask, _ = _collate([ex], lambda e: feats, "protein_classification", torch.device("cpu"))
+    assert x[0, :, 0].tolist() == [0, 1, 2, 7, 8, 9]

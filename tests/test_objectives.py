@@ -272,3 +272,14 @@ def test_task_mix_follows_setting_on_real_corpus():
     mixer = TaskMixer(ObjectiveConfig(task_probs={"denoise": 0.25, "complete": 0.75}), TOK, max_length=256)
     tasks = np.concatenate([b["task"].numpy() for _, b in zip(range(200), PretrainBatches(stream, mixer, 50).loader())])
     assert len(tasks) == 10000 and abs((tasks == 1).mean() - 0.75) < 0.015  # std 0.0043
+
+
+def test_mixer_needs_an_ankh3_vocabulary():
+    from protlm.tokenizer.vocab import Tokenizer
+
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{aa: 3 + i for i, aa in enumerate("ACDEFGHIKLMNPQRSTVWY")}}
+    ankh_like = Tokenizer(vocab, {aa: vocab[aa] for aa in "ACDEFGHIKLMNPQRSTVWY"}, source="ankh-like")
+    with pytest.raises(ConfigError, match=r"task 'denoise' needs the \[NLU\] token, which the tokenizer \(ankh-like\)"):
+        TaskMixer(ObjectiveConfig(), ankh_like)
+    with pytest.raises(ConfigError, match=r"the tokenizer \(ankh-like\) has no \[S2S\] token"):
+        complete(np.array([3, 4, 5]), None, 0.5, ankh_like)

@@ -140,6 +140,42 @@ def test_sharded_adafactor_math_is_torchs():
         assert opt_ref.state[p].keys() == opt_mine.state[q].keys()
 
 
+# --- the training step against transformers ------------------------------------------------------------------
+@pytest.mark.parametrize("ffn,tied", [("gated-silu", False), ("relu", True)])
+def test_training_gradients_match_transformers(tmp_path, ffn, tied):
+    """In train mode the position bias needs a gradient, which sends protlm's CPU attention down its own
+    matmul-softmax path; loss and every gradient must still be transformers' (fp32, padded batch)."""
+    transformers = pytest.importorskip("transformers")
+    from tests.conftest import odd_config
+
+    torch.manual_seed(0)
+    pre = protlm.random_init(odd_config(ffn=ffn, tied=tied), seed=0)
+    protlm.save_pretrained(pre.model, tmp_path, pre.tokenizer)
+    hf = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path)
+    ours = pre.model.train()
+    hf.train()
+    ids = torch.tensor([[3, 7, 255, 9, 10, 254, 12, 1], [4, 11, 12, 13, 1, 0, 0, 0]])
+    mask = (ids != 0).long()
+    labels = torch.tensor([[255, 8, 254, 11, 1], [14, 15, 16, 1, -100]])
+    dmask = (labels != -100).long()
+    loss_ours = ours(ids, mask, labels=labels, decoder_mask=dmask).loss
+    loss_hf = hf(input_ids=ids, attention_mask=mask, labels=labels, decoder_attention_mask=dmask).loss
+    loss_ours.backward()
+    loss_hf.backward()
+    assert abs(loss_ours.item() - loss_hf.item()) < 1e-5
+    theirs = dict(hf.named_parameters())
+    checked = 0
+    for name, p in ours.named_parameters():
+        if name not in theirs:
+            continue
+        scale = theirs[name].grad.abs().max().item() + 1e-12
+        assert (p.grad - theirs[name].grad).abs().max().item() / scale < 1e-4, name
+        checked += 1
+    assert checked > 20
+    bias = ours.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight
+    assert bias.grad.abs().sum() > 0
+
+
 # --- a real run ----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):

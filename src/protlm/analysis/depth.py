@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_proteins
-from protlm.analysis.metrics import (PerProtein, Summary, compare_outputs, linear_cka_matrix, relative_norm, row_mean,
-                                     update_stats)
+from protlm.analysis.metrics import PerProtein, Summary, compare_outputs, linear_cka_matrix, row_mean, update_stats
 from protlm.analysis.probe import LayerProbes, ProbeTask, load_probe_task
 from protlm.analysis.runner import StackMasks, StackRunner
+from protlm.embed.run import PREFIX_BY_FAMILY
 from protlm.errors import ConfigError
 
 ANALYSES = ("contribution", "skip", "early-exit", "cka", "probe")
@@ -276,12 +276,12 @@ class _Analyser:
             self.acc.put(key + ("acc",), b.index, row_mean(cmp.correct, b.pred_mask))
 
     def _hidden_change(self, stack: str, skipped: int, perturbed: list[Tensor], base: list[Tensor],
-                       tokens: Tensor, idx: np.ndarray) -> None:
-        # perturbed[i] is the stream after block skipped + i
+                       base_norms: list[Tensor], tokens: Tensor, idx: np.ndarray) -> None:
+        # perturbed[i] is the stream after block skipped + i; base_norms[m] = ||h_m|| per token (B, L)
         for i, h in enumerate(perturbed):
             m = skipped + i
-            change = relative_norm(h - base[m], base[m])
-            self.acc.put((stack, "skip_hidden", skipped, m), idx, row_mean(change, tokens))
+            diff = torch.linalg.vector_norm((h - base[m]).float(), dim=-1)
+            self.acc.put((stack, "skip_hidden", skipped, m), idx, row_mean(diff / base_norms[m].clamp(min=1e-12), tokens))
 
     def _sample_cka(self, stack: str, streams: list[Tensor], layers: list[int], tokens: Tensor, b: DepthBatch,
                     runner: StackRunner) -> None:
@@ -330,16 +330,18 @@ class _Analyser:
 
         if self.want("skip"):
             t = time.perf_counter()
+            norms = [torch.linalg.vector_norm(h.float(), dim=-1) for h in hs]
             for layer in (l for l in plan.encoder_layers if l >= 1):
                 later = self.enc.run(hs[layer - 1], em, layer - 1, skip=layer)
-                self._hidden_change("encoder", layer, later, hs, b.enc_tokens, idx)
+                self._hidden_change("encoder", layer, later, hs, norms, b.enc_tokens, idx)
                 if plan.has_decoder:
                     logp = self._decode_logp(self.enc.normed(later[-1]), b, dm)
                     self._record_output(("encoder", "skip_out", layer), logp_full, logp, b)
             if plan.decoder:
+                norms = [torch.linalg.vector_norm(d.float(), dim=-1) for d in ds]
                 for layer in (l for l in plan.decoder_layers if l >= 1):
                     later = self.dec.run(ds[layer - 1], dm, layer - 1, enc=enc_out, skip=layer)
-                    self._hidden_change("decoder", layer, later, ds, b.pred_mask, idx)
+                    self._hidden_change("decoder", layer, later, ds, norms, b.pred_mask, idx)
                     self._record_output(("decoder", "skip_out", layer), logp_full, self._logp(later[-1]), b)
             self.seconds["skip"] += time.perf_counter() - t
 
@@ -396,6 +398,12 @@ class _Analyser:
         return rep
 
 
+def embedding_prefix(model) -> str | None:
+    """The task prefix ``protlm embed`` uses for this model family (Ankh3: [NLU]; others: none)."""
+    prefix = PREFIX_BY_FAMILY.get(model.config.protlm_family, "none")
+    return None if prefix == "none" else prefix
+
+
 # --- probes --------------------------------------------------------------------------------------------------
 def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOptions, device,
                progress: bool = False) -> ProbeResult:
@@ -407,8 +415,10 @@ def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOpt
 
     def feed(split, train: bool):
         records = list(zip(split.ids, split.sequences))
-        prots = prepare_proteins(records, tok, options.max_length, None, options.seed, source=f"probe {task.name}")
-        n_prefix = len(tok.prefix_token_ids("nlu" if "nlu" in tok.prefix_ids else None))
+        prefix = embedding_prefix(model)
+        prots = prepare_proteins(records, tok, options.max_length, None, options.seed, source=f"probe {task.name}",
+                                 clean_prefix=prefix)
+        n_prefix = len(tok.prefix_token_ids(prefix))
         for b in tqdm(batches(prots, tok, options.batch_tokens), desc=f"probe {'train' if train else 'test'}",
                       disable=not progress, leave=False):
             b = b.to(device)
@@ -460,7 +470,7 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
                                options.seed)
     records = read_proteins(input_path, max_proteins)
     proteins = prepare_proteins(records, tok, options.max_length, options.mask_rate if plan.has_decoder else None,
-                                options.seed, source=str(input_path))
+                                options.seed, source=str(input_path), clean_prefix=embedding_prefix(model))
     device = next(model.parameters()).device
     start_id = model.config.decoder_start_token_id
     batch_list = batches(proteins, tok, options.batch_tokens, start_id)

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from protlm.data.fasta import read_sequences
 from protlm.errors import ConfigError, InputError
+from protlm.objectives.denoise import denoise_with_mask, noise_mask
 from protlm.objectives.example import IGNORE_INDEX, Example, collate
 from protlm.tokenizer.vocab import Tokenizer
 
@@ -63,37 +64,33 @@ def read_proteins(path: str | os.PathLike, max_proteins: int | None = None) -> l
     return out
 
 
-def denoise_example(residues: np.ndarray, rng: np.random.Generator, rate: float, tok: Tokenizer,
-                    prefix: str | None) -> Example:
-    """1-gram denoising as Ankh3 pretrains it: each masked residue becomes its own sentinel (i-th masked
-    position -> sentinel i); the target is sentinel_0 residue_0 sentinel_1 residue_1 ... </s>.
+def denoise_example(residues: np.ndarray, rng: np.random.Generator, rate: float, tok: Tokenizer) -> Example:
+    """1-gram denoising exactly as pretraining builds it (:mod:`protlm.objectives.denoise`): each masked residue
+    becomes its own sentinel; the target is sentinel_0 residue_0 sentinel_1 residue_1 ... </s>.
 
-    At least one residue is masked, so every protein contributes to the output measures.
+    Vocabularies without Ankh3's ``[NLU]`` prefix (Ankh, ProtT5) get the same example without the prefix.
     """
-    # TODO(objectives): switch to protlm.objectives.denoise once it lands, so analysis and pretraining share
-    # one definition of the task.
-    n = len(residues)
-    k = min(n, max(1, int(round(rate * n))))
-    if k > len(tok.sentinel_ids):
-        raise ConfigError(f"{k} masked residues need more sentinels than the vocabulary has ({len(tok.sentinel_ids)}); "
-                          "lower --max-length or --mask-rate")
-    pos = np.sort(rng.choice(n, size=k, replace=False))
-    sentinels = np.asarray(tok.sentinel_ids[:k], dtype=np.int64)
+    mask = noise_mask(len(residues), rate, rng)
+    if "nlu" in tok.prefix_ids:
+        return denoise_with_mask(residues, mask, tok)
+    positions = np.flatnonzero(mask)
+    if len(positions) > len(tok.sentinel_ids):
+        raise ConfigError(f"{len(positions)} masked residues need more sentinels than the vocabulary has "
+                          f"({len(tok.sentinel_ids)}); lower --max-length or --mask-rate")
+    sentinels = np.asarray(tok.sentinel_ids[:len(positions)], dtype=np.int64)
     enc = residues.astype(np.int64).copy()
-    enc[pos] = sentinels
-    input_ids = np.concatenate([tok.prefix_token_ids(prefix), enc, [tok.eos_id]]).astype(np.int64)
-    labels = np.empty(2 * k + 1, dtype=np.int64)
-    labels[0:-1:2] = sentinels
-    labels[1:-1:2] = residues[pos]
-    labels[-1] = tok.eos_id
-    return Example(input_ids, labels, "denoise")
+    enc[positions] = sentinels
+    labels = np.empty(2 * len(positions) + 1, dtype=np.int64)
+    labels[0:-1:2], labels[1:-1:2], labels[-1] = sentinels, residues[positions], tok.eos_id
+    return Example(np.append(enc, tok.eos_id), labels, "denoise")
 
 
 def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length: int, mask_rate: float | None,
-                     seed: int, source: str = "input") -> list[Protein]:
+                     seed: int, source: str = "input", clean_prefix: str | None = None) -> list[Protein]:
     """Crop each sequence to a seeded random window of ``max_length`` and mask it for denoising.
 
-    ``mask_rate`` None gives the clean input (an encoder-only model has no denoising targets to predict).
+    ``mask_rate`` None gives the clean input ``[clean_prefix] residues </s>`` as ``protlm embed`` feeds it (for
+    probes, and for an encoder-only model, which has no denoising targets to predict).
     The random stream of protein i depends only on (seed, i), so results do not depend on batching.
     """
     if max_length < 1:
@@ -103,7 +100,6 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
             raise ConfigError(f"--mask-rate must be in (0, 1), got {mask_rate}")
         if not tok.sentinel_ids:
             raise ConfigError("the tokenizer has no sentinel tokens, so no denoising targets can be built")
-    prefix = "nlu" if "nlu" in tok.prefix_ids else None
     out = []
     for i, (rid, seq) in enumerate(records):
         residues = tok.residue_array(seq, record=f"{source}: record {rid!r}", unknown="x")
@@ -111,10 +107,10 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
         start = int(rng.integers(0, len(residues) - max_length + 1)) if len(residues) > max_length else 0
         window = residues[start:start + max_length]
         if mask_rate is None:
-            ids = np.concatenate([tok.prefix_token_ids(prefix), window, [tok.eos_id]]).astype(np.int64)
+            ids = np.concatenate([tok.prefix_token_ids(clean_prefix), window, [tok.eos_id]]).astype(np.int64)
             example = Example(ids, np.asarray([tok.eos_id], dtype=np.int64), "denoise")
         else:
-            example = denoise_example(window, rng, mask_rate, tok, prefix)
+            example = denoise_example(window, rng, mask_rate, tok)
         out.append(Protein(rid, start, len(window), example))
     return out
 

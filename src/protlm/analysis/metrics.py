@@ -22,16 +22,6 @@ def row_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, math.nan))
 
 
-def relative_norm(update: Tensor, stream: Tensor) -> Tensor:
-    """(B, L): ||update|| / ||stream|| per token."""
-    return torch.linalg.vector_norm(update.float(), dim=-1) / torch.linalg.vector_norm(stream.float(), dim=-1).clamp(min=1e-12)
-
-
-def cosine(update: Tensor, stream: Tensor) -> Tensor:
-    """(B, L): cosine between an update and the stream it is added to (0 for a zero update)."""
-    return update_stats(update, stream)[1]
-
-
 def update_stats(update: Tensor, stream: Tensor, stream_norm: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(relative norm, cosine), each (B, L), of an update against the stream it is added to, in one pass."""
     u, h = update.float(), stream.float()

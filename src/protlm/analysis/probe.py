@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from protlm.data.fasta import open_text
 from protlm.errors import ConfigError, InputError
+from protlm.evaluate.datasets import load_flip_ss
 
 PROBE_TASKS = ("ssp3",)
 SSP3_CLASSES = "HEC"
@@ -47,28 +47,6 @@ class ProbeTask:
     source: str  # files and split, for the report
 
 
-def _read_plain_fasta(path: str) -> dict[str, tuple[str, str]]:
-    """id -> (header, text) for a FASTA-shaped file whose records are labels or masks rather than residues."""
-    out: dict[str, tuple[str, str]] = {}
-    header, chunks = None, []
-    with open_text(path) as fh:
-        for lineno, line in enumerate(fh, 1):
-            line = line.strip()
-            if line.startswith(">"):
-                if header is not None:
-                    out[header.split()[0]] = (header, "".join(chunks))
-                header, chunks = line[1:], []
-            elif line:
-                if header is None:
-                    raise InputError(f"{path}: line {lineno}: data before the first '>' header")
-                chunks.append(line)
-    if header is not None:
-        out[header.split()[0]] = (header, "".join(chunks))
-    if not out:
-        raise InputError(f"{path}: no records")
-    return out
-
-
 def find_task_dir(task: str, data_dir: str | None) -> str:
     """The folder holding a task's files: ``data_dir`` itself, ``data_dir/ssp_netsurfp``, or $PROTLM_DATA/ssp_netsurfp."""
     candidates = []
@@ -88,53 +66,40 @@ def find_task_dir(task: str, data_dir: str | None) -> str:
 
 
 def load_probe_task(task: str, data_dir: str | None, n_train: int, n_test: int, seed: int = 0) -> ProbeTask:
-    """A seeded sample of ``n_train`` training and ``n_test`` test proteins of a probe task."""
-    # TODO(evaluate): read through protlm.evaluate's FLIP loader once it lands, so both score the same data.
+    """A seeded sample of ``n_train`` training and ``n_test`` test proteins of a probe task, read with the
+    evaluation suite's loader (:func:`protlm.evaluate.datasets.load_flip_ss`)."""
     if task not in PROBE_TASKS:
         raise ConfigError(f"unknown probe task {task!r}; choose one of {', '.join(PROBE_TASKS)} or none")
     if n_train < 2 or n_test < 1:
         raise ConfigError(f"probes need at least 2 training and 1 test protein (got {n_train} and {n_test})")
     folder = find_task_dir(task, data_dir)
     seq_path, lab_path, mask_path = (os.path.join(folder, f) for f in SSP3_FILES)
-    seqs, labs, masks = _read_plain_fasta(seq_path), _read_plain_fasta(lab_path), _read_plain_fasta(mask_path)
-    train_ids, test_ids = [], []
-    for rid, (header, _) in labs.items():
-        fields = dict(w.split("=", 1) for w in header.split()[1:] if "=" in w)
-        if fields.get("SET") == "test":
-            test_ids.append(rid)
-        elif fields.get("SET") == "train" and fields.get("VALIDATION") == "False":
-            train_ids.append(rid)
-    if not train_ids or not test_ids:
+    splits = load_flip_ss({"sequences": seq_path, "labels": lab_path, "mask": mask_path})
+    if not splits["train"] or not splits["test"]:
         raise InputError(f"{lab_path}: no SET=train / SET=test records (is this the FLIP secondary_structure split?)")
     rng = np.random.default_rng(seed)
-    picked = []
-    for ids, n in ((train_ids, n_train), (test_ids, n_test)):
-        sel = sorted(rng.choice(len(ids), size=min(n, len(ids)), replace=False))
-        picked.append([ids[i] for i in sel])
     lookup = {c: i for i, c in enumerate(SSP3_CLASSES)}
 
-    def split(ids: list[str]) -> ProbeSplit:
+    def sample(records: list, n: int) -> ProbeSplit:
         out = ProbeSplit([], [], [])
-        for rid in ids:
-            if rid not in seqs or rid not in masks:
-                raise InputError(f"{seq_path if rid not in seqs else mask_path}: record {rid!r} is missing")
-            seq, lab, mask = seqs[rid][1], labs[rid][1], masks[rid][1]
-            if not len(seq) == len(lab) == len(mask):
-                raise InputError(f"{lab_path}: record {rid!r}: sequence, label and mask lengths differ "
-                                 f"({len(seq)}, {len(lab)}, {len(mask)})")
-            y = np.fromiter((lookup.get(c, -2) for c in lab), dtype=np.int64, count=len(lab))
+        for i in sorted(rng.choice(len(records), size=min(n, len(records)), replace=False)):
+            rec = records[i]
+            y = np.fromiter((lookup.get(c, -2) for c in rec.labels["ss3"]), dtype=np.int64, count=len(rec.sequence))
             if (y == -2).any():
                 pos = int(np.flatnonzero(y == -2)[0])
-                raise InputError(f"{lab_path}: record {rid!r}: label {lab[pos]!r} at position {pos + 1} is not one of {SSP3_CLASSES}")
-            y[np.frombuffer(mask.encode("ascii"), dtype=np.uint8) != ord("1")] = -1
-            out.ids.append(rid)
-            out.sequences.append(seq)
+                raise InputError(f"{rec.where}: label {rec.labels['ss3'][pos]!r} at position {pos + 1} is not one "
+                                 f"of {SSP3_CLASSES}")
+            if rec.mask is not None:
+                y[~rec.mask] = -1  # unresolved residues are neither trained on nor scored
+            out.ids.append(rec.id)
+            out.sequences.append(rec.sequence)
             out.labels.append(y)
         return out
 
-    source = (f"FLIP secondary_structure split in {folder}: {len(picked[0])} of {len(train_ids)} training chains, "
-              f"{len(picked[1])} of {len(test_ids)} NEW364 test chains (seed {seed})")
-    return ProbeTask(task, SSP3_CLASSES, split(picked[0]), split(picked[1]), source)
+    train, test = sample(splits["train"], n_train), sample(splits["test"], n_test)
+    source = (f"FLIP secondary_structure split in {folder}: {len(train.ids)} of {len(splits['train'])} training "
+              f"chains, {len(test.ids)} of {len(splits['test'])} NEW364 test chains (seed {seed})")
+    return ProbeTask(task, SSP3_CLASSES, train, test, source)
 
 
 # --- the streamed ridge probe --------------------------------------------------------------------------------

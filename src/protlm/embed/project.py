@@ -127,7 +127,7 @@ def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_nam
     output = os.fspath(output)
     ext = os.path.splitext(output)[1].lstrip(".").lower() or "png"
     n = len(proj.ids)
-    size = float(np.clip(3000 / n, 3, 40))
+    size = float(np.clip(20000 / n, 8, 60))  # marker area in points^2: dense maps get smaller dots
     fig, ax = plt.subplots(figsize=(9, 6.5), dpi=120)
     xy = proj.coords
     if proj.labels is None:
@@ -151,7 +151,7 @@ def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_nam
                 ax.scatter(xy[sel, 0], xy[sel, 1], s=size, color=cmap(j % cmap.N), alpha=0.75, linewidths=0,
                            label=f"{classes[ci]} ({counts[ci]})")
         ax.legend(title=label_name or None, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
-                  markerscale=max(1.0, 30 / size) ** 0.5, fontsize=8)
+                  markerscale=max(1.0, 40 / size) ** 0.5, fontsize=8)
     axis = {"pca": "PC", "tsne": "t-SNE ", "umap": "UMAP "}[proj.method]
     ax.set_xlabel(f"{axis}1")
     ax.set_ylabel(f"{axis}2")

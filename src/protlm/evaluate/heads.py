@@ -63,8 +63,8 @@ def dropout(x: Tensor, p: float, training: bool) -> Tensor:
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each (the sign bit is 0)
     lanes = words.view(torch.int16)[:n] & 0x7FFF  # 15 uniform bits per element
     threshold = round(p * 32768)
-    keep = (lanes >= threshold).view(x.shape)
-    return x * keep.to(x.dtype) * (32768 / (32768 - threshold))
+    scale = (lanes >= threshold).view(x.shape).to(x.dtype).mul_(32768 / (32768 - threshold))
+    return x * scale
 
 
 class Dropout(nn.Module):
@@ -93,10 +93,9 @@ def _shift_sum(x: Tensor, weight: Tensor, kernel_size: int) -> Tensor:
     L = x.shape[1]
     half = kernel_size // 2
     padded = F.pad(x, (0, 0) * (x.dim() - 2) + (half, half))
-    out = None
-    for t in range(kernel_size):
-        term = padded[:, t:t + L] * weight[..., t]
-        out = term if out is None else out + term
+    out = padded[:, :L] * weight[..., 0]
+    for t in range(1, kernel_size):
+        out = torch.addcmul(out, padded[:, t:t + L], weight[..., t])
     return out
 
 
@@ -132,10 +131,14 @@ class MixedAttention(nn.Module):
         keep = mask[:, None, None, :]  # (B, 1, 1, L): attend to residues only
         qh, kh, vh = heads(q_att), heads(self.key(x)), heads(self.value(x))
         if self.training and self.dropout > 0 and x.device.type == "cpu":
-            # written out so the probabilities can use the fast CPU dropout above
-            scores = (qh @ kh.transpose(-1, -2)) * self.head_dim**-0.5
-            probs = scores.float().masked_fill(~keep, float("-inf")).softmax(-1).to(qh.dtype)
-            att = dropout(probs, self.dropout, True) @ vh
+            # Written out so the probabilities can use the fast CPU dropout above; the padding mask enters as an
+            # additive bias inside the matmul, with no extra pass over the (L, L) scores.
+            H, hd = self.n_att, self.head_dim
+            bias = torch.zeros(B, 1, L, dtype=qh.dtype).masked_fill(~mask[:, None, :], float("-inf"))
+            scores = torch.baddbmm(bias.repeat_interleave(H, 0), (qh * hd**-0.5).reshape(B * H, L, hd),
+                                   kh.reshape(B * H, L, hd).transpose(1, 2))
+            probs = dropout(scores.softmax(-1), self.dropout, True)
+            att = torch.bmm(probs, vh.reshape(B * H, L, hd)).view(B, H, L, hd)
         else:
             att = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep,
                                                  dropout_p=self.dropout if self.training else 0.0)

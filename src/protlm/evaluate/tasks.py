@@ -44,6 +44,12 @@ class Example:
     target: Any  # (L,) int64 class ids, -1 = unscored | int class | float | (L, L) int8 contacts, -1 = unscored
     positions: np.ndarray | None = None  # (L,) residue numbers for contact separation
     where: str = ""
+    keep: np.ndarray | None = None  # residue indices the head sees when the protein is cropped (None = all)
+
+    @property
+    def seen(self) -> int:
+        """Residues the head sees (``length`` unless cropped to the task's ``max_length``)."""
+        return self.length if self.keep is None else len(self.keep)
 
 
 @dataclass
@@ -68,6 +74,8 @@ class TaskSpec:
     training: dict[str, Any] = field(default_factory=dict)  # overrides of the suite's training settings
     deviations: list[str] = field(default_factory=list)  # how this differs from the paper, printed in the report
     metric_label: str = ""  # how the report names the metric ("Q3", "Spearman", ...)
+    max_length: int | None = None  # per-protein kinds: longer proteins keep their first and last max_length/2
+    #                                residues (DeepLoc's own convention); embeddings still see the whole chain
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
@@ -86,6 +94,8 @@ class TaskSpec:
         bad = [m for m in self.metrics if m not in allowed]
         if bad:
             raise ConfigError(f"{where}: metric(s) {', '.join(bad)} do not apply to {self.kind} (use {', '.join(allowed)})")
+        if self.max_length is not None and (not self.kind.startswith("protein_") or self.max_length < 2):
+            raise ConfigError(f"{where}: max_length applies to per-protein kinds only and must be >= 2")
         if isinstance(self.valid, dict) and set(self.valid) != {"holdout"}:
             raise ConfigError(f"{where}: valid must be a split reference or {{holdout: fraction}}")
 
@@ -119,6 +129,10 @@ class TaskSpec:
             if rec.mask is not None:
                 target[~rec.mask] = -1
             return Example(rec.id, dataset, L, target, None, rec.where)
+        keep = None
+        if self.max_length is not None and L > self.max_length:
+            head = self.max_length // 2
+            keep = np.concatenate([np.arange(head), np.arange(L - (self.max_length - head), L)])
         if self.kind == "protein_classification":
             value = self.label_map.get(raw, raw)
             if value in self.exclude_labels:
@@ -126,9 +140,9 @@ class TaskSpec:
             if value not in self.classes:
                 raise InputError(f"{rec.where}: unknown {self.label} class {raw!r} (task {self.name!r} knows "
                                  f"{', '.join(self.classes)}{'; excluded: ' + ', '.join(self.exclude_labels) if self.exclude_labels else ''})")
-            return Example(rec.id, dataset, L, self.classes.index(value), None, rec.where)
+            return Example(rec.id, dataset, L, self.classes.index(value), None, rec.where, keep)
         if self.kind == "protein_regression":
-            return Example(rec.id, dataset, L, float(raw), None, rec.where)
+            return Example(rec.id, dataset, L, float(raw), None, rec.where, keep)
         contacts = np.asarray(raw, dtype=np.int8)
         if contacts.shape != (L, L):
             raise InputError(f"{rec.where}: contact map is {contacts.shape}, expected ({L}, {L})")

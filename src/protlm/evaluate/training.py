@@ -101,10 +101,10 @@ def _batches(examples: list[Example], token_budget: int) -> list[list[Example]]:
     cur: list[Example] = []
     longest = 0
     for ex in examples:
-        longest_if = max(longest, ex.length)
+        longest_if = max(longest, ex.seen)
         if cur and longest_if * (len(cur) + 1) > token_budget:
             out.append(cur)
-            cur, longest_if = [], ex.length
+            cur, longest_if = [], ex.seen
         cur.append(ex)
         longest = longest_if
     if cur:
@@ -114,14 +114,16 @@ def _batches(examples: list[Example], token_budget: int) -> list[list[Example]]:
 
 def _collate(batch: list[Example], features: Features, kind: str, device: torch.device,
              target_shift: float = 0.0, target_scale: float = 1.0):
-    L = max(e.length for e in batch)
+    L = max(e.seen for e in batch)
     first = features(batch[0])
     x = torch.zeros(len(batch), L, first.shape[-1], dtype=torch.float32)
     mask = torch.zeros(len(batch), L, dtype=torch.bool)
     for i, e in enumerate(batch):
         arr = first if i == 0 else features(e)
-        x[i, : e.length] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
-        mask[i, : e.length] = True
+        if e.keep is not None:
+            arr = arr[e.keep]
+        x[i, : e.seen] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        mask[i, : e.seen] = True
     if kind == "residue_classification":
         y = torch.full((len(batch), L), -1, dtype=torch.long)
         for i, e in enumerate(batch):
@@ -158,7 +160,7 @@ def predict(head: ConvBertHead, examples: list[Example], features: Features, cfg
             device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
     """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
     head.eval()
-    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
+    order = sorted(range(len(examples)), key=lambda i: examples[i].seen)
     out: list[Any] = [None] * len(examples)
     budget = cfg.eval_tokens if head.kind != "contact" else 1
     pos = 0
@@ -239,7 +241,7 @@ def train_head(
         order = rng.permutation(len(train))
         losses = []
         for s in range(steps_per_epoch):
-            chunk = sorted((train[i] for i in order[s * group:(s + 1) * group]), key=lambda e: e.length)
+            chunk = sorted((train[i] for i in order[s * group:(s + 1) * group]), key=lambda e: e.seen)
             step_loss = 0.0
             for batch in _batches(chunk, budget):
                 x, mask, y = _collate(batch, features, task.kind, device, shift, scale)

@@ -85,7 +85,7 @@ class GenerationConfig:
     def header(self) -> str:
         """The settings that shaped the output, as ``key=value`` words for a FASTA header."""
         parts = [f"strategy={self.strategy}"]
-        parts.append(f"max_new_tokens={self.max_new_tokens or 'auto'}" if self.length_ratio is None
+        parts.append(f"max_new_tokens={self.max_new_tokens or DEFAULT_MAX_NEW_TOKENS}" if self.length_ratio is None
                      else f"length_ratio={self.length_ratio:g}")
         if self.strategy == "sample":
             parts += [f"temperature={self.temperature:g}", f"top_k={self.top_k}", f"top_p={self.top_p:g}",

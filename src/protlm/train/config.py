@@ -44,6 +44,7 @@ class DataSection:
     # occur (exact match), and id lists (one per line, or a FASTA whose record ids are taken).
     exclude_sequences: list[str] = field(default_factory=list)
     exclude_ids: list[str] = field(default_factory=list)
+    exclude_validation: bool = True  # also drop the validation sequences from training (exact match)
     max_length: int = 512  # encoder tokens per example, special tokens included; longer sequences are cropped
     min_length: int = 1  # residues; shorter sequences are dropped
     policy: str = "skip"  # bad FASTA records: "skip" (count and warn) or "error"
