@@ -1,7 +1,6 @@
 """The pretraining data stream: formats, filters, crop, sharding, order, exact resume, exclusion, bad input;
 and the micro-batch pipeline on top of it (ranks, workers, resume)."""
 
-import gzip
 import json
 import os
 import warnings
@@ -328,3 +327,14 @@ def test_workers_and_resume_give_the_same_batches():
     other = _batches(batch_size=4)
     with pytest.raises(CheckpointError, match="saved with global_batch=8, but this run has 4"):
         other.load_state_dict(state)
+
+
+def test_position_generators_are_reproducible_and_distinct():
+    from protlm.data.rng import PositionRNG, position_generator
+
+    reused = PositionRNG(7, 99)
+    draws = {p: reused.at(p).random(4).tolist() for p in (0, 1, 2**40, 5)}
+    assert reused.at(1).random(4).tolist() == draws[1] == position_generator(7, 99, 1).random(4).tolist()
+    assert len({tuple(d) for d in draws.values()}) == 4
+    assert PositionRNG(8, 99).at(1).random(4).tolist() != draws[1]  # the seed matters
+    assert PositionRNG(7, 98).at(1).random(4).tolist() != draws[1]  # and the purpose

@@ -261,6 +261,9 @@ def test_realised_masking_and_task_mix_on_real_corpus(mode):
             total[rate] += n_mask + n_kept
         if batches.consumed == 1000:  # 10,000 sequences
             break
+    print(f"\n{mode or '1-gram'}: realised fraction per rate "
+          f"{ {r: round(float(masked[r] / total[r]), 4) for r in masked} }, steps per rate {steps}, "
+          f"denoise share {n_tasks[0] / n_tasks.sum():.4f}")  # shown with pytest -s
     for rate in masked:
         assert abs(masked[rate] / total[rate] - rate) < 0.01, (rate, masked[rate] / total[rate])
         assert abs(steps[rate] / 1000 - 1 / 3) < 0.05, steps  # std of a frequency over 1000 steps: 0.015
@@ -271,6 +274,7 @@ def test_task_mix_follows_setting_on_real_corpus():
     stream = SequenceStream(shared_data("corpus", "flip_bind_sequences.fasta.gz"), TOK, max_length=256, seed=2)
     mixer = TaskMixer(ObjectiveConfig(task_probs={"denoise": 0.25, "complete": 0.75}), TOK, max_length=256)
     tasks = np.concatenate([b["task"].numpy() for _, b in zip(range(200), PretrainBatches(stream, mixer, 50).loader())])
+    print(f"\ncompletion share at setting 0.75: {(tasks == 1).mean():.4f}")  # shown with pytest -s
     assert len(tasks) == 10000 and abs((tasks == 1).mean() - 0.75) < 0.015  # std 0.0043
 
 

@@ -205,6 +205,7 @@ def test_run_writes_metrics_checkpoints_config_and_export(finished_run):
     # a unigram model of ~20 residues is near ln(20); a much lower value would mean counting the wrong tokens
     assert 2.5 < val[-1]["val/denoise/unigram_loss"] < 3.2
     assert os.listdir(out / "tensorboard")
+    assert (out / "curves.png").stat().st_size > 10_000
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000006"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["run"]["steps"] == 6 and saved["output_dir"] == str(out)

@@ -37,6 +37,7 @@ import torch
 
 from protlm.data.exclude import Exclusion
 from protlm.data.fasta import VALID
+from protlm.data.rng import PositionRNG
 from protlm.data.sources import RawRecord, Source, open_sources
 from protlm.errors import CheckpointError, ConfigError, InputError
 from protlm.tokenizer.vocab import Tokenizer
@@ -190,6 +191,7 @@ class SequenceStream(torch.utils.data.IterableDataset):
         self._layout: list[int] | None = None  # [shards, chunk] of the iteration that made _positions
         self._loaded = False
         self._warned_bad = False
+        self._crop_rng = PositionRNG(seed, _CROP_KEY)
 
     # --- sharding -------------------------------------------------------------------------------------------
     @property
@@ -352,7 +354,7 @@ class SequenceStream(torch.utils.data.IterableDataset):
         excess = len(residues) - self.max_residues
         if excess <= 0:
             return residues
-        start = int(np.random.default_rng([self.seed, position, _CROP_KEY]).integers(excess + 1))
+        start = int(self._crop_rng.at(position).integers(excess + 1))
         return residues[start : start + self.max_residues]
 
     # --- resume ---------------------------------------------------------------------------------------------

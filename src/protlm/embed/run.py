@@ -168,27 +168,15 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
     shas = [sequence_sha1(seq) for _, seq in records]
 
     attrs = dict(model=_model_name(model, pre, random_init, seed), layers=run.layers, prefix=run.prefix,
-                 dtype=dtype_name(run.dtype), window=opts.window, overlap=run.embedder.overlap, family=pre.config.protlm_family,
-                 store_dtype=store_dtype, protlm_version=_version())
+                 dtype=dtype_name(run.dtype), window=opts.window, overlap=run.embedder.overlap,
+                 family=pre.config.protlm_family, store_dtype=store_dtype, protlm_version=_version())
     writers = {k: EmbeddingWriter(p, {**attrs, "kind": k}, rank, checkpoint_seconds, store_dtype)
                for k, p in outputs.items()}
     summary = EmbedSummary(outputs=outputs, records=len(records), skipped_records=stats.skipped,
                            skip_reasons=dict(stats.reasons or {}), repaired_records=stats.repaired,
                            dtype=dtype_name(run.dtype))
     try:
-        done = None
-        if rank == 0:
-            for w in writers.values():
-                w.start()
-            done = {k: w.done() for k, w in writers.items()}
-        done = _broadcast(done, world)
-
-        # ids already stored: their sequence must not have changed
-        for k, stored in done.items():
-            for i, (oid, _) in enumerate(records):
-                if oid in stored and stored[oid][1] and stored[oid][1] != shas[i]:
-                    raise InputError(f"{outputs[k]}: id {oid!r} is stored with a different sequence than in the "
-                                     "input; remove it from the file or use another output path")
+        done = _stored(writers, records, shas, outputs, rank, world)
         keys = _dataset_keys([oid for oid, _ in records], done)
         needs = {i: [k for k in outputs if records[i][0] not in done[k]] for i in range(len(records))}
         summary.already_done = sum(1 for n in needs.values() if not n)
@@ -199,25 +187,25 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
         mine = todo[rank::world]
         seqs = [arrays[groups[key][0]] for key in mine]
         batches = run.embedder.plan([len(s) for s in seqs])
-        bar = _progress_bar(sum(u.length for b in batches for u in b), len(mine), progress and rank == 0)
+        bar = _Progress(sum(u.length for b in batches for u in b), len(mine), progress and rank == 0)
         written = 0
-        try:
-            def on_batch(batch):
-                bar.update(sum(u.length for u in batch))
-                for w in writers.values():
-                    w.maybe_flush()
-                if world == 1:
-                    for w in writers.values():
-                        w.maybe_merge()
 
+        def on_batch(batch):
+            bar.batch_done(sum(u.length for u in batch))
+            for w in writers.values():
+                w.maybe_flush()
+                if world == 1:  # with several processes, process 0 merges once all are done
+                    w.maybe_merge()
+
+        try:
             for u, arr in run.embedder.run(seqs, batches, on_batch=on_batch):
                 per_res, per_prot = _outputs(arr, run.single_layer)
                 for i in groups[mine[u]]:
+                    oid = records[i][0]
                     for k in needs[i]:
-                        writers[k].add(records[i][0], keys[records[i][0]], per_res if k == "per_residue" else per_prot,
-                                       shas[i])
+                        writers[k].add(oid, keys[oid], per_res if k == "per_residue" else per_prot, shas[i])
                     written += bool(needs[i])
-                bar.set_postfix_str(f"{bar.proteins_done(1)}/{len(mine)} proteins", refresh=False)
+                bar.protein_done()
         finally:
             bar.close()
             for w in writers.values():  # keep every finished protein, also on Ctrl-C or an error
@@ -227,11 +215,10 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
             for w in writers.values():
                 w.merge()
                 summary.notes += w.notes
+        stats = run.embedder.stats
         totals = _sum_over_ranks(dict(embedded=written, unique=len(mine), residues=sum(u.length for b in batches for u in b),
-                                      fp16_fallbacks=run.embedder.stats.fp16_fallbacks,
-                                      oom_splits=run.embedder.stats.oom_splits,
-                                      padded_tokens=run.embedder.stats.padded_tokens,
-                                      real_tokens=run.embedder.stats.real_tokens), world)
+                                      fp16_fallbacks=stats.fp16_fallbacks, oom_splits=stats.oom_splits,
+                                      padded_tokens=stats.padded_tokens, real_tokens=stats.real_tokens), world)
         for k, v in totals.items():
             setattr(summary, k, v)
     finally:
@@ -239,6 +226,23 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
             w.close(remove_parts=True)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _stored(writers: dict[str, EmbeddingWriter], records, shas, outputs, rank: int, world: int):
+    """What the outputs already hold (process 0 reads, everyone gets the same answer); ids whose sequence
+    changed since are an error."""
+    done = None
+    if rank == 0:
+        for w in writers.values():
+            w.start()
+        done = {k: w.done() for k, w in writers.items()}
+    done = _broadcast(done, world)
+    for k, stored in done.items():
+        for i, (oid, _) in enumerate(records):
+            if oid in stored and stored[oid][1] and stored[oid][1] != shas[i]:
+                raise InputError(f"{outputs[k]}: id {oid!r} is stored with a different sequence than in the "
+                                 "input; remove it from the file or use another output path")
+    return done
 
 
 # --- internals -------------------------------------------------------------------------------------------------
@@ -396,38 +400,30 @@ def _version() -> str:
     return __version__
 
 
-class _Bar:
-    """tqdm over residues with a protein count; a no-op when progress is off."""
+class _Progress:
+    """tqdm over residues (rate and ETA) with a protein count; a no-op when progress is off."""
 
     def __init__(self, total_residues: int, total_proteins: int, enabled: bool):
-        self._n = 0
+        self._done, self._total = 0, total_proteins
         self._bar = None
-        if enabled:
+        if enabled and total_proteins:
             from tqdm import tqdm
 
             self._bar = tqdm(total=total_residues, unit="res", unit_scale=True, smoothing=0.05, mininterval=1.0,
-                             desc="embed", dynamic_ncols=True)
-            self._bar.set_postfix_str(f"0/{total_proteins} proteins")
+                             desc="embed", dynamic_ncols=True, postfix=f"0/{total_proteins} proteins")
 
-    def update(self, n: int) -> None:
+    def batch_done(self, residues: int) -> None:
         if self._bar is not None:
-            self._bar.update(n)
+            self._bar.update(residues)
 
-    def proteins_done(self, k: int) -> int:
-        self._n += k
-        return self._n
-
-    def set_postfix_str(self, s: str, refresh: bool = False) -> None:
+    def protein_done(self) -> None:
+        self._done += 1
         if self._bar is not None:
-            self._bar.set_postfix_str(s, refresh=refresh)
+            self._bar.set_postfix_str(f"{self._done}/{self._total} proteins", refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-def _progress_bar(total_residues: int, total_proteins: int, enabled: bool) -> _Bar:
-    return _Bar(total_residues, total_proteins, enabled)
 
 
 # --- torchrun --------------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class Prepared:
     path: str  # file it was read from, or a description
     seconds: float = 0.0  # embedding time spent in this run (0 when cached)
     embedded: int = 0  # ids embedded in this run
+    cpu_seconds: float = 0.0  # the same in CPU time of this process
 
 
 class Source:
@@ -179,13 +180,13 @@ class ModelSource(Source):
         for r in records:
             if r.id not in have:
                 todo[r.id] = r.sequence
-        seconds = 0.0
+        seconds = cpu = 0.0
         if todo:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             embed_files(self.pretrained(), todo, per_residue=path, progress=progress, layers=[self.layer],
                         prefix=self.prefix, dtype=self.dtype, device=self.device, threads=self.threads)
-            seconds = time.perf_counter() - t0
-        return Prepared(EmbeddingStore(path), path, seconds, len(todo))
+            seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
+        return Prepared(EmbeddingStore(path), path, seconds, len(todo), cpu)
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.spec, "random_init_of": self.random_init_of,

@@ -77,8 +77,10 @@ def markdown(run: SuiteRun) -> str:
                 vals.append(_fmt(c.values.get(test, {}).get(metric, [])) if c else "not run")
         lines.append(f"| {task.name} | {test} | {metric_label(task, metric)} | " + " | ".join(vals) + " |")
     lines += ["", "## Time per task", "",
-              "Wall-clock of this run (embedding computed in this run + head training), and the head-training time "
-              "summed over all seeds (including units finished by an earlier run).", "",
+              "Wall-clock of this run for the task (embedding computed in this run + head training); then embedding "
+              "and head-training time summed over all seeds and folds (including units finished by an earlier run), "
+              "as wall-clock / CPU time of the process. CPU time is what the task costs on an idle machine; "
+              "wall-clock also counts waiting for other jobs.", "",
               "| Task | " + " | ".join(sources) + " |", "|---|" + "---|" * len(sources)]
     for task in [t for t in suite.tasks if t.name in run.settings and t.name not in run.skipped]:
         vals = []
@@ -87,8 +89,9 @@ def markdown(run: SuiteRun) -> str:
             if c is None:
                 vals.append("not run")
                 continue
-            vals.append(f"{_fmt_seconds(c.wall_seconds)} (embed {_fmt_seconds(c.embed_seconds)}, heads "
-                        f"{_fmt_seconds(c.train_seconds)}; {c.trained_units} trained, {c.resumed_units} resumed)")
+            vals.append(f"{_fmt_seconds(c.wall_seconds)} (embed {_fmt_seconds(c.embed_seconds)} / "
+                        f"{_fmt_seconds(c.embed_cpu_seconds)} cpu, heads {_fmt_seconds(c.train_seconds)} / "
+                        f"{_fmt_seconds(c.train_cpu_seconds)} cpu; {c.trained_units} trained, {c.resumed_units} resumed)")
         lines.append(f"| {task.name} | " + " | ".join(vals) + " |")
     lines += ["", f"Total wall-clock of this run: {_fmt_seconds(run.seconds)}."]
     lines += ["", "## Deviations from the paper's protocol", ""]
@@ -171,6 +174,7 @@ def to_json(run: SuiteRun) -> dict:
         "results": results,
         "timing": [{"source": c.source, "task": c.task, "wall_seconds": c.wall_seconds,
                     "embed_seconds": c.embed_seconds, "train_seconds": c.train_seconds,
+                    "embed_cpu_seconds": c.embed_cpu_seconds, "train_cpu_seconds": c.train_cpu_seconds,
                     "trained_units": c.trained_units, "resumed_units": c.resumed_units, "best_epochs": c.best_epochs}
                    for c in run.cells],
         "skipped": run.skipped, "deviations": run.deviations, "settings": run.settings,

@@ -64,7 +64,9 @@ class Cell:
     seeds: list[int] = field(default_factory=list)
     best_epochs: list[int] = field(default_factory=list)
     train_seconds: float = 0.0  # summed over units, including units finished by earlier runs
+    train_cpu_seconds: float = 0.0  # the same in CPU time (not inflated by other jobs on the machine)
     embed_seconds: float = 0.0  # embedding done by this run
+    embed_cpu_seconds: float = 0.0
     wall_seconds: float = 0.0  # wall-clock of this (source, task) in this run
     resumed_units: int = 0
     trained_units: int = 0
@@ -233,6 +235,7 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
             log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
             prepared = source.prepare(ds, recs, progress=progress)
             cell.embed_seconds += prepared.seconds
+            cell.embed_cpu_seconds += prepared.cpu_seconds
             stores[ds] = prepared
         features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
         dropped = {id(e) for split, exs in data.splits.items() for e in exs} - {id(e) for exs in kept.values() for e in exs}
@@ -257,6 +260,7 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
             cell.missing = done.get("missing") or cell.missing
         res = done["result"]
         cell.train_seconds += float(res.get("seconds", 0.0))
+        cell.train_cpu_seconds += float(res.get("cpu_seconds", 0.0))
         cell.best_epochs.append(int(res.get("best_epoch", 0)))
         for test_name, metrics in res["test"].items():
             for metric, value in metrics.items():

@@ -86,7 +86,8 @@ class RunResult:
     n_train: int = 0
     n_valid: int = 0
     n_test: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall-clock
+    cpu_seconds: float = 0.0  # CPU time of this process (all threads); unlike wall-clock, not inflated by other jobs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -215,6 +216,7 @@ def train_head(
     """
     device = torch.device(device)
     start = time.perf_counter()
+    cpu_start = time.process_time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     head = ConvBertHead(in_dim, task.kind, task.n_out, head_cfg).to(device)
@@ -273,5 +275,5 @@ def train_head(
     return RunResult(
         valid_best=history[best[1] - 1].valid, best_epoch=best[1], test=test_scores, history=history, steps=step,
         n_train=len(train), n_valid=len(valid), n_test={k: len(v) for k, v in tests.items()},
-        seconds=time.perf_counter() - start,
+        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
     )

@@ -185,7 +185,11 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
         expanded = [(rows[r], k) for r in order for k in range(config.num_return)]
         for start in range(0, len(expanded), config.batch_size):
             chunk = expanded[start:start + config.batch_size]
-            enc, mask = _encode(model, tok, [row[1] for row, _ in chunk], device)
+            # the num_return samples of a prefix share one encoder pass
+            unique = sorted({row[0] for row, _ in chunk})
+            enc, mask = _encode(model, tok, [rows[i][1] for i in unique], device)
+            index = torch.as_tensor([unique.index(row[0]) for row, _ in chunk], device=device)
+            enc, mask = enc.index_select(0, index), mask.index_select(0, index)
             gens = None if sampling.greedy else row_generators(config.seed, [(row[0], k) for row, k in chunk])
             decoded = decode(model, enc, mask, [row[2] for row, _ in chunk], allowed, tok.eos_id, sampling, gens,
                              config.use_cache, config.min_new_tokens)

@@ -24,6 +24,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from protlm.data.rng import PositionRNG, position_generator
 from protlm.data.stream import Position, SequenceStream, Shard
 from protlm.errors import CheckpointError, ConfigError
 from protlm.objectives.example import Example, collate
@@ -34,8 +35,10 @@ _EXAMPLE_KEY = 0xE4A
 
 
 def example_generator(seed: int, position: int) -> np.random.Generator:
-    """The per-sequence generator of the objectives: a function of (seed, global stream position) only."""
-    return np.random.default_rng([int(seed), int(position), _EXAMPLE_KEY])
+    """The per-sequence generator of the objectives: a function of (seed, global stream position) only.
+
+    A fresh object each call; :class:`PretrainBatches` draws the same numbers through a reusable one."""
+    return position_generator(seed, _EXAMPLE_KEY, position)
 
 
 class PretrainBatches(torch.utils.data.IterableDataset):
@@ -77,14 +80,14 @@ class PretrainBatches(torch.utils.data.IterableDataset):
         items = self.stream.items(shard)
         position = self.stream.position(shard.index)
         m = self.consumed + worker
+        rng = PositionRNG(self.seed, _EXAMPLE_KEY)
         while True:
             chunk = [item for _, item in zip(range(self.batch_size), items)]
             if not chunk:
                 return
             step = m // self.accumulation
             params = self.mixer.step_params(step_generator(self.seed, step))
-            examples = [self.mixer(item.residues, example_generator(self.seed, item.position), params)
-                        for item in chunk]
+            examples = [self.mixer(item.residues, rng.at(item.position), params) for item in chunk]
             batch = collate(examples, self.mixer.tok)
             batch["step"] = step
             batch["micro_batch"] = m
@@ -157,9 +160,10 @@ def fixed_examples(stream: SequenceStream, mixer: TaskMixer, task: str, seed: in
     """
     rates = mixer.config.mask_rates
     stream.reset()
+    positions = PositionRNG(seed, _EXAMPLE_KEY)
     out = []
     for item in stream.items(Shard()):
-        rng = example_generator(seed, item.position)
+        rng = positions.at(item.position)
         params = StepParams(mask_rate=rates[int(rng.integers(len(rates)))])
         out.append(mixer.make(item.residues, rng, params, task))
         if limit is not None and len(out) >= limit:

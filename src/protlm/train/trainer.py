@@ -264,6 +264,7 @@ class Trainer:
                     last.update(v)
                     if metrics is not None:
                         metrics.write(step, v)
+                        self._plot()
                     self._log(f"step {step} validation: " + ", ".join(
                         f"{t} {v[f'val/{t}/loss']:.4f} (residues {v.get(f'val/{t}/residue_loss', math.nan):.4f}"
                         f" vs unigram {v.get(f'val/{t}/unigram_loss', math.nan):.4f})"
@@ -351,6 +352,15 @@ class Trainer:
         all_reduce_sum(table)
         net.train()
         return summarise(table, "val")
+
+    def _plot(self) -> None:
+        from protlm.train.plot import plot_curves
+
+        try:
+            plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"),
+                        title=f"{os.path.basename(self.out)}: {self.cfg.model.preset}")
+        except (OSError, ValueError) as err:  # a plot is a convenience; never stop training for it
+            self._log(f"could not draw curves.png ({err})")
 
     def _progress(self, step: int):
         if not (self.env.is_main and self.cfg.log.progress):
