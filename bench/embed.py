@@ -53,19 +53,27 @@ def main() -> None:
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-tokens", type=int, default=None, help="protlm's batch budget (default: its CPU default)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads in every run (default: torch's choice); 1 is the fair setting on a loaded machine")
     ap.add_argument("--titin", action="store_true", help="also embed one 35,000-residue protein (ankh-base, bf16)")
+    ap.add_argument("--titin-only", action="store_true", help="only the 35,000-residue protein")
     ap.add_argument("--json", default=None, help="write all measurements here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(_worker(json.loads(args.worker))))
         return
+    if args.titin_only:
+        args.shapes = ""
 
     import numpy as np
+    import torch
 
     import protlm
     from protlm.data.fasta import read_fasta
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     work = tempfile.mkdtemp(prefix="protlm-bench-embed-")
     records = list(read_fasta(args.data, policy="x"))
     print(f"# data: {args.data} ({len(records)} proteins); work dir {work}")
@@ -73,7 +81,7 @@ def main() -> None:
     peaks = _matmul_peaks()
     print(f"# measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     results = []
-    for shape in args.shapes.split(","):
+    for shape in filter(None, args.shapes.split(",")):
         n = args.n if shape == "d768x12" else args.n_large
         sample = random.Random(0).sample(records, min(n, len(records)))
         fasta = os.path.join(work, f"{shape}-{n}.fasta")
@@ -89,8 +97,8 @@ def main() -> None:
         for dtype in args.dtypes.split(","):
             row = {}
             for method in args.methods.split(","):
-                job = dict(method=method, ckpt=ckpt, fasta=fasta, dtype=dtype, out=os.path.join(work, f"{shape}-{dtype}-{method}.h5"),
-                           max_tokens=args.max_tokens)
+                job = dict(method=method, ckpt=ckpt, fasta=fasta, dtype=dtype, max_tokens=args.max_tokens,
+                           threads=args.threads, out=os.path.join(work, f"{shape}-{dtype}-{method}.h5"))
                 before = _load()
                 r = _run_worker(job)
                 r.update(shape=shape, dtype=dtype, method=method, load_before=before, load_after=_load(),
@@ -109,15 +117,15 @@ def main() -> None:
                         print(f"  {dtype:5s} protlm / {ref}: {row['protlm']['res_per_s'] / row[ref]['res_per_s']:.2f}x "
                               f"speed, peak RSS {row['protlm']['peak_rss_mib'] / row[ref]['peak_rss_mib']:.2f}x, "
                               f"max |diff| of per-protein vectors {diff:.1e}", flush=True)
-    if args.titin:
-        results.append(_titin(work, records))
+    if args.titin or args.titin_only:
+        results.append(_titin(work, records, args.threads))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     print(f"\n# load at end: {_load()}")
 
 
-def _titin(work: str, records) -> dict:
+def _titin(work: str, records, threads: int | None) -> dict:
     """One 35,000-residue protein (real E. coli proteins joined; titin's length), ankh-base shape, bf16."""
     seq = ""
     for r in records:
@@ -128,7 +136,7 @@ def _titin(work: str, records) -> dict:
     with open(fasta, "w") as fh:
         fh.write(f">titin_sized\n{seq[:35000]}\n")
     job = dict(method="protlm", ckpt=_checkpoint(work, "ankh-base"), fasta=fasta, dtype="bf16",
-               out=os.path.join(work, "titin.h5"), max_tokens=None)
+               out=os.path.join(work, "titin.h5"), max_tokens=None, threads=threads)
     before = _load()
     r = _run_worker(job)
     r.update(shape="ankh-base", dtype="bf16", method="protlm-titin", residues=35000, load_before=before, load_after=_load())
@@ -230,6 +238,8 @@ def _rss() -> int:
 def _worker(job: dict) -> dict:
     import torch
 
+    if job["threads"]:
+        torch.set_num_threads(job["threads"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
     if job["method"] == "protlm":
         import protlm

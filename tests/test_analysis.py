@@ -60,6 +60,17 @@ def test_denoise_example_layout():
     assert list(ex.labels[1:-1:2]) == list(residues[masked]) and ex.labels[-1] == tok.eos_id
 
 
+def test_denoise_example_without_a_task_prefix():
+    """Ankh and ProtT5 vocabularies have no [NLU]: the same example, without the prefix."""
+    tok = protlm_tokenizer()
+    residues = tok.residue_array("MKTAYIAKQRQISFVKSHFSRQ")
+    with_prefix = denoise_example(residues, np.random.default_rng(3), 0.2, tok)
+    tok.prefix_ids = {}
+    plain = denoise_example(residues, np.random.default_rng(3), 0.2, tok)
+    assert list(plain.input_ids) == list(with_prefix.input_ids[1:])
+    assert list(plain.labels) == list(with_prefix.labels)
+
+
 def test_token_masks_exclude_specials_and_padding():
     tok = protlm_tokenizer()
     prots = prepare_proteins(read_proteins(FASTA, 5), tok, 30, 0.2, seed=1)
