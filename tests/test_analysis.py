@@ -197,6 +197,36 @@ def _numbers(x):
     return []
 
 
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+    from protlm.analysis import depth
+
+    pre = _model(seed=6)
+    opts = dict(batch_tokens=120)  # several batches
+    want = _run(pre, **opts).to_json_dict()
+    state = str(tmp_path / "state.pt")
+    monkeypatch.setattr(depth._Checkpoint, "EVERY_SECONDS", 0.0)
+    real_batch, calls = depth._Analyser.batch, []
+
+    def flaky(self, b):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_batch(self, b)
+
+    monkeypatch.setattr(depth._Analyser, "batch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts}), max_proteins=6, state_path=state)
+    monkeypatch.setattr(depth._Analyser, "batch", real_batch)
+    got = analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts}), max_proteins=6, state_path=state).to_json_dict()
+    assert got["timing"]["resumed_after_batches"] == 2
+    for part in ("encoder", "decoder", "full_model"):
+        np.testing.assert_allclose(_numbers(got[part]), _numbers(want[part]), rtol=1e-6, atol=1e-7)
+    # a different run (other options) does not pick up the saved state
+    other = analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts, "mask_rate": 0.3}), max_proteins=6,
+                          state_path=state)
+    assert other.timing["resumed_after_batches"] == 0
+
+
 def test_encoder_only_model_gets_the_encoder_analyses():
     pre = protlm.random_init(odd_config(), seed=0, encoder_only=True)
     r = _run(pre)

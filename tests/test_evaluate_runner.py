@@ -225,3 +225,24 @@ def test_casp14_ssp_command_reproduces_the_staged_table(tmp_path):
     assert main(["data", "casp14-ssp", os.path.join(EVAL, "casp14_pdb"), "-o", str(out)]) == 0
     expected = open(os.path.join(EVAL, "casp14_ssp_expected.csv"), newline="").read().replace("\r\n", "\n")
     assert out.read_text() == expected
+
+
+def test_checkpoint_and_its_random_init_twin(tmp_path, tiny_config):
+    ckpt = str(tmp_path / "runs" / "mine" / "final")
+    pre = protlm.random_init(tiny_config, seed=5)
+    protlm.save_pretrained(pre.model, ckpt, pre.tokenizer)
+    cache = str(tmp_path / "cache")
+    model = ModelSource(ckpt, cache_dir=cache, threads=1)
+    twin = ModelSource(ckpt, random_init_of=ckpt, cache_dir=cache, threads=1)
+    assert model.name == "mine/final" and twin.name == "mine/final (random init)" and model.key != twin.key
+    recs = load_dataset("c12", "ss_csv", {"all": os.path.join(EVAL, "CASP12_excerpt.csv")})["all"]
+    a = model.prepare("casp12", recs, progress=False).arrays
+    b = twin.prepare("casp12", recs, progress=False).arrays
+    first = recs[0].id
+    assert a[first].shape == b[first].shape == (len(recs[0].sequence), 40)
+    assert not np.allclose(a[first], b[first])
+    # the trained weights are what gets embedded: same as encoding with the saved model directly
+    batch = pre.tokenizer.batch_encode([recs[0].sequence], prefix="nlu")
+    with torch.no_grad():
+        ref = pre.model.encode(batch.input_ids, batch.attention_mask).last_hidden_state[0, 1:-1].numpy()
+    np.testing.assert_allclose(a[first], ref, atol=1e-4, rtol=1e-4)

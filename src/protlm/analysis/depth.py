@@ -219,6 +219,19 @@ def _json_safe(x):
 
 
 # --- the per-batch work --------------------------------------------------------------------------------------
+@dataclass
+class _Baseline:
+    """One batch's unperturbed run, shared by every perturbation of it."""
+
+    enc_masks: StackMasks
+    enc: list[Tensor] = field(default_factory=list)  # encoder streams h[0..N] (before the final norm)
+    enc_out: Tensor | None = None  # final_layer_norm(h[N]): what the decoder attends to
+    dec_masks: StackMasks | None = None
+    dec: list[Tensor] = field(default_factory=list)  # decoder streams d[0..M]
+    logp: Tensor | None = None  # (B, Ld, V) the full model's log-probabilities
+
+
+# --- the per-batch work --------------------------------------------------------------------------------------
 class _Analyser:
     def __init__(self, model, plan: Plan, options: DepthOptions, n_proteins: int, cka_rates: dict[str, float]):
         self.model = model
@@ -301,60 +314,64 @@ class _Analyser:
             self.cka[stack][layer].append(runner.normed(streams[layer][rows_t, cols_t]).float().cpu())
 
     def batch(self, b: DepthBatch) -> None:
+        """Every analysis of one batch; per-protein results go into ``self.acc``."""
         t = time.perf_counter()
-        plan, idx = self.plan, b.index
-        h0 = self.enc.embed(b.input_ids)
-        em = self.enc.masks(h0, b.attention_mask)
-        hs = self._forward(self.enc, "encoder", h0, em, b.enc_tokens, idx)
-        n_enc = self.enc.n_layers
-        logp_full = None
-        ds: list[Tensor] = []
-        dm = None
-        if plan.has_decoder:
-            enc_out = self.enc.normed(hs[n_enc])
-            d0 = self.dec.embed(b.decoder_input_ids)
-            dm = self.dec.masks(d0, None, b.attention_mask)
-            ds = self._forward(self.dec, "decoder", d0, dm, b.pred_mask, idx, enc=enc_out)
-            logp_full = self._logp(ds[-1])
-            self.acc.put(("output", "acc"), idx, row_mean((logp_full.argmax(-1) == b.labels).float(), b.pred_mask))
-            nll = -logp_full.gather(-1, b.labels.clamp(min=0)[..., None])[..., 0]
-            self.acc.put(("output", "nll"), idx, row_mean(nll, b.pred_mask))
+        base = self._baseline(b)
         self.seconds["forward+contribution"] += time.perf_counter() - t
+        for name, step in (("cka", self._cka_step), ("skip", self._skip_step), ("early-exit", self._exit_step)):
+            if self.want(name):
+                t = time.perf_counter()
+                step(b, base)
+                self.seconds[name] += time.perf_counter() - t
 
-        if self.want("cka"):
-            t = time.perf_counter()
-            self._sample_cka("encoder", hs, plan.encoder_layers, b.enc_tokens, b, self.enc)
-            if plan.decoder:
-                self._sample_cka("decoder", ds, plan.decoder_layers, b.pred_mask, b, self.dec)
-            self.seconds["cka"] += time.perf_counter() - t
+    def _baseline(self, b: DepthBatch) -> "_Baseline":
+        """The unperturbed run: every encoder (and decoder) stream, and the full model's output."""
+        idx = b.index
+        h0 = self.enc.embed(b.input_ids)
+        base = _Baseline(self.enc.masks(h0, b.attention_mask))
+        base.enc = self._forward(self.enc, "encoder", h0, base.enc_masks, b.enc_tokens, idx)
+        if self.plan.has_decoder:
+            base.enc_out = self.enc.normed(base.enc[-1])
+            d0 = self.dec.embed(b.decoder_input_ids)
+            base.dec_masks = self.dec.masks(d0, None, b.attention_mask)
+            base.dec = self._forward(self.dec, "decoder", d0, base.dec_masks, b.pred_mask, idx, enc=base.enc_out)
+            base.logp = self._logp(base.dec[-1])
+            self.acc.put(("output", "acc"), idx, row_mean((base.logp.argmax(-1) == b.labels).float(), b.pred_mask))
+            nll = -base.logp.gather(-1, b.labels.clamp(min=0)[..., None])[..., 0]
+            self.acc.put(("output", "nll"), idx, row_mean(nll, b.pred_mask))
+        return base
 
-        if self.want("skip"):
-            t = time.perf_counter()
-            norms = [torch.linalg.vector_norm(h.float(), dim=-1) for h in hs]
-            for layer in (l for l in plan.encoder_layers if l >= 1):
-                later = self.enc.run(hs[layer - 1], em, layer - 1, skip=layer)
-                self._hidden_change("encoder", layer, later, hs, norms, b.enc_tokens, idx)
-                if plan.has_decoder:
-                    logp = self._decode_logp(self.enc.normed(later[-1]), b, dm)
-                    self._record_output(("encoder", "skip_out", layer), logp_full, logp, b)
-            if plan.decoder:
-                norms = [torch.linalg.vector_norm(d.float(), dim=-1) for d in ds]
-                for layer in (l for l in plan.decoder_layers if l >= 1):
-                    later = self.dec.run(ds[layer - 1], dm, layer - 1, enc=enc_out, skip=layer)
-                    self._hidden_change("decoder", layer, later, ds, norms, b.pred_mask, idx)
-                    self._record_output(("decoder", "skip_out", layer), logp_full, self._logp(later[-1]), b)
-            self.seconds["skip"] += time.perf_counter() - t
+    def _cka_step(self, b: DepthBatch, base: "_Baseline") -> None:
+        self._sample_cka("encoder", base.enc, self.plan.encoder_layers, b.enc_tokens, b, self.enc)
+        if self.plan.decoder:
+            self._sample_cka("decoder", base.dec, self.plan.decoder_layers, b.pred_mask, b, self.dec)
 
-        if self.want("early-exit"):
-            t = time.perf_counter()
-            for layer in plan.encoder_layers:
-                # exiting after the last block is the full model itself
-                logp = logp_full if layer == n_enc else self._decode_logp(self.enc.normed(hs[layer]), b, dm)
-                self._record_output(("encoder", "exit", layer), logp_full, logp, b, accuracy=True)
-            if plan.decoder:
-                for layer in plan.decoder_layers:
-                    self._record_output(("decoder", "exit", layer), logp_full, self._logp(ds[layer]), b, accuracy=True)
-            self.seconds["early-exit"] += time.perf_counter() - t
+    def _skip_step(self, b: DepthBatch, base: "_Baseline") -> None:
+        norms = [torch.linalg.vector_norm(h.float(), dim=-1) for h in base.enc]
+        for layer in (l for l in self.plan.encoder_layers if l >= 1):
+            later = self.enc.run(base.enc[layer - 1], base.enc_masks, layer - 1, skip=layer)
+            self._hidden_change("encoder", layer, later, base.enc, norms, b.enc_tokens, b.index)
+            if self.plan.has_decoder:
+                logp = self._decode_logp(self.enc.normed(later[-1]), b, base.dec_masks)
+                self._record_output(("encoder", "skip_out", layer), base.logp, logp, b)
+        if self.plan.decoder:
+            norms = [torch.linalg.vector_norm(d.float(), dim=-1) for d in base.dec]
+            for layer in (l for l in self.plan.decoder_layers if l >= 1):
+                later = self.dec.run(base.dec[layer - 1], base.dec_masks, layer - 1, enc=base.enc_out, skip=layer)
+                self._hidden_change("decoder", layer, later, base.dec, norms, b.pred_mask, b.index)
+                self._record_output(("decoder", "skip_out", layer), base.logp, self._logp(later[-1]), b)
+
+    def _exit_step(self, b: DepthBatch, base: "_Baseline") -> None:
+        n_enc = self.enc.n_layers
+        for layer in self.plan.encoder_layers:
+            # exiting after the last block is the full model itself
+            logp = base.logp if layer == n_enc else self._decode_logp(self.enc.normed(base.enc[layer]), b,
+                                                                      base.dec_masks)
+            self._record_output(("encoder", "exit", layer), base.logp, logp, b, accuracy=True)
+        if self.plan.decoder:
+            for layer in self.plan.decoder_layers:
+                self._record_output(("decoder", "exit", layer), base.logp, self._logp(base.dec[layer]), b,
+                                    accuracy=True)
 
     # --- assembling the report ---------------------------------------------------------------------------
     def _series(self, *key_prefix, layers) -> Series:
@@ -453,9 +470,74 @@ def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOpt
 
 
 # --- entry point ---------------------------------------------------------------------------------------------
+# --- resuming -------------------------------------------------------------------------------------------------
+class _Checkpoint:
+    """Finished batches' per-protein numbers, saved now and then, so an interrupted run continues where it stopped.
+
+    The file is keyed by a fingerprint of the model, the proteins and the options; a different run ignores it.
+    """
+
+    EVERY_SECONDS = 300.0  # how often finished batches are written (and always on Ctrl-C)
+
+    def __init__(self, path: str | None, fingerprint: str):
+        self.path, self.fingerprint = path, fingerprint
+        self.last = time.perf_counter()
+
+    def load(self, analyser: "_Analyser") -> int:
+        """Restore a matching saved state into ``analyser``; returns how many batches it had finished."""
+        import os
+
+        if not self.path or not os.path.exists(self.path):
+            return 0
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+        except Exception:  # a foreign or damaged file: start over (it is only a cache of finished work)
+            return 0
+        if state.get("fingerprint") != self.fingerprint:
+            return 0
+        analyser.acc.values = {k: v.numpy().copy() for k, v in state["values"].items()}
+        for stack, layers in state["cka"].items():
+            for layer, feats in layers.items():
+                analyser.cka[stack][layer] = [feats]
+        analyser.seconds.update(state["seconds"])
+        return int(state["done"])
+
+    def save(self, analyser: "_Analyser", done: int, force: bool = False) -> None:
+        if not self.path or (not force and time.perf_counter() - self.last < self.EVERY_SECONDS):
+            return
+        import os
+
+        from protlm.utils import atomic_path
+
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        state = {
+            "fingerprint": self.fingerprint, "done": done, "seconds": dict(analyser.seconds),
+            "values": {k: torch.from_numpy(v) for k, v in analyser.acc.values.items()},
+            "cka": {stack: {layer: torch.cat(f) for layer, f in layers.items() if f}
+                    for stack, layers in analyser.cka.items()},
+        }
+        with atomic_path(self.path) as tmp:
+            torch.save(state, tmp)
+        self.last = time.perf_counter()
+
+
+def _fingerprint(pretrained, input_path: str, proteins, options: DepthOptions, plan: Plan) -> str:
+    import hashlib
+    import json
+
+    key = {"model": pretrained.source, "config": pretrained.model.config.to_dict(),
+           "dtype": str(next(pretrained.model.parameters()).dtype), "input": str(input_path),
+           "proteins": [p.id for p in proteins], "options": options.to_dict(), "analyses": list(plan.analyses)}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = None, max_proteins: int | None = None,
-                  progress: bool = False) -> DepthReport:
-    """Run the depth analyses of ``pretrained`` (a :class:`protlm.convert.Pretrained`) over a FASTA/CSV file."""
+                  progress: bool = False, state_path: str | None = None) -> DepthReport:
+    """Run the depth analyses of ``pretrained`` (a :class:`protlm.convert.Pretrained`) over a FASTA/CSV file.
+
+    With ``state_path``, finished batches are saved there every few minutes (and on Ctrl-C), and a re-run with
+    the same model, input and options continues from them.
+    """
     from tqdm.auto import tqdm
 
     from protlm.analysis.summary import summary_paragraph
@@ -481,11 +563,22 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
     was_training = model.training
     model.eval()
     analyser = _Analyser(model, plan, options, len(proteins), rates)
+    checkpoint = _Checkpoint(state_path, _fingerprint(pretrained, input_path, proteins, options, plan))
+    done = checkpoint.load(analyser)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            for b in tqdm(batch_list, desc="depth analysis", disable=not progress):
-                analyser.batch(b.to(device))
+            bar = tqdm(total=len(batch_list), initial=done, desc="depth analysis", disable=not progress)
+            try:
+                for i in range(done, len(batch_list)):
+                    analyser.batch(batch_list[i].to(device))
+                    bar.update(1)
+                    checkpoint.save(analyser, i + 1)
+            except KeyboardInterrupt:
+                checkpoint.save(analyser, i, force=True)
+                raise
+            finally:
+                bar.close()
             encoder = analyser.stack_report("encoder")
             decoder = analyser.stack_report("decoder") if plan.decoder else None
             if task is not None:
@@ -500,7 +593,9 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
         acc, nll = analyser.acc.summary(("output", "acc")), analyser.acc.summary(("output", "nll"))
         full = {"denoising_accuracy": acc.mean, "denoising_nll": nll.mean, "n_predictions": pred_total}
     timing = {k: round(v, 3) for k, v in analyser.seconds.items()}
-    timing["total"] = round(time.perf_counter() - t0, 3)
+    timing["total"] = round(sum(analyser.seconds.values()), 3)
+    timing["wall_this_run"] = round(time.perf_counter() - t0, 3)
+    timing["resumed_after_batches"] = done
     report = DepthReport(
         model={"source": pretrained.source, "family": cfg.protlm_family, "d_model": cfg.d_model,
                "encoder_layers": model.encoder.n_layers,

@@ -29,13 +29,18 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _kl_scale(ax, kl: np.ndarray) -> None:
-    """Log scale when the KL values span decades (zeros, e.g. the full model itself, are then not drawn)."""
-    positive = kl[np.isfinite(kl) & (kl > 0)]
+def _auto_scale(ax, values: np.ndarray) -> None:
+    """Log scale when the positive values span more than two decades (zeros are then not drawn), else linear
+    from 0, with plain tick labels either way."""
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
+    positive = values[np.isfinite(values) & (values > 0)]
     if positive.size > 1 and positive.max() / positive.min() > 100:
         ax.set_yscale("log")
     else:
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(bottom=0, top=max(float(positive.max()) * 1.08, 1e-6) if positive.size else 1)
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+        ax.yaxis.set_minor_formatter(NullFormatter())
 
 
 def _stacks(report):
@@ -47,7 +52,7 @@ def plot_contribution(report, path: str) -> str | None:
     if not stacks:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(len(stacks), 2, figsize=(11, 3.6 * len(stacks)), squeeze=False)
+    fig, axes = plt.subplots(len(stacks), 2, figsize=(11, 3.8 * len(stacks)), squeeze=False, constrained_layout=True)
     for row, rep in zip(axes, stacks):
         co = rep.contribution
         x = np.asarray(co.layers)
@@ -59,7 +64,7 @@ def plot_contribution(report, path: str) -> str | None:
             style = dict(marker="o", ms=3, lw=2.2 if label.startswith("whole") else 1.3, label=label)
             row[0].errorbar(x, _arr(rel.mean), yerr=_arr(rel.std), capsize=2, **style)
             row[1].errorbar(x, _arr(cos.mean), yerr=_arr(cos.std), capsize=2, **style)
-        row[0].set_yscale("log")
+        _auto_scale(row[0], np.concatenate([_arr(r.mean) for _, r, _ in series if r is not None]))
         row[0].set_ylabel("‖update‖ / ‖h‖")
         row[0].set_title(f"{rep.stack}: relative size of each update")
         row[1].axhline(0, color="grey", lw=0.8)
@@ -82,7 +87,7 @@ def plot_skip(report, path: str) -> str | None:
     from matplotlib.colors import LogNorm, Normalize
 
     fig, axes = plt.subplots(len(stacks), 2, figsize=(13, 4.6 * len(stacks)), squeeze=False,
-                             gridspec_kw={"width_ratios": [1.25, 1], "wspace": 0.45})
+                             gridspec_kw={"width_ratios": [1.25, 1]}, constrained_layout=True)
     for row, rep in zip(axes, stacks):
         sk = rep.skip
         m = np.array([_arr(r) for r in sk.hidden_change])
@@ -114,7 +119,7 @@ def plot_skip(report, path: str) -> str | None:
             ax2 = ax.twinx()
             kl = _arr(sk.output_kl.mean)
             ax2.plot(x, kl, "o-", color="tab:blue", label="KL(full‖skipped)")
-            _kl_scale(ax2, kl)
+            _auto_scale(ax2, kl)
             ax2.set_ylabel("KL(full ‖ skipped), nats", color="tab:blue")
             ax.set_title(f"{rep.stack}: change of the output distribution")
         else:
@@ -133,7 +138,7 @@ def plot_early_exit(report, path: str) -> str | None:
     if not stacks:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(stacks), figsize=(6 * len(stacks), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(stacks), figsize=(6.5 * len(stacks), 4.2), squeeze=False, constrained_layout=True)
     for ax, rep in zip(axes[0], stacks):
         ee = rep.early_exit
         x = np.asarray(ee.layers)
@@ -144,8 +149,8 @@ def plot_early_exit(report, path: str) -> str | None:
         ax2 = ax.twinx()
         kl = _arr(ee.kl.mean)
         ax2.plot(x, kl, "^-", color="tab:blue", label="KL(full‖exit)")
-        _kl_scale(ax2, kl)
-        ax2.set_ylabel("KL (nats)", color="tab:blue")
+        _auto_scale(ax2, kl)
+        ax2.set_ylabel("KL(full ‖ exit), nats", color="tab:blue")
         kind = "early exit into the decoder" if rep.stack == "encoder" else "logit lens"
         ax.set_title(f"{rep.stack}: {kind}")
         ax.set_xlabel("layer l")
@@ -153,7 +158,8 @@ def plot_early_exit(report, path: str) -> str | None:
         ax.grid(alpha=0.3)
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="center right")
+        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
     fig.suptitle(f"Early exit — {report.model['source']}", fontsize=10)
     return _save(fig, path)
 
@@ -163,7 +169,7 @@ def plot_probe(report, path: str) -> str | None:
     if pr is None:
         return None
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
     ax.plot(pr.layers, pr.score, "o-", label=f"{pr.task} Q3 (linear probe)")
     ax.axhline(pr.majority_baseline, color="grey", ls=":", label="majority class")
     ax.axhline(0.95 * pr.best_score, color="tab:orange", ls="--", lw=1, label="95% of best")
@@ -182,10 +188,16 @@ def plot_cka(report, path: str) -> str | None:
     if not stacks:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(stacks), figsize=(5.5 * len(stacks), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(stacks), figsize=(5.5 * len(stacks), 4.6), squeeze=False, constrained_layout=True)
     for ax, rep in zip(axes[0], stacks):
         sim = rep.similarity
-        im = ax.imshow(np.array(sim.cka, dtype=float), vmin=0, vmax=1, cmap="viridis", origin="lower")
+        m = np.array(sim.cka, dtype=float)
+        im = ax.imshow(m, vmin=0, vmax=1, cmap="viridis", origin="lower")
+        if m.size <= 400:
+            for (i, j), v in np.ndenumerate(m):
+                if np.isfinite(v):
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6,
+                            color="black" if v > 0.6 else "white")
         ax.set_xticks(range(len(sim.layers)), sim.layers)
         ax.set_yticks(range(len(sim.layers)), sim.layers)
         ax.set_xlabel("layer")

@@ -27,7 +27,7 @@ PROBE_TASKS = ("ssp3",)
 SSP3_CLASSES = "HEC"
 SSP3_FILES = ("flip_ss3_sequences.fasta.gz", "flip_ss3_sampled.fasta.gz", "flip_ss3_mask.fasta.gz")
 DATA_ENV = "PROTLM_DATA"  # a folder holding the benchmark data folders (e.g. ssp_netsurfp/)
-ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)  # ridge strength relative to the mean feature variance
+ALPHAS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # ridge strength, relative to the mean eigenvalue of X^T X
 
 
 # --- data ----------------------------------------------------------------------------------------------------

@@ -53,10 +53,12 @@ def run_depth(args: argparse.Namespace) -> int:
     from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
     from protlm.analysis.write import resolve_truncation
     from protlm.cli.common import load_model
-    from protlm.errors import InputError
+    from protlm.errors import ConfigError, InputError
 
     if not os.path.exists(args.input):
         raise InputError(f"{args.input}: no such file")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ConfigError(f"{args.out}: exists and is not a directory")
     task = None if args.task.lower() == "none" else args.task
     options = DepthOptions(
         analyses=tuple(args.analyses) if args.analyses else None, decoder=args.decoder,
@@ -70,8 +72,12 @@ def run_depth(args: argparse.Namespace) -> int:
         from protlm.analysis.truncate import check_cut
 
         check_cut(pre.model.encoder.n_layers, resolve_truncation(None, args.truncate_at))
-    report = analyze_depth(pre, args.input, options, max_proteins=args.max_proteins, progress=not args.quiet)
+    state = os.path.join(args.out, ".depth-state.pt")  # finished batches; a re-run of the same command resumes
+    report = analyze_depth(pre, args.input, options, max_proteins=args.max_proteins, progress=not args.quiet,
+                           state_path=state)
     written = write_depth_outputs(report, args.out, pre, args.truncate_at)
+    if os.path.exists(state):
+        os.unlink(state)
     print(report.summary)
     print()
     for name, path in written.items():

@@ -141,6 +141,9 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
     ``pre`` is what :func:`protlm.load` / :func:`protlm.random_init` return. ``prefixes`` is a string, a list
     of strings, a list of (id, sequence) pairs or FASTA records, or a dict id -> sequence. Keyword arguments
     override fields of ``config`` (e.g. ``strategy="greedy"``, ``max_new_tokens=50``).
+
+    The encoder gets ``[S2S]`` when the vocabulary has it (Ankh3) and no prefix otherwise; only models trained
+    with the completion task (Ankh3, protlm pretraining) give meaningful continuations.
     """
     config = GenerationConfig(**{**(config.to_dict() if config else {}), **overrides})
     config.validate()
@@ -152,7 +155,9 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
     prefix_ids = task_prefix(tok, "s2s")
     rows = []  # (record index, encoder ids, limit)
     for i, (rid, seq) in enumerate(records):
-        seq = seq.strip().upper() if isinstance(seq, str) else seq
+        if not isinstance(seq, str):
+            raise InputError(f"{rid}: prefix must be a string of residues, got {type(seq).__name__}")
+        seq = seq.strip().upper()
         if not seq:
             raise InputError(f"{rid}: empty prefix; completion needs at least one residue")
         ids = tok.residue_array(seq, record=rid)

@@ -381,15 +381,17 @@ class Stack(nn.Module):
 
     def _bias(self, q_len: int, k_len: int, offset: int) -> Tensor:
         # (1, H, Lq, Lk), contiguous, in the table's dtype
+        # The bias depends only on the offset k - q, so it is looked up once per offset (Lq + Lk - 1 of them,
+        # not Lq * Lk) and spread into the (H, Lq, Lk) Toeplitz matrix with one strided copy.
         table = self.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # (buckets, H)
-        q_pos = torch.arange(offset, offset + q_len, device=table.device)[:, None]
-        k_pos = torch.arange(k_len, device=table.device)[None, :]
+        # row i of the unfolded view must start at offset -(offset + i); unfold gives increasing starts, so the
+        # offsets run from the last query row's first key upwards and the rows are flipped afterwards
+        rel = torch.arange(k_len + q_len - 1, device=table.device) - (offset + q_len - 1)
         buckets = relative_position_bucket(
-            k_pos - q_pos, not self.is_decoder, self.cfg.relative_attention_num_buckets,
-            self.cfg.relative_attention_max_distance,
+            rel, not self.is_decoder, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance,
         )
-        # indexing the transposed table gives (H, Lq, Lk) laid out as SDPA reads it, so no layer copies it
-        return table.t()[:, buckets].unsqueeze(0)
+        per_offset = F.embedding(buckets, table).t().contiguous()  # (H, Lq + Lk - 1)
+        return per_offset.unfold(1, k_len, 1).flip(1).unsqueeze(0)  # (1, H, Lq, Lk), contiguous
 
     def self_mask(self, attention_mask: Tensor | None, q_len: int, k_len: int, offset: int, dtype: torch.dtype) -> Tensor:
         """Position bias plus padding (and causality in the decoder) as one additive mask.
