@@ -272,6 +272,7 @@ def main() -> None:
     ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
     ap.add_argument("--fasta", default=DEFAULT_FASTA, help="proteins to encode (FASTA, .gz allowed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the protein sample")
+    ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60)")
     ap.add_argument("--max-tokens", type=int, default=1536, help="protlm's padded-token budget per batch")
     ap.add_argument("--hf-budgets", type=int, nargs="*", default=[1536],
                     help="token budgets tried for transformers besides one sequence at a time")
@@ -300,8 +301,17 @@ def main() -> None:
         print(f"matmul peak {dtype}: {peaks[dtype] / 1e9:.0f} GFLOP/s (2048^3, best of 7)")
     out: list[dict] = []
     for name, (overrides, n) in shapes.items():
-        run_shape(name, overrides, n, args, peaks, out)
+        run_shape(name, overrides, args.proteins or n, args, peaks, out)
     print(f"\nload average at end: {load_average()}")
+    for dtype in args.dtypes:  # the machine is shared: the practical peak is the best seen at either end
+        again = matmul_flops({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
+        print(f"matmul peak {dtype} at end: {again / 1e9:.0f} GFLOP/s")
+        if again > peaks[dtype]:
+            for r in out:
+                if r["dtype"] == dtype:
+                    r["pt_share"] *= peaks[dtype] / again
+                    r["hf_share"] *= peaks[dtype] / again
+            peaks[dtype] = again
     print("\n| shape | dtype | protlm res/s | transformers res/s (best set-up) | ratio | share of matmul peak "
           "(protlm / tf) | peak RSS MiB (protlm / tf) |")
     print("|---|---|---|---|---|---|---|")

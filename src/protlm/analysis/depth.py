@@ -231,8 +231,9 @@ class _Baseline:
     logp: Tensor | None = None  # (B, Ld, V) the full model's log-probabilities
 
 
-# --- the per-batch work --------------------------------------------------------------------------------------
 class _Analyser:
+    """Runs the analyses batch by batch and keeps the per-protein numbers; ``stack_report`` summarises them."""
+
     def __init__(self, model, plan: Plan, options: DepthOptions, n_proteins: int, cka_rates: dict[str, float]):
         self.model = model
         self.plan = plan

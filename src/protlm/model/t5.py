@@ -16,7 +16,6 @@ Numerics that published checkpoints depend on:
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -47,72 +46,7 @@ class RMSNorm(nn.Module):
         return self.weight * y
 
 
-class _FusedWeights:
-    """The row-wise concatenation of several ``nn.Linear`` weights, built on first use for inference.
-
-    One matmul against ``[W_q; W_k; W_v]`` (or ``[W_i0; W_i1]``) keeps the CPU's matmul units busier than three
-    (two) narrow ones. The state dict keeps the separate Hugging Face tensors; this is a cache beside them. It is
-    used only when autograd is off, and is rebuilt when any source weight is replaced or edited in place
-    (``load_state_dict``, ``.to()``, an optimizer step), so it can never serve stale values. Modules drop it on
-    ``.to()``/``.train()`` so it does not hold memory for weights that are gone.
-    """
-
-    def __init__(self, *names: str):
-        self.names = names
-        self.key: tuple | None = None
-        self.refs: list[weakref.ref] = []
-        self.weight: Tensor | None = None
-
-    def get(self, owner: nn.Module) -> Tensor | None:
-        if torch.is_grad_enabled():
-            return None
-        weights = [getattr(owner, n).weight for n in self.names]
-        # identity (a weak reference, so a new Parameter at a recycled address still misses), storage and
-        # version counter of every source
-        key = tuple((id(w), w.data_ptr(), _version(w), w.dtype, w.device) for w in weights)
-        if key != self.key or any(r() is not w for r, w in zip(self.refs, weights)):
-            self.weight = None  # free the old one before building the new
-            self.weight = torch.cat(weights, dim=0)
-            self.key, self.refs = key, [weakref.ref(w) for w in weights]
-        return self.weight
-
-    def clear(self) -> None:
-        self.key, self.refs, self.weight = None, [], None
-
-    def __getstate__(self) -> dict:  # copies and pickles start empty (weak references do not pickle)
-        return {"names": self.names, "key": None, "refs": [], "weight": None}
-
-
-def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors (made under torch.inference_mode) have no version counter
-        return -1
-
-
-class _CachesFusedWeights(nn.Module):
-    """Drops fused-weight caches whenever parameters move or training starts."""
-
-    _fused: tuple[_FusedWeights, ...] = ()
-
-    def _apply(self, fn, recurse=True):
-        for f in self._fused:
-            f.clear()
-        return super()._apply(fn, recurse)
-
-    def train(self, mode: bool = True):
-        if mode:
-            for f in self._fused:
-                f.clear()
-        return super().train(mode)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        for f in self._fused:
-            f.clear()
-        return super()._load_from_state_dict(*args, **kwargs)
-
-
-class FeedForward(_CachesFusedWeights):
+class FeedForward(nn.Module):
     """T5 FFN: ``wo(act(wi x))`` or, gated, ``wo(act(wi_0 x) * wi_1 x)``."""
 
     def __init__(self, cfg: T5Config):
@@ -121,34 +55,25 @@ class FeedForward(_CachesFusedWeights):
         if self.gated:
             self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
             self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self._wi = _FusedWeights("wi_0", "wi_1")
-            self._fused = (self._wi,)
         else:
             self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
         self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
-        self.d_ff = cfg.d_ff
-        self.act_name = cfg.activation
-
-    def act(self, t: Tensor) -> Tensor:
-        if self.act_name == "gelu":  # "gelu" in T5 checkpoints is gelu_new, the tanh approximation
-            return F.gelu(t, approximate="tanh")
-        return F.silu(t) if self.act_name == "silu" else F.relu(t)
+        act = cfg.activation
+        # "gelu" in T5 checkpoints is gelu_new, the tanh approximation.
+        self.act = {"relu": F.relu, "silu": F.silu, "gelu": lambda t: F.gelu(t, approximate="tanh")}[act]
 
     def forward(self, x: Tensor) -> Tensor:
         if not self.gated:
             h = self.act(self.wi(x))
-        else:
-            fused = self._wi.get(self)
-            if fused is None:
-                h = self.act(self.wi_0(x)) * self.wi_1(x)
-            else:  # inference: one matmul, and the gate multiplies in place (nothing is kept for backward)
-                gate, lin = F.linear(x, fused).split(self.d_ff, dim=-1)
-                h = self.act(gate).mul_(lin)
+        elif torch.is_grad_enabled():
+            h = self.act(self.wi_0(x)) * self.wi_1(x)
+        else:  # inference: gate in place, one (B, L, d_ff) buffer fewer
+            h = self.act(self.wi_0(x)).mul_(self.wi_1(x))
         return self.wo(self.dropout(h).to(self.wo.weight.dtype))
 
 
-class Attention(_CachesFusedWeights):
+class Attention(nn.Module):
     """Multi-head attention through SDPA, with the position bias and padding passed as one additive mask."""
 
     def __init__(self, cfg: T5Config, has_relative_bias: bool):
@@ -162,21 +87,9 @@ class Attention(_CachesFusedWeights):
         self.dropout_p = cfg.dropout_rate
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
-        self._qkv = _FusedWeights("q", "k", "v")
-        self._kv = _FusedWeights("k", "v")
-        self._fused = (self._qkv, self._kv)
 
-    def _heads(self, x: Tensor, n: int = 1) -> list[Tensor]:
-        """(B, L, n*H*D) -> n tensors (B, H, L, D) (views, no copy)."""
-        B, L = x.shape[0], x.shape[1]
-        return list(x.view(B, L, n, self.n_heads, self.d_kv).permute(2, 0, 3, 1, 4).unbind(0))
-
-    def _project_kv(self, src: Tensor) -> tuple[Tensor, Tensor]:
-        fused = self._kv.get(self)
-        if fused is None:
-            return self._heads(self.k(src))[0], self._heads(self.v(src))[0]
-        k, v = self._heads(F.linear(src, fused), 2)
-        return k, v
+    def _heads(self, x: Tensor) -> Tensor:  # (B, L, H*D) -> (B, H, L, D)
+        return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_kv).transpose(1, 2)
 
     def forward(
         self,
@@ -186,37 +99,25 @@ class Attention(_CachesFusedWeights):
         cache: "LayerCache | None" = None,
         cross: bool = False,
     ) -> Tensor:
-        cached_cross = cross and cache is not None and cache.cross_k is not None
-        fused_qkv = None if (cross or kv_input is not None) else self._qkv.get(self)
-        if fused_qkv is not None:  # self-attention at inference: one matmul for q, k and v
-            q, k, v = self._heads(F.linear(x, fused_qkv), 3)
+        q = self._heads(self.q(x))
+        if cross and cache is not None and cache.cross_k is not None:
+            k, v = cache.cross_k, cache.cross_v
         else:
-            q = self._heads(self.q(x))[0]
-            if cached_cross:
-                k, v = cache.cross_k, cache.cross_v
-            else:
-                k, v = self._project_kv(x if kv_input is None else kv_input)
-        if cache is not None and not cached_cross:
-            if cross:
-                cache.cross_k, cache.cross_v = k, v
-            else:
-                if cache.self_k is not None:
-                    k = torch.cat([cache.self_k, k], dim=2)
-                    v = torch.cat([cache.self_v, v], dim=2)
-                cache.self_k, cache.self_v = k, v
+            src = x if kv_input is None else kv_input
+            k, v = self._heads(self.k(src)), self._heads(self.v(src))
+            if cache is not None:
+                if cross:
+                    cache.cross_k, cache.cross_v = k, v
+                else:
+                    if cache.self_k is not None:
+                        k = torch.cat([cache.self_k, k], dim=2)
+                        v = torch.cat([cache.self_v, v], dim=2)
+                    cache.self_k, cache.self_v = k, v
         if mask is not None and mask.dtype != q.dtype:
             mask = mask.to(q.dtype)
-        if mask is not None and mask.requires_grad and q.device.type == "cpu":
-            # Training the position bias on CPU: no fused SDPA kernel returns the mask's gradient, so SDPA
-            # falls back to its reference path, which also upcasts bf16 to fp32. Plain matmul-softmax-matmul
-            # in the input dtype is the same computation and several times faster.
-            scores = torch.matmul(q, k.transpose(-1, -2)) + mask  # (B, H, Lq, Lk)
-            probs = F.dropout(scores.softmax(-1), self.dropout_p, self.training)
-            out = torch.matmul(probs, v)  # (B, H, Lq, D)
-        else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, scale=1.0
-            )  # (B, H, Lq, D)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, scale=1.0
+        )  # (B, H, Lq, D)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.d_kv)
         return self.o(out)
 
@@ -380,12 +281,11 @@ class Stack(nn.Module):
         return self._bias(q_len, k_len, offset).float()
 
     def _bias(self, q_len: int, k_len: int, offset: int) -> Tensor:
-        # (1, H, Lq, Lk), contiguous, in the table's dtype
-        # The bias depends only on the offset k - q, so it is looked up once per offset (Lq + Lk - 1 of them,
-        # not Lq * Lk) and spread into the (H, Lq, Lk) Toeplitz matrix with one strided copy.
+        # (1, H, Lq, Lk), contiguous, in the table's dtype. The bias depends only on k - q, so it is looked up
+        # once per distinct offset (Lq + Lk - 1 of them, not Lq * Lk: no (L, L) bucket tensors) and spread into
+        # the Toeplitz matrix by one copy. Row i needs offsets -(offset + i) .. k_len - 1 - (offset + i); unfold
+        # yields rows with increasing starts, i.e. the query rows in reverse, hence the flip.
         table = self.block[0].layer[0].SelfAttention.relative_attention_bias.weight  # (buckets, H)
-        # row i of the unfolded view must start at offset -(offset + i); unfold gives increasing starts, so the
-        # offsets run from the last query row's first key upwards and the rows are flipped afterwards
         rel = torch.arange(k_len + q_len - 1, device=table.device) - (offset + q_len - 1)
         buckets = relative_position_bucket(
             rel, not self.is_decoder, self.cfg.relative_attention_num_buckets, self.cfg.relative_attention_max_distance,

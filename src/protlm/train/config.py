@@ -32,6 +32,10 @@ class ModelSection:
     preset: str = "tiny"  # a protlm preset (protlm info x --presets lists them)
     overrides: dict[str, Any] = field(default_factory=dict)  # T5Config fields that differ from the preset
     init_from: str | None = None  # a checkpoint directory to start from instead of a random init
+    # Init of an untied LM head when starting from random weights. "t5x": normal with std d_model**-0.5, as in
+    # T5X/flaxformer (fan-in variance scaling), the code Ankh3 was trained with; "hf": the model's own init,
+    # transformers' std 1.0, whose logits start ~sqrt(d_model) wide (initial loss in the tens of nats).
+    lm_head_init: str = "t5x"
 
 
 @dataclass
@@ -138,6 +142,7 @@ class TrainConfig:
             "run.parallel": (self.run.parallel, ("auto", "none", "ddp", "fsdp")),
             "run.device": (self.run.device, ("auto", "cpu", "cuda")),
             "data.policy": (self.data.policy, ("skip", "error")),
+            "model.lm_head_init": (self.model.lm_head_init, ("t5x", "hf")),
         }
         for key, (value, allowed) in choices.items():
             if value not in allowed:

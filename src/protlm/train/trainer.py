@@ -109,6 +109,9 @@ class Trainer:
             tok = protlm_tokenizer()
             mcfg = build_model_config(cfg, tok)
             model = T5(mcfg)
+            if cfg.model.lm_head_init == "t5x" and model.lm_head is not None and not mcfg.tie_word_embeddings:
+                with torch.no_grad():
+                    model.lm_head.weight.normal_(0.0, mcfg.initializer_factor * mcfg.d_model ** -0.5)
         model.train()
         return tok, model, mcfg
 
