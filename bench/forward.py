@@ -242,7 +242,8 @@ def run_shape(name, overrides, n_proteins, args, peaks, out) -> None:
                     print(f"  pilot {label(spec):55s} {r['res_per_s']:8.1f} res/s  (load {r['load']})")
                 hf_spec = dict(max(trials, key=lambda t: t[0])[1], rows=rows_path)
             else:
-                hf_spec = dict(base, impl="hf", dtype=dtype, mode="cast", max_tokens=0, rows=rows_path)
+                budget = args.hf_budgets[0] if args.hf_budgets else 0
+                hf_spec = dict(base, impl="hf", dtype=dtype, mode="cast", max_tokens=budget, rows=rows_path)
             pt_spec = dict(base, impl="protlm", dtype=dtype, mode="cast", max_tokens=args.max_tokens, rows=rows_path)
             results = {"protlm": [], "hf": []}
             for rnd in range(args.rounds):
@@ -278,7 +279,9 @@ def main() -> None:
                     help="token budgets tried for transformers besides one sequence at a time")
     ap.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per side (best counts)")
     ap.add_argument("--pilot-fraction", type=int, default=6, help="transformers set-ups are tried on 1/N of the proteins")
-    ap.add_argument("--no-pilot", action="store_true", help="transformers: one sequence at a time, weights cast")
+    ap.add_argument("--no-pilot", action="store_true",
+                    help="skip the pilot: transformers gets weights cast and the first --hf-budgets value (0 or none: one "
+                         "sequence at a time)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -252,3 +252,21 @@ def test_torchrun_two_processes_write_one_file_like_one_process(checkpoint, tmp_
     for oid in a.ids():
         assert np.abs(a[oid] - b[oid]).max() <= 1e-5
     assert not os.path.exists(str(two) + ".parts")
+
+
+def test_merges_during_the_run_keep_the_file_current(model, tmp_path, monkeypatch):
+    import protlm.embed.store as store
+
+    monkeypatch.setattr(store, "_MERGE_MIN_BYTES", 1)  # merge after every segment
+    merges = []
+    real = store.EmbeddingWriter.merge
+    monkeypatch.setattr(store.EmbeddingWriter, "merge", lambda self: merges.append(len(EmbeddingStore(self.path)))
+                        or real(self))
+    seqs = _ecoli(12)
+    embed_files(model, seqs, per_protein=tmp_path / "p.h5", checkpoint_seconds=0, max_tokens=300, progress=False)
+    assert len(merges) > 3 and merges == sorted(merges) and merges[0] < merges[-1]
+    ref = protlm.embed(model, seqs)
+    got = EmbeddingStore(tmp_path / "p.h5")
+    assert sorted(got.ids()) == sorted(seqs)
+    for oid in seqs:
+        assert np.abs(got[oid] - ref[oid]).max() <= 1e-5

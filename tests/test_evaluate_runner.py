@@ -165,6 +165,8 @@ def test_model_source_embeds_through_protlm_embed_and_caches(tmp_path, suite_fil
     cache = str(tmp_path / "cache")
     src = ModelSource("debug", random_init_of="debug", cache_dir=cache, threads=1)
     assert src.name == "debug (random init)" and src.baseline
+    s2s = ModelSource("debug", random_init_of="debug", cache_dir=cache, prefix="s2s")
+    assert s2s.name == "debug (random init) [S2S]" and s2s.key == src.key + "-s2s"  # a column per prefix
     run = run_suite(suite, [src], str(tmp_path / "out"), quick=True, tasks=["SSP-3", "GB1"], progress=False,
                     log=lambda s: None)
     assert all(c.embed_seconds > 0 for c in run.cells)

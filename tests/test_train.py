@@ -292,3 +292,12 @@ def test_cli_pretrain(tmp_path, capsys):
     assert main(["pretrain", "--config", path, "--set", "optim.lr=fast"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "protlm pretrain: error: --set: optim.lr must be float, got 'fast'"
+
+
+def test_time_limit_stops_with_checkpoint_and_export(tmp_path):
+    path = write_config(tmp_path, tmp_path / "out", run={"steps": 1000, "time_limit_minutes": 1e-6},
+                        eval={"every": 500}, checkpoint={"every": 500})
+    result = Trainer(load_config(path)).run()
+    assert result.step == 1
+    assert os.listdir(tmp_path / "out" / "checkpoints") == ["step_00000001"]
+    assert val_losses(tmp_path / "out") and os.path.exists(os.path.join(result.final_dir, "model.safetensors"))

@@ -35,8 +35,9 @@ def add_parser(sub) -> None:
                    help="override a suite setting, e.g. training.epochs=5, seeds=[7], tasks.SSP-3.training.lr=1e-3")
     p.add_argument("--data-root", help="directory the suite's dataset paths are relative to (default: the suite's data_root)")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer to embed (default: -1, the last)")
-    p.add_argument("--prefix", default="auto", choices=["auto", "nlu", "s2s", "none"],
-                   help="task token before the sequence (default: by model family, [NLU] for Ankh3)")
+    p.add_argument("--prefix", action="append", choices=["auto", "nlu", "s2s", "none"],
+                   help="task token before the sequence (default: by model family, [NLU] for Ankh3); repeat "
+                        "(--prefix nlu --prefix s2s) for a column per prefix, as in Table 5")
     p.add_argument("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                    help="dtype of the embedding forward pass (default: auto, fp32 on CPU)")
     p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
@@ -67,15 +68,15 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = args.cache_dir or os.environ.get("PROTLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
-    common = dict(layer=args.layer, prefix=args.prefix, cache_dir=cache, dtype=args.embed_dtype, device=device,
-                  threads=args.threads)
+    common = dict(layer=args.layer, cache_dir=cache, dtype=args.embed_dtype, device=device, threads=args.threads)
+    prefixes = list(dict.fromkeys(args.prefix or ["auto"]))
     sources = [] if args.no_baselines else [OneHotSource()]
     for spec in args.random_init:
-        sources.append(ModelSource(spec, random_init_of=spec, **common))
+        sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in prefixes]
     for spec in args.model:
         if not args.no_baselines:
-            sources.append(ModelSource(spec, random_init_of=spec, **common))
-        sources.append(ModelSource(spec, **common))
+            sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in prefixes]
+        sources += [ModelSource(spec, prefix=p, **common) for p in prefixes]
     for item in args.embeddings:
         name, _, directory = item.rpartition("=")
         sources.append(DirectorySource(directory, name or None, None if args.layer == -1 else args.layer))

@@ -25,9 +25,10 @@ from protlm.errors import ConfigError, InputError
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Padded-token budget per batch when the user gives none. On this CPU (2 cores, AVX-512) batches of 1-2k padded
-# tokens ran faster than the 4,000-residue batches GPU recipes use (bench/embed.py); GPUs want larger batches.
-DEFAULT_MAX_TOKENS = {"cpu": 2048, "cuda": 16384}
+# Padded-token budget per batch when the user gives none. On a 2-core AVX-512 CPU, budgets of 512-2048 tokens ran
+# 5-20% faster than 4096 (12-layer d768 model, fp32 and bf16; bench/README.md), so CPU batches stay small; GPUs
+# need large batches to fill.
+DEFAULT_MAX_TOKENS = {"cpu": 1024, "cuda": 16384}
 DEFAULT_WINDOW = 4000  # residues; longer proteins go through overlapping windows
 DEFAULT_OVERLAP = None  # residues shared by neighbouring windows; None: window // 4 (1000 for the default window,
 #                         so every cut leaves >= 500 residues of context on each side)

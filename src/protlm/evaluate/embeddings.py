@@ -138,6 +138,9 @@ class ModelSource(Source):
         else:
             self.name = name or _display(spec)
             self.key = f"{_safe(_display(spec))}-{_checkpoint_fingerprint(spec)}"
+        if prefix != "auto":  # Table 5 reports Ankh3 with [NLU] and with [S2S]: one column each
+            self.name += f" [{prefix.upper()}]" if name is None else ""
+            self.key += f"-{prefix}"
 
     def _config_hash(self) -> str:
         return _short_hash(json.dumps(self._config().to_dict(), sort_keys=True))

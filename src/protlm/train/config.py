@@ -86,6 +86,9 @@ class RunSection:
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
     seed: int = 0  # model init, data order and objective draws all derive from it
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
+    # Stop early (validate, checkpoint, export) once this many minutes of training have passed; 0 = no limit.
+    # The step reached is in the logs; --resume with a later limit continues the same run.
+    time_limit_minutes: float = 0.0
 
 
 @dataclass

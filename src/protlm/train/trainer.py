@@ -222,6 +222,7 @@ class Trainer:
         window_steps = 0
         last: dict[str, float] = {}
         grad_norm = torch.zeros((), device=env.device)
+        started = time.monotonic()
         try:
             while step < cfg.run.steps:
                 micro = [next(data) for _ in range(self.accum)]
@@ -256,12 +257,13 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
 
-                if step % cfg.log.every == 0 or step == cfg.run.steps:
+                final = step == cfg.run.steps or self._out_of_time(started)
+                if step % cfg.log.every == 0 or final:
                     last = self._report(step, window, window_table, window_steps, lr, grad_norm, peak, metrics, bar)
                     window.reset()
                     window_table.zero_()
                     window_steps = 0
-                if val and (step % cfg.eval.every == 0 or step == cfg.run.steps):
+                if val and (step % cfg.eval.every == 0 or final):
                     v = self._validate(net, val, mcfg, residue_ids, autocast)
                     v.update(baseline)
                     last.update(v)
@@ -273,9 +275,11 @@ class Trainer:
                         f" vs unigram {v.get(f'val/{t}/unigram_loss', math.nan):.4f})"
                         for t in TASKS if f"val/{t}/loss" in v))
                     window.reset()  # validation time is not training throughput
-                if step % cfg.checkpoint.every == 0 or step == cfg.run.steps:
+                if step % cfg.checkpoint.every == 0 or final:
                     self._save(step, net, optimizer, batches, mcfg)
                     window.reset()
+                if final:
+                    break
         finally:
             if bar is not None:
                 bar.close()
@@ -286,6 +290,18 @@ class Trainer:
         return TrainResult(step, self.out, final_dir, last, env.is_main)
 
     # --- pieces of a step -----------------------------------------------------------------------------------
+    def _out_of_time(self, started: float) -> bool:
+        """Whether run.time_limit_minutes has passed (rank 0's clock decides, so all processes stop together)."""
+        limit = self.cfg.run.time_limit_minutes
+        if limit <= 0:
+            return False
+        flag = torch.tensor([float(time.monotonic() - started > 60.0 * limit) if self.env.is_main else 0.0],
+                            device=self.env.device)
+        stop = bool(all_reduce_sum(flag).item())
+        if stop:
+            self._log(f"time limit of {limit:g} minutes reached; finishing")
+        return stop
+
     def _autocast(self):
         if self.cfg.run.precision == "bf16":
             return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
