@@ -154,7 +154,7 @@ def parallelize(model: nn.Module, strategy: str, env: DistEnv, activation_checkp
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return DistributedDataParallel(model, device_ids=ids)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

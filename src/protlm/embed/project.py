@@ -110,7 +110,12 @@ def _reduce(x: np.ndarray, method: str, seed: int, perplexity: float) -> tuple[n
     k = min(50, x.shape[0], x.shape[1])
     reduced = PCA(n_components=k, random_state=seed).fit_transform(x) if x.shape[1] > k else x
     perp = min(perplexity, max(1.0, (x.shape[0] - 1) / 3))
-    coords = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(reduced)
+    from threadpoolctl import threadpool_limits
+
+    # One thread: maps of a few thousand proteins take seconds, while OpenMP threads waiting on a busy machine
+    # made the same fit up to 200x slower.
+    with threadpool_limits(limits=1):
+        coords = TSNE(n_components=2, perplexity=perp, init="pca", random_state=seed).fit_transform(reduced)
     return coords, f"t-SNE, perplexity {perp:g}, on {k} principal components"
 
 

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
+import yaml
 
 from protlm.errors import InputError
 from protlm.evaluate.datasets import Record, load_dataset
@@ -171,8 +172,6 @@ def run_suite(
     selected = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
     seeds = (suite.quick.seeds if quick and suite.quick.seeds else None) or suite.seeds
     run = SuiteRun(suite, sources, quick)
-    import yaml
-
     atomic_write_text(os.path.join(out_dir, "suite.yaml"), yaml.safe_dump(
         {**suite.raw, "run": {"quick": quick, "tasks": [t.name for t in selected], "seeds": seeds,
                               "sources": [s.describe() for s in sources], "device": device,
@@ -238,11 +237,12 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
             cell.embed_cpu_seconds += prepared.cpu_seconds
             stores[ds] = prepared
         features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
-        dropped = {id(e) for split, exs in data.splits.items() for e in exs} - {id(e) for exs in kept.values() for e in exs}
+        dropped = {id(e) for exs in data.splits.values() for e in exs} - {id(e) for exs in kept.values() for e in exs}
         for fold in data.folds:
             kept_folds[fold.index] = Fold(fold.index, [e for e in fold.train if id(e) not in dropped],
                                           [e for e in fold.valid if id(e) not in dropped],
                                           {k: [e for e in v if id(e) not in dropped] for k, v in fold.tests.items()})
+    per_seed: dict[str, dict[str, dict[int, list]]] = {}  # test -> metric -> seed -> values (one per fold)
     for seed, fold, path, h, done in plan:
         if done is None:
             f = kept_folds[fold.index]
@@ -264,12 +264,15 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
         cell.best_epochs.append(int(res.get("best_epoch", 0)))
         for test_name, metrics in res["test"].items():
             for metric, value in metrics.items():
-                per_seed = cell.values.setdefault(test_name, {}).setdefault(metric, {})
-                per_seed.setdefault(seed, []).append(value)
+                per_seed.setdefault(test_name, {}).setdefault(metric, {}).setdefault(seed, []).append(value)
+    if features is not None:
+        for prepared in features.stores.values():
+            close = getattr(prepared.arrays, "close", None)
+            if close is not None:
+                close()
     # One value per seed; with leave-one-out, the mean over that seed's folds (i.e. over the test proteins).
-    for test_name, metrics in cell.values.items():
-        for metric, per_seed in metrics.items():
-            metrics[metric] = [_nanmean(per_seed.get(s, [])) for s in seeds]
+    cell.values = {test: {metric: [_nanmean(by_seed.get(s, [])) for s in seeds] for metric, by_seed in metrics.items()}
+                   for test, metrics in per_seed.items()}
     n_split = {k: len(v) for k, v in data.splits.items()}
     cell.n = n_split
     cell.wall_seconds = time.perf_counter() - t0
