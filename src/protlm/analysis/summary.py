@@ -29,6 +29,12 @@ def summary_paragraph(report) -> str:
     if report.model["random_init"]:
         out.append("This model is randomly initialised: the numbers describe the architecture at initialisation, "
                    "not computation it has learned.")
+    fm = report.full_model
+    if fm and fm.get("denoising_accuracy") is not None and math.isfinite(fm["denoising_accuracy"]):
+        # context for every output measure below: a model that barely beats a residue-frequency guess has flat
+        # output distributions, whose top-1 flips under tiny KL changes
+        out.append(f"The full model restores {fm['denoising_accuracy']:.1%} of the masked residues (NLL "
+                   f"{fm['denoising_nll']:.3g} nats per residue; a uniform guess over 20 residues is {math.log(20):.2f}).")
     for rep in (report.encoder, report.decoder):
         if rep is None:
             continue
@@ -41,9 +47,9 @@ def summary_paragraph(report) -> str:
             worst = int(np.nanargmax(flips)) if np.isfinite(flips).any() else None
             if k is not None:
                 i = sk.skipped.index(k)
-                out.append(f"Removing any single one of {name} layers {k}…{n} changes the output by less than "
-                           f"{max(flips[i:]):.1%} (share of masked-residue predictions whose top-1 changes; "
-                           f"KL ≤ {max(kls[i:]):.3g} nats).")
+                out.append(f"Removing any single one of {name} layers {k}…{n} changes the output by at most "
+                           f"{max(flips[i:]):.1%}, below the {thr:.0%} threshold (share of masked-residue predictions "
+                           f"whose top-1 changes; KL ≤ {max(kls[i:]):.3g} nats).")
             else:
                 out.append(f"No tail of {name} layers is dispensable at a {thr:.0%} threshold: removing the last "
                            f"analysed layer ({sk.skipped[-1]}) alone changes {flips[-1]:.1%} of top-1 predictions.")
@@ -100,8 +106,8 @@ def markdown(report, plots: dict[str, str]) -> str:
     m, inp = report.model, report.inputs
     lines = [f"# Depth analysis: {m['source']}", "",
              f"{m['encoder_layers']} encoder + {m['decoder_layers']} decoder layers, d_model {m['d_model']}, "
-             f"{m['dtype']}; {inp['n_proteins']} proteins ({inp['n_residues']} residues, {inp['n_cropped']} cropped to "
-             f"{report.options['max_length']}) from `{inp['path']}`."]
+             f"{m['dtype']}; {inp['n_proteins']} proteins, {inp['n_residues']} residues ({inp['n_cropped']} proteins cropped "
+             f"to a {report.options['max_length']}-residue window) from `{inp['path']}`."]
     if report.full_model:
         fm = report.full_model
         lines.append(f"Full model on the denoising targets: top-1 accuracy {_fmt(fm['denoising_accuracy'])}, "
@@ -158,6 +164,10 @@ def markdown(report, plots: dict[str, str]) -> str:
         t = report.truncated
         lines += ["## Truncated model", "", f"Encoder cut after layer {t['layer']} of {m['encoder_layers']} written to "
                   f"`{t['path']}` ({t['parameters']:,} parameters, {t['share_of_encoder']:.0%} of the encoder).", ""]
-    timing = ", ".join(f"{k} {v:.1f} s" for k, v in report.timing.items())
-    lines += ["## Cost", "", timing, ""]
+    t = report.timing
+    parts = ", ".join(f"{k} {v:.1f} s" for k, v in t.items() if k not in ("total", "wall_this_run", "resumed_after_batches"))
+    cost = f"{t['total']:.1f} s in all ({parts})."
+    if t.get("resumed_after_batches"):
+        cost += f" Resumed after {t['resumed_after_batches']} finished batches; this run took {t['wall_this_run']:.1f} s."
+    lines += ["## Cost", "", cost, ""]
     return "\n".join(lines)

@@ -16,7 +16,8 @@ def add_parser(sub) -> None:
     p.add_argument("--labels", help="CSV with an id column and a label column (ids as in the FASTA headers)")
     p.add_argument("--id-column", help="id column of --labels (default: 'id'/'name'/'accession'..., else the first)")
     p.add_argument("--label-column", help="label column of --labels (default: the first column that is not the id)")
-    p.add_argument("--layer", type=int, default=None, help="layer to plot from a multi-layer file (default: the last stored)")
+    p.add_argument("--layer", type=int, default=None,
+                   help="layer to plot from a multi-layer file (default: the last stored)")
     p.add_argument("-o", "--output", required=True, help="image file (.png, .pdf, .svg)")
     p.add_argument("--coords", help="also write the 2D coordinates to this CSV")
     p.add_argument("--title", default=None, help="plot title (default: the file and model)")

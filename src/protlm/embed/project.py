@@ -28,7 +28,8 @@ class Projection:
     note: str  # e.g. PCA's explained variance, for the plot title and the report
 
 
-def read_labels(path: str | os.PathLike, id_column: str | None = None, label_column: str | None = None) -> tuple[dict[str, str], str]:
+def read_labels(path: str | os.PathLike, id_column: str | None = None,
+                label_column: str | None = None) -> tuple[dict[str, str], str]:
     """``{id: label}`` from a CSV (or .csv.gz/.tsv); columns guessed by name when not given. Returns the label
     column's name too."""
     from protlm.data.fasta import open_text
@@ -50,7 +51,8 @@ def read_labels(path: str | os.PathLike, id_column: str | None = None, label_col
         others = [c for c in cols if c != id_col]
         lab_col = label_column or (others[0] if others else None)
         if lab_col is None or lab_col not in cols:
-            raise InputError(f"{path}: no label column {lab_col!r} (columns: {', '.join(cols)}); pick one with --label-column")
+            raise InputError(f"{path}: no label column {lab_col!r} (columns: {', '.join(cols)}); "
+                             "pick one with --label-column")
         i_id, i_lab = cols.index(id_col), cols.index(lab_col)
         out: dict[str, str] = {}
         for n, row in enumerate(reader, 2):

@@ -160,8 +160,8 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
     rank, world, local_rank = _dist_env()
     if world > 1:
         _init_process_group()
-    if opts.device is None and world > 1 and torch.cuda.is_available():
-        opts.device = f"cuda:{local_rank}"
+    if world > 1 and (opts.device == "cuda" or (opts.device is None and torch.cuda.is_available())):
+        opts.device = f"cuda:{local_rank}"  # one GPU per process
     pre, copy_model = _load_model(model, random_init, seed, opts)
     run = _Run(pre, opts, copy_model)
     arrays, groups = run.tokenize(records)

@@ -2,7 +2,8 @@
 
 Layout:
 - one dataset per sequence at the root, named by a safe key (the id with characters HDF5 cannot hold in a
-  name replaced), with ``attrs["original_id"]`` holding the FASTA id;
+  name replaced; when two ids would get the same key, each gets ``~`` and a short hash of the id appended), with
+  ``attrs["original_id"]`` holding the FASTA id: read by original id, not by dataset name;
 - per-residue arrays are (L, D), per-protein arrays are (D,);
 - when several layers are stored, arrays gain a leading layer axis: (n_layers, L, D) or (n_layers, D), and the
   file attribute ``layers`` lists them in order;
