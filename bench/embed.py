@@ -1,7 +1,10 @@
 """End-to-end embedding speed: ``protlm embed`` against transformers recipes on the same weights.
 
-For each model shape and dtype, three runs on the same real proteins, each in a fresh process (so that peak RSS
-is per method), timed from reading the FASTA file to a written per-protein HDF5 file (model loading excluded):
+For each model shape and dtype, three methods embed the same real proteins, each method in its own process
+(so peak RSS is per method). The proteins are split into chunks and the methods take turns chunk by chunk
+(the order rotating every round), so that the load other jobs put on a shared machine falls on all of them
+alike. Each chunk is timed from reading its FASTA file to a written per-protein HDF5 file (model loading
+excluded):
 
 - ``protlm``: :func:`protlm.embed.embed_files` with its defaults for the device (length-sorted token-budget
   batches, weights in the compute dtype, inference mode);
@@ -13,12 +16,12 @@ is per method), timed from reading the FASTA file to a written per-protein HDF5 
 
 Shapes: ``d768x12`` (12 layers, d_model 768, Ankh-base's block) on ``--n`` proteins and ``ankh-base`` (48 layers)
 on ``--n-large`` proteins, random weights saved with ``protlm.save_pretrained`` and loaded by both libraries.
-The table gives residues/s, ratios, peak RSS, and the share of this machine's measured matmul FLOP/s (useful
-FLOPs: projections, feed-forward and attention on real tokens only).
+Reported: residues/s, ratios, peak RSS per process, and the share of this machine's matmul FLOP/s (useful FLOPs:
+projections, feed-forward and attention on real tokens only; the matmul rate is measured in every round too).
 
-    .venv/bin/python bench/embed.py                           # the full run (hours on 2 CPU cores)
-    .venv/bin/python bench/embed.py --n 40 --n-large 8        # a quick look
-    .venv/bin/python bench/embed.py --titin                   # also: one 35,000-residue protein, ankh-base, bf16
+    .venv/bin/python bench/embed.py --threads 1                       # the full run (hours on 2 busy cores)
+    .venv/bin/python bench/embed.py --threads 1 --n 40 --n-large 8    # a quick look
+    .venv/bin/python bench/embed.py --threads 1 --titin-only          # one 35,000-residue protein, ankh-base, bf16
 """
 
 from __future__ import annotations
@@ -27,11 +30,9 @@ import argparse
 import json
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -49,22 +50,21 @@ def main() -> None:
     ap.add_argument("--data", default=DEFAULT_DATA, help="FASTA(.gz) of real proteins (default: E. coli K-12 proteome)")
     ap.add_argument("--n", type=int, default=1000, help="proteins for the 12-layer shape")
     ap.add_argument("--n-large", type=int, default=100, help="proteins for the 48-layer ankh-base shape")
+    ap.add_argument("--chunk", type=int, default=50, help="proteins per turn (default 50)")
     ap.add_argument("--shapes", default="d768x12,ankh-base")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-tokens", type=int, default=None, help="protlm's batch budget (default: its CPU default)")
     ap.add_argument("--threads", type=int, default=None,
-                    help="torch threads in every run (default: torch's choice); 1 is the fair setting on a loaded machine")
+                    help="torch threads in every process (default: torch's choice); 1 is fairer on a busy machine")
     ap.add_argument("--titin", action="store_true", help="also embed one 35,000-residue protein (ankh-base, bf16)")
     ap.add_argument("--titin-only", action="store_true", help="only the 35,000-residue protein")
     ap.add_argument("--json", default=None, help="write all measurements here")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        print(json.dumps(_worker(json.loads(args.worker))))
+        _worker(json.loads(args.worker))
         return
-    if args.titin_only:
-        args.shapes = ""
 
     import numpy as np
     import torch
@@ -77,52 +77,99 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="protlm-bench-embed-")
     records = list(read_fasta(args.data, policy="x"))
     print(f"# data: {args.data} ({len(records)} proteins); work dir {work}")
-    print(f"# load at start: {_load()}; torch threads {_threads()}; {os.cpu_count()} CPUs")
-    peaks = _matmul_peaks()
-    print(f"# measured matmul peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; load at start {_load()}",
+          flush=True)
     results = []
-    for shape in filter(None, args.shapes.split(",")):
+    for shape in ([] if args.titin_only else args.shapes.split(",")):
         n = args.n if shape == "d768x12" else args.n_large
         sample = random.Random(0).sample(records, min(n, len(records)))
-        fasta = os.path.join(work, f"{shape}-{n}.fasta")
-        with open(fasta, "w") as fh:
-            for r in sample:
-                fh.write(f">{r.id}\n{r.sequence}\n")
+        chunks = []
+        for c in range(0, len(sample), args.chunk):
+            path = os.path.join(work, f"{shape}-{c // args.chunk:03d}.fasta")
+            with open(path, "w") as fh:
+                fh.writelines(f">{r.id}\n{r.sequence}\n" for r in sample[c:c + args.chunk])
+            chunks.append(path)
         ckpt = _checkpoint(work, shape)
         cfg = protlm.T5Config.from_json(os.path.join(ckpt, "config.json"))
         lengths = [len(r.sequence) for r in sample]
         flops = sum(_flops(cfg, L + 1) for L in lengths)  # + </s>
-        print(f"\n## {shape}: {cfg.num_layers} layers, d_model {cfg.d_model}, {n} proteins, {sum(lengths):,} residues "
-              f"(median {int(np.median(lengths))}, max {max(lengths)}), {flops / 1e12:.1f} TFLOP per pass")
+        print(f"\n## {shape}: {cfg.num_layers} layers, d_model {cfg.d_model}, {len(sample)} proteins in {len(chunks)} "
+              f"turns, {sum(lengths):,} residues (median {int(np.median(lengths))}, max {max(lengths)}), "
+              f"{flops / 1e12:.1f} TFLOP per pass", flush=True)
         for dtype in args.dtypes.split(","):
-            row = {}
-            for method in args.methods.split(","):
-                job = dict(method=method, ckpt=ckpt, fasta=fasta, dtype=dtype, max_tokens=args.max_tokens,
-                           threads=args.threads, out=os.path.join(work, f"{shape}-{dtype}-{method}.h5"))
-                before = _load()
-                r = _run_worker(job)
-                r.update(shape=shape, dtype=dtype, method=method, load_before=before, load_after=_load(),
-                         residues=sum(lengths), flops=flops)
+            rows = _compare(args, work, shape, dtype, ckpt, chunks)
+            for r in rows.values():
+                r.update(shape=shape, dtype=dtype, residues=sum(lengths), flops=flops)
                 r["res_per_s"] = r["residues"] / r["seconds"]
-                r["flop_share"] = flops / r["seconds"] / peaks[dtype]
-                row[method] = r
-                results.append(r)
-                print(f"  {dtype:5s} {method:10s} {r['res_per_s']:8.0f} res/s  {r['seconds']:8.1f} s  peak RSS "
-                      f"{r['peak_rss_mib']:6.0f} MiB (embedding phase +{r['phase_rss_mib']:.0f})  "
-                      f"{r['flop_share']:.0%} of matmul peak  load {before}->{r['load_after']}", flush=True)
-            if "protlm" in row:
+                r["flop_share"] = flops / r["seconds"] / r["matmul"]
+                print(f"  {dtype:5s} {r['method']:10s} {r['res_per_s']:8.0f} res/s  {r['seconds']:8.1f} s  "
+                      f"peak RSS {r['peak_rss_mib']:6.0f} MiB  {r['flop_share']:.0%} of matmul rate "
+                      f"({r['matmul'] / 1e9:.0f} GFLOP/s)", flush=True)
+            if "protlm" in rows:
                 for ref in ("prottrans", "hf-single"):
-                    if ref in row:
-                        diff = _max_diff(row["protlm"]["out"], row[ref]["out"])
-                        print(f"  {dtype:5s} protlm / {ref}: {row['protlm']['res_per_s'] / row[ref]['res_per_s']:.2f}x "
-                              f"speed, peak RSS {row['protlm']['peak_rss_mib'] / row[ref]['peak_rss_mib']:.2f}x, "
+                    if ref in rows:
+                        diff = max(_max_diff(a, b) for a, b in zip(rows["protlm"]["outs"], rows[ref]["outs"]))
+                        print(f"  {dtype:5s} protlm / {ref}: {rows['protlm']['res_per_s'] / rows[ref]['res_per_s']:.2f}x "
+                              f"speed, {rows['protlm']['peak_rss_mib'] / rows[ref]['peak_rss_mib']:.2f}x peak RSS, "
                               f"max |diff| of per-protein vectors {diff:.1e}", flush=True)
+            results += list(rows.values())
     if args.titin or args.titin_only:
         results.append(_titin(work, records, args.threads))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
     print(f"\n# load at end: {_load()}")
+
+
+def _compare(args, work: str, shape: str, dtype: str, ckpt: str, chunks: list[str]) -> dict[str, dict]:
+    """Start one process per method, give them the chunks in turn, return totals per method."""
+    methods = args.methods.split(",")
+    workers = {m: _Worker(dict(method=m, ckpt=ckpt, dtype=dtype, max_tokens=args.max_tokens, threads=args.threads))
+               for m in methods}
+    for w in workers.values():
+        w.wait_ready()
+    seconds = {m: 0.0 for m in methods}
+    outs: dict[str, list[str]] = {m: [] for m in methods}
+    rates, loads = [], [_load()]
+    for i, chunk in enumerate(chunks):
+        order = methods[i % len(methods):] + methods[:i % len(methods)]
+        for m in order:
+            out = os.path.join(work, f"{shape}-{dtype}-{m}-{i:03d}.h5")
+            seconds[m] += workers[m].call(dict(cmd="run", fasta=chunk, out=out))["seconds"]
+            outs[m].append(out)
+        rates.append(_matmul_rate(dtype))
+        loads.append(_load())
+        print(f"    turn {i + 1}/{len(chunks)}: " + ", ".join(f"{m} {seconds[m]:.0f} s" for m in methods)
+              + f"; load {loads[-1]}", flush=True)
+    rows = {}
+    for m, w in workers.items():
+        end = w.call(dict(cmd="quit"))
+        rows[m] = dict(method=m, seconds=seconds[m], outs=outs[m], peak_rss_mib=end["peak_rss_mib"],
+                       matmul=sum(rates) / len(rates), load=f"{loads[0]} -> {loads[-1]}")
+    return rows
+
+
+class _Worker:
+    """A method in its own process, driven by one JSON line per command."""
+
+    def __init__(self, job: dict):
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.job = job
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def call(self, msg: dict) -> dict:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"worker {self.job['method']} ({self.job['dtype']}) died; see its stderr above")
+        return json.loads(line)
 
 
 def _titin(work: str, records, threads: int | None) -> dict:
@@ -135,14 +182,16 @@ def _titin(work: str, records, threads: int | None) -> dict:
     fasta = os.path.join(work, "titin-sized.fasta")
     with open(fasta, "w") as fh:
         fh.write(f">titin_sized\n{seq[:35000]}\n")
-    job = dict(method="protlm", ckpt=_checkpoint(work, "ankh-base"), fasta=fasta, dtype="bf16",
-               out=os.path.join(work, "titin.h5"), max_tokens=None, threads=threads)
     before = _load()
-    r = _run_worker(job)
-    r.update(shape="ankh-base", dtype="bf16", method="protlm-titin", residues=35000, load_before=before, load_after=_load())
-    print(f"\n## 35,000-residue protein, ankh-base shape, bf16, window 4000 / overlap 1000: {r['seconds']:.0f} s, "
-          f"{35000 / r['seconds']:.0f} res/s, peak RSS {r['peak_rss_mib']:.0f} MiB  load {before}->{r['load_after']}")
-    return r
+    w = _Worker(dict(method="protlm", ckpt=_checkpoint(work, "ankh-base"), dtype="bf16", max_tokens=None,
+                     threads=threads))
+    w.wait_ready()
+    seconds = w.call(dict(cmd="run", fasta=fasta, out=os.path.join(work, "titin.h5")))["seconds"]
+    peak = w.call(dict(cmd="quit"))["peak_rss_mib"]
+    print(f"\n## 35,000-residue protein, ankh-base shape, bf16, window 4000 / overlap 1000: {seconds:.0f} s, "
+          f"{35000 / seconds:.0f} res/s, peak RSS {peak:.0f} MiB; load {before} -> {_load()}", flush=True)
+    return dict(method="protlm-titin", shape="ankh-base", dtype="bf16", seconds=seconds, peak_rss_mib=peak,
+                residues=35000)
 
 
 def _checkpoint(work: str, shape: str) -> str:
@@ -165,21 +214,20 @@ def _flops(cfg, tokens: int) -> float:
     return cfg.num_layers * (proj + ffn + attn)
 
 
-def _matmul_peaks() -> dict[str, float]:
+def _matmul_rate(dtype: str, size: int = 1024) -> float:
+    """Best FLOP/s of square matmuls (3 tries of 5) with the current thread setting."""
     import torch
 
-    out = {}
-    for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(2048, 2048, dtype=dt), torch.randn(2048, 2048, dtype=dt)
-        a @ b
-        best = 0.0
-        for _ in range(3):
-            t = time.perf_counter()
-            for _ in range(5):
-                a @ b
-            best = max(best, 5 * 2 * 2048**3 / (time.perf_counter() - t))
-        out[name] = best
-    return out
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    a, b = torch.randn(size, size, dtype=dt), torch.randn(size, size, dtype=dt)
+    a @ b
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * size**3 / (time.perf_counter() - t))
+    return best
 
 
 def _max_diff(a: str, b: str) -> float:
@@ -193,49 +241,13 @@ def _load() -> str:
     return "/".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _run_worker(job: dict) -> dict:
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker failed ({job['method']} {job['dtype']}):\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 # --- worker ------------------------------------------------------------------------------------------------------
-class _RssSampler:
-    """Highest resident set size seen while running (sampled every 5 ms from /proc)."""
+def _worker(job: dict) -> None:
+    import resource
 
-    def __init__(self):
-        self.peak = self.start = _rss()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def _loop(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss())
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, _rss())
-
-
-def _rss() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _worker(job: dict) -> dict:
+    # replies go to the real stdout; anything libraries print goes to stderr
+    reply = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
     import torch
 
     if job["threads"]:
@@ -246,24 +258,27 @@ def _worker(job: dict) -> dict:
         from protlm.embed import embed_files
 
         pre = protlm.load(job["ckpt"], dtype=dtype, encoder_only=True)
+        opts = {"max_tokens": job["max_tokens"]} if job["max_tokens"] else {}
 
-        def run():
-            opts = {"max_tokens": job["max_tokens"]} if job["max_tokens"] else {}
-            embed_files(pre, job["fasta"], per_protein=job["out"], dtype=job["dtype"], progress=False, **opts)
+        def run(fasta, out):
+            embed_files(pre, fasta, per_protein=out, dtype=job["dtype"], progress=False, **opts)
     else:
         from transformers import T5EncoderModel
 
         model = T5EncoderModel.from_pretrained(job["ckpt"], attn_implementation="sdpa", dtype=dtype).eval()
 
-        def run():
-            _transformers_recipe(model, job["ckpt"], job["fasta"], job["out"], single=job["method"] == "hf-single")
-    with _RssSampler() as mem:
+        def run(fasta, out):
+            _transformers_recipe(model, job["ckpt"], fasta, out, single=job["method"] == "hf-single")
+    reply.write(json.dumps({"ready": True}) + "\n")
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["cmd"] == "quit":
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+            reply.write(json.dumps({"peak_rss_mib": peak / 2**20}) + "\n")
+            return
         t = time.perf_counter()
-        run()
-        seconds = time.perf_counter() - t
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return dict(seconds=seconds, peak_rss_mib=peak / 2**20, phase_rss_mib=(mem.peak - mem.start) / 2**20,
-                out=job["out"], threads=torch.get_num_threads())
+        run(msg["fasta"], msg["out"])
+        reply.write(json.dumps({"seconds": time.perf_counter() - t}) + "\n")
 
 
 def _transformers_recipe(model, ckpt: str, fasta: str, out: str, single: bool) -> None:

@@ -115,6 +115,7 @@ def _embed_dir(suite, directory, tiny_config):
                 ds.attrs["original_id"] = oid
 
 
+@pytest.mark.slow
 def test_suite_end_to_end_resume_and_report(tmp_path, suite_file, tiny_config):
     suite = load_suite(suite_file)
     emb = str(tmp_path / "emb")

@@ -71,6 +71,7 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.accum = cfg.accumulation(self.env.world_size)
         self.strategy = resolve_strategy(cfg.run.parallel, self.env)
+        self._val_spare: dict[str, dict] = {}  # per task, a batch to repeat (uncounted) when this share is empty
 
     # --- setup ----------------------------------------------------------------------------------------------
     def _log(self, msg: str) -> None:
@@ -147,6 +148,8 @@ class Trainer:
             mine.sort(key=lambda e: len(e.input_ids))
             out[task] = [collate(mine[i:i + cfg.eval.batch_size], tok)
                          for i in range(0, len(mine), cfg.eval.batch_size)]
+            if examples:  # a process whose share is empty still has to join every forward (see _validate)
+                self._val_spare[task] = collate(examples[:1], tok)
         return out
 
     def _unigram_baseline(self, tok: Tokenizer, val: dict[str, list[dict]]) -> dict[str, float]:
@@ -357,9 +360,7 @@ class Trainer:
                 torch.distributed.all_reduce(counts, op=torch.distributed.ReduceOp.MAX)
             batches = val[task]
             for i in range(int(counts.item())):
-                b = batches[i] if i < len(batches) else batches[-1] if batches else None
-                if b is None:
-                    continue
+                b = batches[i] if i < len(batches) else batches[-1] if batches else self._val_spare[task]
                 b = {k: (v.to(self.env.device) if torch.is_tensor(v) else v) for k, v in b.items()}
                 with autocast:
                     out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
@@ -377,7 +378,8 @@ class Trainer:
 
         try:
             plot_curves(os.path.join(self.out, "metrics.jsonl"), os.path.join(self.out, "curves.png"),
-                        title=f"{os.path.basename(self.out)}: {self.cfg.model.preset}")
+                        title=f"{os.path.basename(self.out)}: preset {self.cfg.model.preset}"
+                              + (" with overrides" if self.cfg.model.overrides else ""))
         except (OSError, ValueError) as err:  # a plot is a convenience; never stop training for it
             self._log(f"could not draw curves.png ({err})")
 
