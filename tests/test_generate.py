@@ -222,3 +222,38 @@ def test_min_new_tokens_holds_back_eos_like_transformers(tmp_path):
     ours = generate(pre, PREFIXES, strategy="greedy", max_new_tokens=16, min_new_tokens=6)
     assert [c.continuation for c in ours] == expected
     assert all(len(c.continuation) >= 6 for c in ours) and any(c.stop == "eos" for c in ours)
+
+
+def test_cli_generate_resumes_a_killed_job_exactly(tmp_path, monkeypatch):
+    import protlm.cli.generate as cli_generate
+    import protlm.generate as gen_pkg
+    from protlm.cli.main import main
+
+    monkeypatch.setattr(cli_generate, "PART", 2)
+    prefixes = tmp_path / "p.fasta"
+    prefixes.write_text("".join(f">p{i}\nMKTAYIAKQR"[: 12 + i] + "\n" for i in range(5)))
+    argv = ["generate", "debug", "--random-init", "--input", str(prefixes), "--max-new-tokens", "5", "--seed", "3"]
+    whole = tmp_path / "whole.fasta"
+    assert main([*argv, "-o", str(whole)]) == 0
+
+    real, calls = gen_pkg.generate, []
+
+    def dies_on_second_part(*a, **k):
+        calls.append(k.get("first_index"))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen_pkg, "generate", dies_on_second_part)
+    out = tmp_path / "out.fasta"
+    assert main([*argv, "-o", str(out)]) == 130  # Ctrl-C during the second part
+    assert not out.exists() and (tmp_path / "out.fasta.partial").read_text().count(">") == 2
+    monkeypatch.setattr(gen_pkg, "generate", real)
+    assert main([*argv, "-o", str(out)]) == 0
+    assert out.read_text() == whole.read_text()
+    assert not (tmp_path / "out.fasta.partial").exists() and not (tmp_path / "out.fasta.partial.json").exists()
+
+    # a partial file left by other settings is never mixed in
+    (tmp_path / "o2.fasta.partial").write_text(">x\nM\n")
+    (tmp_path / "o2.fasta.partial.json").write_text('{"job": "other", "done": 1, "bytes": 5}')
+    assert main([*argv, "--seed", "4", "-o", str(tmp_path / "o2.fasta")]) == 2

@@ -1,11 +1,11 @@
-"""Small helpers shared by every layer: atomic file writes."""
+"""Small helpers shared by every layer: atomic file writes, reading a YAML mapping with clear errors."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import tempfile
-from typing import Iterator
+from typing import Any, Iterator
 
 
 @contextlib.contextmanager
@@ -33,3 +33,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:
+    """Read a YAML file whose top level is a mapping; an empty file is an empty mapping.
+
+    A missing file, invalid YAML (with its line) or a top level that is not a mapping is a one-line
+    :class:`~protlm.errors.ConfigError` naming the file; ``what`` says what the file was meant to be.
+    """
+    import yaml
+
+    from protlm.errors import ConfigError
+
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{source}: is a directory, not a {what}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None)
+        raise ConfigError(f"{source}: not valid YAML{where}" + (f" ({problem})" if problem else "")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level of this {what}")
+    return data

@@ -27,7 +27,8 @@ def add_parser(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prefix", action="append", help="a prefix sequence (repeat for several)")
     src.add_argument("--input", help="FASTA (or CSV) file of prefixes")
-    p.add_argument("-o", "--output", help="output FASTA (default: stdout)")
+    p.add_argument("-o", "--output", help="output FASTA (default: stdout); a long job writes OUTPUT.partial as it "
+                                             "goes, and re-running the same command continues from it")
     p.add_argument("--num", type=int, default=1, help="sequences per prefix (default 1)")
     length = p.add_mutually_exclusive_group()
     length.add_argument("--max-new-tokens", type=int, help="cap on generated residues (default 512)")
@@ -106,19 +107,82 @@ def read_prefixes(args: argparse.Namespace) -> list[tuple[str, str]]:
     return records
 
 
+PART = 256  # prefixes per part of a resumable job
+
+
 def run(args: argparse.Namespace) -> int:
     from protlm.generate import generate, to_fasta
-    from protlm.utils import atomic_write_text
 
     config = build_config(args)
     config.validate()  # before loading a model: bad options fail fast
     prefixes = read_prefixes(args)
-    pre = load(args)
-    completions = generate(pre, prefixes, config)
-    text = to_fasta(completions, config, only_new=args.only_new)
     if args.output:
-        atomic_write_text(args.output, text)
-        print(f"wrote {len(completions)} sequences to {args.output}", file=sys.stderr)
-    else:
-        sys.stdout.write(text)
+        return _run_to_file(args, config, prefixes)
+    pre = load(args)
+    sys.stdout.write(to_fasta(generate(pre, prefixes, config), config, only_new=args.only_new))
     return 0
+
+
+def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
+    """Generate in parts of PART prefixes, appending each finished part to OUTPUT.partial (with a state file
+    that names the job), so that a killed job continues where it stopped; OUTPUT appears when all is done."""
+    import hashlib
+    import json
+    import os
+
+    from tqdm.auto import tqdm
+
+    from protlm.generate import generate, to_fasta
+
+    out = args.output
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        raise InputError(f"{out}: the directory {out_dir} does not exist")
+    partial, state_path = out + ".partial", out + ".partial.json"
+    job = hashlib.sha256(json.dumps([os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
+                                     args.random_init, args.init_seed, args.dtype, config.to_dict(),
+                                     args.only_new, prefixes]).encode()).hexdigest()[:16]
+    done = 0
+    if os.path.exists(state_path) and os.path.exists(partial):
+        with open(state_path) as fh:
+            state = json.load(fh)
+        if state.get("job") != job:
+            raise InputError(f"{partial}: left by a different job (other model, settings or input); delete it and "
+                             f"{state_path} to start over")
+        done = state["done"]
+        with open(partial, "r+b") as fh:  # drop anything written after the last finished part
+            fh.truncate(state["bytes"])
+        print(f"resuming: {done} of {len(prefixes)} prefixes already in {partial}", file=sys.stderr)
+    else:
+        open(partial, "wb").close()
+    pre = load(args)
+    bar = tqdm(total=len(prefixes), initial=done, unit="prefix", desc="generate", disable=not sys.stderr.isatty())
+    try:
+        while done < len(prefixes):
+            part = prefixes[done:done + PART]
+            text = to_fasta(generate(pre, part, config, first_index=done), config, only_new=args.only_new)
+            with open(partial, "ab") as fh:
+                fh.write(text.encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            done += len(part)
+            _write_state(state_path, {"job": job, "done": done, "bytes": size})
+            bar.update(len(part))
+    except OSError as err:
+        raise InputError(f"{partial}: could not write ({err.strerror}); {done} prefixes done are kept, re-run to "
+                         "continue") from None
+    finally:
+        bar.close()
+    os.replace(partial, out)
+    os.unlink(state_path)
+    print(f"wrote {len(prefixes) * config.num_return} sequences to {out}", file=sys.stderr)
+    return 0
+
+
+def _write_state(path: str, state: dict) -> None:
+    import json
+
+    from protlm.utils import atomic_write_text
+
+    atomic_write_text(path, json.dumps(state))

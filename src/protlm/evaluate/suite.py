@@ -33,6 +33,7 @@ from protlm.errors import ConfigError
 from protlm.evaluate.heads import HeadConfig
 from protlm.evaluate.tasks import TaskSpec
 from protlm.evaluate.training import TrainConfig
+from protlm.utils import read_yaml_mapping
 
 TOP_KEYS = ("name", "description", "data_root", "seeds", "head", "training", "quick", "datasets", "tasks")
 QUICK_KEYS = ("training", "max_train", "max_valid", "max_test", "max_folds", "seeds")
@@ -135,17 +136,7 @@ def apply_override(data: dict[str, Any], item: str) -> None:
 
 def load_suite(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), data_root: str | None = None) -> Suite:
     source = os.fspath(path)
-    try:
-        with open(source, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such suite file") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        raise ConfigError(f"{source}: not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level")
-    data = copy.deepcopy(data)
+    data = read_yaml_mapping(source, "suite file")
     for item in overrides:
         apply_override(data, item)
     return parse_suite(data, source, data_root)

@@ -135,7 +135,8 @@ def _as_records(prefixes) -> list[tuple[str, str]]:
     return out
 
 
-def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides) -> list[Completion]:
+def generate(pre, prefixes, config: GenerationConfig | None = None, first_index: int = 0,
+             **overrides) -> list[Completion]:
     """Complete each prefix; returns ``num_return`` completions per prefix, in input order.
 
     ``pre`` is what :func:`protlm.load` / :func:`protlm.random_init` return. ``prefixes`` is a string, a list
@@ -144,6 +145,10 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
 
     The encoder gets ``[S2S]`` when the vocabulary has it (Ankh3) and no prefix otherwise; only models trained
     with the completion task (Ankh3, protlm pretraining) give meaningful continuations.
+
+    Sampled outputs depend on (seed, index of the prefix, sample index). ``first_index`` is the index of the
+    first prefix here, so that a long input done in parts (``protlm generate`` resuming) samples exactly what
+    one call over the whole input would.
     """
     config = GenerationConfig(**{**(config.to_dict() if config else {}), **overrides})
     config.validate()
@@ -195,7 +200,7 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, **overrides)
             enc, mask = _encode(model, tok, [rows[i][1] for i in unique], device)
             index = torch.as_tensor([unique.index(row[0]) for row, _ in chunk], device=device)
             enc, mask = enc.index_select(0, index), mask.index_select(0, index)
-            gens = None if sampling.greedy else row_generators(config.seed, [(row[0], k) for row, k in chunk])
+            gens = None if sampling.greedy else row_generators(config.seed, [(first_index + row[0], k) for row, k in chunk])
             decoded = decode(model, enc, mask, [row[2] for row, _ in chunk], allowed, tok.eos_id, sampling, gens,
                              config.use_cache, config.min_new_tokens)
             for (row, k), d in zip(chunk, decoded):

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from protlm.errors import ConfigError
+from protlm.utils import read_yaml_mapping
 from protlm.objectives import ObjectiveConfig
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -89,6 +90,11 @@ class RunSection:
     # Stop early (validate, checkpoint, export) once this many minutes of training have passed; 0 = no limit.
     # The step reached is in the logs; --resume with a later limit continues the same run.
     time_limit_minutes: float = 0.0
+    # Stop early (validate, checkpoint, export) once this many tokens have gone through the model; 0 = no budget.
+    # A token is a non-padding encoder input or decoder input position, summed over processes (see
+    # Trainer.run); the step that crosses the budget is completed, so a run overshoots by less than one step.
+    # The count is kept in checkpoints, so a resumed run stops at the same budget.
+    token_budget: float = 0.0
 
 
 @dataclass
@@ -163,6 +169,8 @@ class TrainConfig:
             raise bad("optim.warmup_steps", "must be >= 0")
         if len(self.optim.betas) != 2:
             raise bad("optim.betas", f"must hold two numbers, got {self.optim.betas}")
+        if self.run.token_budget < 0:
+            raise bad("run.token_budget", f"must be >= 0, got {self.run.token_budget}")
         if self.data.workers < 0:
             raise bad("data.workers", "must be >= 0")
         if self.eval.every < 0:
@@ -196,21 +204,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
     source = "defaults"
     if path is not None:
         source = os.fspath(path)
-        try:
-            with open(source, encoding="utf-8") as fh:
-                loaded = yaml.safe_load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{source}: no such config file") from None
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark is not None else ""
-            problem = getattr(err, "problem", None)
-            raise ConfigError(f"{source}: not valid YAML{where}" + (f" ({problem})" if problem else "")) from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{source}: expected a mapping of sections at the top level")
-        data = loaded
+        data = read_yaml_mapping(source, "config file")
     cfg = from_dict(TrainConfig, data, source)
     for item in overrides:
         cfg = apply_override(cfg, item)

@@ -1,0 +1,96 @@
+"""Cost of the full depth analysis (``protlm analyze depth``) on a random-init 12-layer d768 model.
+
+The figure is the analysis' wall-clock and CPU time over N real proteins, and the same as a multiple of one
+plain encoder pass over the same proteins in the same process (the reference run): the analysis needs one
+pass with every hidden state kept, one per skipped layer (encoder and decoder), one decoder pass per early-exit
+layer, and the probes, so the multiple says how well those passes are shared.
+
+    .venv/bin/python bench/depth.py                          # 200 proteins, 12+12 layers, bf16, all analyses
+    .venv/bin/python bench/depth.py --decoder-layers 6 --proteins 50 --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import time
+
+import torch
+
+import protlm
+from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
+from protlm.config import preset
+from protlm.data.fasta import read_fasta
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DATA = os.path.join(HERE, "..", "..", "shared", "data")
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def load_average() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+def plain_pass(pre, fasta: str, n: int, max_length: int, dtype: torch.dtype) -> tuple[float, float, int]:
+    """One encoder forward over the first n proteins (cropped like the analysis), one protein at a time."""
+    records = list(read_fasta(fasta, policy="x"))[:n]
+    wall, cpu, residues = time.perf_counter(), cpu_seconds(), 0
+    with torch.inference_mode():
+        for r in records:
+            seq = r.sequence[:max_length]
+            b = pre.tokenizer.batch_encode([seq], prefix="nlu", unknown="x")
+            pre.model.encode(b.input_ids, b.attention_mask)
+            residues += len(seq)
+    return time.perf_counter() - wall, cpu_seconds() - cpu, residues
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fasta", default=os.path.join(DATA, "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz"))
+    ap.add_argument("--probe-data", default=os.path.join(DATA, "ssp_netsurfp"))
+    ap.add_argument("--proteins", type=int, default=200)
+    ap.add_argument("--layers", type=int, default=12, help="encoder layers (d768 blocks, Ankh-base's width)")
+    ap.add_argument("--decoder-layers", type=int, default=12)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--probe-train", type=int, default=200)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", default=None, help="also write the analysis outputs here")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    cfg = preset("ankh-base", num_layers=args.layers, num_decoder_layers=args.decoder_layers)
+    pre = protlm.random_init(cfg, seed=0)
+    pre.model.to(dtype).eval()
+    params = sum(p.numel() for p in pre.model.parameters())
+    print(f"# depth-analysis cost: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"model: {cfg.num_layers}+{cfg.n_decoder_layers} layers, d_model {cfg.d_model}, {params / 1e6:.1f}M "
+          f"parameters, random init, {args.dtype}; {args.proteins} proteins from {os.path.basename(args.fasta)}")
+    print(f"load average at start: {load_average()}", flush=True)
+
+    ref_wall, ref_cpu, residues = plain_pass(pre, args.fasta, args.proteins, args.max_length, dtype)
+    print(f"reference: one encoder pass, {residues} residues: {ref_wall:.1f} s wall, {ref_cpu:.1f} s CPU", flush=True)
+
+    options = DepthOptions(max_length=args.max_length, probe_task="ssp3" if args.probe_train else None,
+                           probe_data=args.probe_data, probe_train=args.probe_train,
+                           probe_test=max(1, args.probe_train // 2))
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    report = analyze_depth(pre, args.fasta, options, max_proteins=args.proteins, progress=True)
+    wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
+    if args.out:
+        write_depth_outputs(report, args.out, pre)
+    print(f"\nfull depth analysis: {wall:.1f} s wall ({wall / 60:.1f} min), {cpu:.1f} s CPU; "
+          f"{wall / ref_wall:.1f}x the reference pass in wall-clock, {cpu / ref_cpu:.1f}x in CPU time")
+    print("time per part (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timing.items()))
+    print(f"load average at end: {load_average()}")
+
+
+if __name__ == "__main__":
+    main()
