@@ -270,3 +270,18 @@ def test_merges_during_the_run_keep_the_file_current(model, tmp_path, monkeypatc
     assert sorted(got.ids()) == sorted(seqs)
     for oid in seqs:
         assert np.abs(got[oid] - ref[oid]).max() <= 1e-5
+
+
+def test_atomic_outputs_get_the_permissions_of_a_plain_open(tmp_path):
+    import os
+
+    from protlm.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+        with open(tmp_path / "b.txt", "w") as fh:
+            fh.write("x")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(tmp_path / "a.txt").st_mode & 0o777) == oct(os.stat(tmp_path / "b.txt").st_mode & 0o777) == "0o644"

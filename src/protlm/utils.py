@@ -18,6 +18,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
     os.close(fd)
+    default_mode(tmp)
     try:
         yield tmp
         os.replace(tmp, path)
@@ -25,6 +26,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def default_mode(path: str) -> None:
+    """Give a file the permissions a plain open() would (mkstemp creates 0600, unreadable to a shared group)."""
+    mask = os.umask(0o022)  # the only way to read the umask is to set it; put it back at once
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

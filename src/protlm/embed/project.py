@@ -128,7 +128,6 @@ def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_nam
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from protlm.embed.store import default_mode
     from protlm.utils import atomic_path
 
     output = os.fspath(output)
@@ -166,13 +165,11 @@ def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_nam
     fig.tight_layout()
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format=ext, bbox_inches="tight")
-        default_mode(tmp)
     plt.close(fig)
     return output
 
 
 def write_coords(proj: Projection, output: str | os.PathLike) -> str:
-    from protlm.embed.store import default_mode
     from protlm.utils import atomic_path
 
     output = os.fspath(output)
@@ -183,7 +180,6 @@ def write_coords(proj: Projection, output: str | os.PathLike) -> str:
             for i, oid in enumerate(proj.ids):
                 row = [oid, f"{proj.coords[i, 0]:.6g}", f"{proj.coords[i, 1]:.6g}"]
                 w.writerow(row + ([proj.labels[i]] if proj.labels is not None else []))
-        default_mode(tmp)
     return output
 
 

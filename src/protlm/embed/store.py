@@ -257,7 +257,6 @@ class EmbeddingWriter:
                     ds = fh.create_dataset(key, data=arr)
                     ds.attrs["original_id"] = oid
                     ds.attrs["sequence_sha1"] = sha
-            default_mode(tmp)
             _fsync(tmp)
         self._buffer, self._buffer_bytes = [], 0
 
@@ -308,7 +307,6 @@ class EmbeddingWriter:
                                                  f"collides with {_plain(out[key].attrs.get('original_id'))!r}")
                             fh.copy(ds, out, name=key)
                 n = len(out)
-            default_mode(tmp)
             _fsync(tmp)
         return n
 
@@ -353,13 +351,6 @@ def _norm(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
-
-
-def default_mode(path: str) -> None:
-    """Give a file written through a temporary file (created 0600) the permissions a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
 
 
 def _fsync(path: str) -> None:
