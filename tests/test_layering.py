@@ -10,8 +10,8 @@ LAYERS = {
     "tokenizer": 2, "model": 2,
     "data": 3, "objectives": 3, "distributed": 3,
     "train": 4, "convert": 4, "embed": 4, "evaluate": 4, "generate": 4,
-    "analysis": 5,
-    "cli": 6,
+    "analysis": 5, "ablate": 5,
+    "demo": 6, "cli": 6,
 }
 ROOT = os.path.dirname(protlm.__file__)
 

@@ -18,6 +18,8 @@ COMMANDS = [
     "generate", "infill", "score",
     "analyze",
     "data", "evaluate",
+    "demo",
+    "ablate",
 ]
 
 

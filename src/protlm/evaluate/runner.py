@@ -73,6 +73,9 @@ class Cell:
     trained_units: int = 0
     missing: dict[str, list[int]] = field(default_factory=dict)  # split -> [missing, total]
     n: dict[str, int] = field(default_factory=dict)  # proteins per split
+    # test -> seed -> per-protein rows (training.per_protein_rows; folds concatenated); empty for unit files
+    # written before per-protein rows were saved
+    per_protein: dict[str, dict[int, list[dict]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -262,6 +265,8 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
         cell.train_seconds += float(res.get("seconds", 0.0))
         cell.train_cpu_seconds += float(res.get("cpu_seconds", 0.0))
         cell.best_epochs.append(int(res.get("best_epoch", 0)))
+        for test_name, rows in (res.get("per_protein") or {}).items():
+            cell.per_protein.setdefault(test_name, {}).setdefault(seed, []).extend(rows)
         for test_name, metrics in res["test"].items():
             for metric, value in metrics.items():
                 per_seed.setdefault(test_name, {}).setdefault(metric, {}).setdefault(seed, []).append(value)

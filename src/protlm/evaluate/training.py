@@ -88,6 +88,8 @@ class RunResult:
     n_test: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0  # wall-clock
     cpu_seconds: float = 0.0  # CPU time of this process (all threads); unlike wall-clock, not inflated by other jobs
+    # test set -> one row per protein (see per_protein_rows): what resampling over proteins needs (bootstrap)
+    per_protein: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -197,6 +199,40 @@ def score(task: TaskSpec, examples: list[Example], preds: list[Any]) -> dict[str
     return {m: found[m] for m in task.metrics}
 
 
+def per_protein_rows(task: TaskSpec, examples: list[Example], preds: list[Any]) -> list[dict[str, Any]]:
+    """One row per test protein, holding just enough to recompute the task's metrics over any subset of the
+    proteins with :func:`score_rows` (pooled residue accuracy needs counts, Spearman the raw pairs)."""
+    rows = []
+    for e, p in zip(examples, preds):
+        row: dict[str, Any] = {"id": f"{e.dataset}/{e.id}"}
+        if task.kind == "residue_classification":
+            keep = e.target >= 0
+            row["correct"] = int((np.asarray(p)[keep] == e.target[keep]).sum())
+            row["scored"] = int(keep.sum())
+        elif task.kind == "protein_classification":
+            row["correct"] = int(p == e.target)
+        elif task.kind == "protein_regression":
+            row["pred"], row["target"] = float(p), float(e.target)
+        else:
+            found = M.contact_metrics([p], [e.target], [e.positions], divisors=(1, 2, 5))
+            row.update({m: (None if math.isnan(found[m]) else found[m]) for m in task.metrics})
+        rows.append(row)
+    return rows
+
+
+def score_rows(kind: str, metric: str, rows: list[dict[str, Any]]) -> float:
+    """A metric from per-protein rows; over all rows it equals :func:`score` (the evaluate tests check this)."""
+    if kind == "residue_classification":
+        total = sum(r["scored"] for r in rows)
+        return sum(r["correct"] for r in rows) / total if total else math.nan
+    if kind == "protein_classification":
+        return float(np.mean([r["correct"] for r in rows])) if rows else math.nan
+    if kind == "protein_regression":
+        return M.spearman([r["pred"] for r in rows], [r["target"] for r in rows])
+    vals = [r[metric] for r in rows if r.get(metric) is not None]
+    return float(np.mean(vals)) if vals else math.nan
+
+
 def train_head(
     task: TaskSpec,
     train: list[Example],
@@ -270,10 +306,13 @@ def train_head(
         if progress is not None:
             progress(step, total, f"epoch {epoch}/{cfg.epochs} valid {primary} {val[primary]:.4f}")
     head.load_state_dict(best[2])
-    test_scores = {name: score(task, exs, predict(head, exs, features, cfg, device, shift, scale))
-                   for name, exs in tests.items()}
+    test_scores, rows = {}, {}
+    for name, exs in tests.items():
+        preds = predict(head, exs, features, cfg, device, shift, scale)
+        test_scores[name] = score(task, exs, preds)
+        rows[name] = per_protein_rows(task, exs, preds)
     return RunResult(
         valid_best=history[best[1] - 1].valid, best_epoch=best[1], test=test_scores, history=history, steps=step,
         n_train=len(train), n_valid=len(valid), n_test={k: len(v) for k, v in tests.items()},
-        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start,
+        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, per_protein=rows,
     )

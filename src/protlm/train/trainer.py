@@ -47,6 +47,7 @@ class TrainResult:
     final_dir: str | None  # the Hugging Face export, when written
     last_metrics: dict[str, float]
     is_main: bool = True  # rank 0 (the process that wrote the logs and the export)
+    tokens_seen: float = 0.0  # encoder + decoder non-padding tokens through the model, over the whole run
 
 
 def build_model_config(cfg: TrainConfig, tok: Tokenizer) -> T5Config:
@@ -195,6 +196,7 @@ class Trainer:
         optimizer = build_optimizer(net, cfg.optim, foreach=False if self.strategy == "fsdp" else None)
 
         step = 0
+        self._tokens_seen = 0.0
         if found is not None:
             step = self._resume_from(found.path, mcfg, net, optimizer, batches)
         # Dropout draws differ between processes (each sees different data); restored exactly on resume.
@@ -227,13 +229,18 @@ class Trainer:
         grad_norm = torch.zeros((), device=env.device)
         started = time.monotonic()
         try:
-            while step < cfg.run.steps:
+            # a run resumed after its token budget was used up has nothing left to train
+            while step < cfg.run.steps and not (0 < cfg.run.token_budget <= self._tokens_seen):
                 micro = [next(data) for _ in range(self.accum)]
                 if micro[0]["step"] != step:  # the data position and the step counter must agree
                     raise CheckpointError(f"data is at step {micro[0]['step']} but training is at step {step}")
-                counts = torch.tensor([float((b["labels"] != IGNORE_INDEX).sum()) for b in micro],
-                                      dtype=torch.float64).sum().reshape(1).to(env.device)
-                global_tokens = float(all_reduce_sum(counts).item())
+                # [target tokens, tokens through the model (encoder + decoder inputs, no padding)], all processes
+                counts = torch.tensor([[float((b["labels"] != IGNORE_INDEX).sum()),
+                                        float(b["attention_mask"].sum() + b["decoder_attention_mask"].sum())]
+                                       for b in micro], dtype=torch.float64).sum(0).to(env.device)
+                all_reduce_sum(counts)
+                global_tokens = float(counts[0])
+                self._tokens_seen += float(counts[1])
                 lr = lr_at(step + 1, cfg.optim, cfg.run.steps)
                 set_lr(optimizer, lr)
                 table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
@@ -260,7 +267,7 @@ class Trainer:
                 if bar is not None:
                     bar.update(1)
 
-                final = step == cfg.run.steps or self._out_of_time(started)
+                final = step == cfg.run.steps or self._out_of_time(started) or self._budget_reached()
                 if step % cfg.log.every == 0 or final:
                     last = self._report(step, window, window_table, window_steps, lr, grad_norm, peak, metrics, bar)
                     window.reset()
@@ -290,7 +297,7 @@ class Trainer:
                 metrics.close()
 
         final_dir = self._export(net, mcfg, tok) if cfg.checkpoint.export else None
-        return TrainResult(step, self.out, final_dir, last, env.is_main)
+        return TrainResult(step, self.out, final_dir, last, env.is_main, self._tokens_seen)
 
     # --- pieces of a step -----------------------------------------------------------------------------------
     def _out_of_time(self, started: float) -> bool:
@@ -304,6 +311,14 @@ class Trainer:
         if stop:
             self._log(f"time limit of {limit:g} minutes reached; finishing")
         return stop
+
+    def _budget_reached(self) -> bool:
+        """Whether run.token_budget is used up (the count is all-reduced, so every process agrees)."""
+        budget = self.cfg.run.token_budget
+        if budget <= 0 or self._tokens_seen < budget:
+            return False
+        self._log(f"token budget of {budget:.4g} reached ({self._tokens_seen:.4g} tokens); finishing")
+        return True
 
     def _autocast(self):
         if self.cfg.run.precision == "bf16":
@@ -340,6 +355,7 @@ class Trainer:
             "train/target_tokens_per_s": float(totals[1]) / seconds,
             "train/mfu": float(totals[2]) / seconds / (peak * env.world_size) if peak > 0 else math.nan,
             "train/steps_in_window": n_steps,
+            "train/tokens_seen": self._tokens_seen,
         })
         if metrics is not None:
             metrics.write(step, values)
@@ -398,7 +414,8 @@ class Trainer:
     def _save(self, step, net, optimizer, batches, mcfg) -> None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*assuming the intent is to save in a single process.*")
-            save_checkpoint(self.out, step, net, optimizer, self.env, {"data": batches.state_dict()},
+            save_checkpoint(self.out, step, net, optimizer, self.env,
+                            {"data": batches.state_dict(), "tokens_seen": self._tokens_seen},
                             self._meta(mcfg), keep=self.cfg.checkpoint.keep)
 
     def _resume_from(self, path, mcfg, net, optimizer, batches) -> int:
@@ -416,6 +433,10 @@ class Trainer:
             warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
             saved = load_checkpoint(path, net, optimizer, self.env)
         batches.load_state_dict(saved["data"])
+        if "tokens_seen" in saved:
+            self._tokens_seen = float(saved["tokens_seen"])
+        elif self.cfg.run.token_budget > 0:  # written before the count existed: the budget cannot be honoured
+            raise CheckpointError(f"{path}: holds no token count, so run.token_budget cannot be applied on resume")
         self._log(f"resumed from {path} (step {meta['step']})")
         return int(meta["step"])
 
