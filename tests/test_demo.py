@@ -52,6 +52,21 @@ def test_bundle_is_complete_and_recipe_resolves():
     assert all(not spec.missing_files() for spec in suite.datasets.values())
 
 
+def test_training_time_is_credited_across_runs(tmp_path):
+    """Time up to the newest checkpoint of an interrupted run counts against the budget; time after it does not."""
+    from protlm.demo.pretrain import credited_seconds
+
+    ckpt = tmp_path / "checkpoints" / "step_40"
+    ckpt.mkdir(parents=True)
+    (ckpt / "meta.json").write_text("{}")
+    os.utime(ckpt / "meta.json", (1000.0 + 90.0, 1000.0 + 90.0))
+    info = {"credited_seconds": 30.0, "credited_step": 10, "session_start": 1000.0}
+    assert credited_seconds(info, str(tmp_path)) == (120.0, 40)
+    # a checkpoint older than the run that was interrupted belongs to an earlier run: already credited
+    assert credited_seconds({**info, "session_start": 2000.0}, str(tmp_path)) == (30.0, 10)
+    assert credited_seconds({"credited_seconds": 0.0}, str(tmp_path / "none")) == (0.0, 0)
+
+
 def test_quick_demo_writes_report_plots_and_verdict(finished):
     state = _state(finished)
     assert all(state["stages"][name]["done"] for name, _ in STAGES)
@@ -128,6 +143,26 @@ def test_disk_full_in_the_cli_is_one_line(finished, tmp_path, monkeypatch, capsy
     assert main(["demo", "-o", out, "--profile", "quick", "--no-progress"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert err == [err[0]] and "no space left on device writing" in err[0]
+
+
+def test_disk_full_inside_a_torch_checkpoint_write(tmp_path, monkeypatch):
+    """torch.distributed.checkpoint wraps the OS error in its own exception; it is still named as a full disk."""
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    from protlm.train.trainer import Trainer
+
+    def full(self, step, *args, **kwargs):
+        path = os.path.join(self.out, "checkpoints", f".tmp-step_{step}")
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        except OSError as err:
+            raise CheckpointException("save failed", {0: _wrap_exception(err)}) from None
+
+    monkeypatch.setattr(Trainer, "_save", full)
+    out = str(tmp_path / "run")
+    with pytest.raises(ProtlmError, match=r"^no space left on device writing .*checkpoints"):
+        run_demo(DemoOptions(out_dir=out, **QUICK), log=lambda _: None)
+    assert not _state(out)["stages"]["pretrain"]["done"]
 
 
 def test_interrupt_then_rerun_resumes(tmp_path, monkeypatch):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -175,18 +174,6 @@ def test_csv_and_gz_input(model, tmp_path):
 
 
 # --- command line ------------------------------------------------------------------------------------------------
-def test_readme_quick_start_runs(tmp_path, monkeypatch, capsys):
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    line = next(l for l in readme.splitlines() if "protlm embed" in l and "setup.sh" in l)
-    argv = shlex.split(line.split("&&", 1)[1])
-    assert argv[0].endswith("protlm")
-    monkeypatch.chdir(tmp_path)
-    assert main(argv[1:] + ["--no-progress"]) == 0
-    out = [a for a in argv if a.endswith(".h5")][0]
-    assert len(EmbeddingStore(tmp_path / out)) == 24  # the bundled example.fasta
-    assert "embedded 24 of 24 proteins" in capsys.readouterr().err
-
-
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert main(["embed", "tiny", "--random-init", "--per-protein", str(tmp_path / "no" / "p.h5")]) == 2
     err = capsys.readouterr().err.strip()

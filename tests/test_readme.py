@@ -32,6 +32,7 @@ import yaml
 import protlm
 from protlm.cli.main import COMMANDS, main
 from tests.conftest import DATA, odd_config
+from tests.train_helpers import mini_ablation_recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")
@@ -103,6 +104,8 @@ SUBSTITUTIONS = [
     ("--max-proteins 200", "--max-proteins 6 --max-length 48 --probe-train 20 --probe-test 6 --cka-tokens 512",
      "depth analysis on a handful of short proteins"),
     ("--max-new-tokens 200", "--max-new-tokens 24", "short completions from a random model"),
+    ("configs/ablation/tiny-cpu.yaml", "{ablation}",
+     "the CPU ablation recipe needs ../shared/data: the miniature recipe of tests/test_ablate.py (2 variants)"),
     ("torchrun --nproc_per_node 4", "torchrun --standalone --nproc_per_node 2", "4 GPUs: 2 CPU processes (gloo)"),
     ("torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head-node:29500",
      "torchrun --standalone --nproc-per-node 2", "4 nodes x 8 GPUs: 2 CPU processes on this machine (gloo)"),
@@ -120,9 +123,9 @@ OUTPUT_OPTIONS = {"-o", "--output", "--out", "--per-protein", "--per-residue", "
 # Blocks that train or start processes take tens of seconds each.
 SLOW_WORDS = ("pretrain", "torchrun", "evaluate", "analyze", "demo", "ablate")
 
-# When the main-job line runs `protlm demo`, it runs the demo's quick profile with a few seconds of pretraining
-# (as tests/test_demo.py does); the full demo is a coffee break, not a test.
-MAIN_JOB_SHRINK = {"demo": ["--minutes", "0.1", "--profile", "quick", "--threads", "1"]}
+# Every `protlm demo` line runs the demo's quick profile with a few seconds of pretraining (as tests/test_demo.py
+# does; a later --minutes wins over the README's): the full demo is a coffee break, not a test.
+DEMO_SHRINK = ["--minutes", "0.1", "--profile", "quick", "--threads", "1"]
 
 # The placeholders for commands other engineers are adding: skipped only while the command does not exist.
 PENDING_COMMANDS = {"demo": "issue 8", "ablate": "issue 9"}
@@ -212,7 +215,13 @@ def standins(tmp_path_factory):
     protlm.save_pretrained(ankh3.model, tmp / "ankh3", ankh3.tokenizer)
     _prott5_like(str(tmp / "prott5"))
     return {"ankh3": str(tmp / "ankh3"), "prott5": str(tmp / "prott5"),
-            "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml"))}
+            "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
+            "ablation": mini_ablation_recipe(_mkdir(tmp / "ablation"))}
+
+
+def _mkdir(path):
+    os.makedirs(path)
+    return path
 
 
 def substitute(text: str, standins: dict[str, str]) -> str:
@@ -232,8 +241,10 @@ def _check_outputs(argv: list[str], cwd, line: str) -> None:
 
 
 def _protlm_args(argv: list[str]) -> list[str]:
-    """Arguments after ``protlm``, with the pretraining shrink for `pretrain`. A ``--resume`` line continues the
+    """Arguments after ``protlm``, with the shrink for `demo` and `pretrain`. A ``--resume`` line continues the
     run an earlier line of its block finished at step 3, to step 5."""
+    if argv[:1] == ["demo"]:
+        return argv + DEMO_SHRINK
     if argv[:1] != ["pretrain"]:
         return argv
     return argv + PRETRAIN_SHRINK + (["--set", "run.steps=5"] if "--resume" in argv else [])
@@ -277,7 +288,7 @@ def run_line(line: str, cwd) -> None:
         assert argv[2] == "&&", line
         rest = argv[3:]
         if rest[:1] == [".venv/bin/protlm"]:
-            run_protlm(rest[1:] + MAIN_JOB_SHRINK.get(rest[1], []) + ["--no-progress"], cwd, line)
+            run_protlm(rest[1:] + ["--no-progress"], cwd, line)
             return
         assert rest == [".venv/bin/python", "-m", "pytest", "-q"], f"unknown set-up line: {line}"
         return  # "run the tests": this suite, running now

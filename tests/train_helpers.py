@@ -53,3 +53,65 @@ def train_losses(output_dir) -> dict[int, float]:
 
 def val_losses(output_dir) -> dict[int, float]:
     return {r["step"]: r["val/all/loss"] for r in read_metrics(output_dir) if "val/all/loss" in r}
+
+
+# --- a miniature ablation (tests/test_ablate.py, tests/test_readme.py) ----------------------------------------
+EVAL = os.path.join(DATA, "eval")
+
+# A miniature benchmark suite on the vendored excerpts (SSP-3, GB1, and a dataset that is absent on purpose).
+MINI_SUITE = {
+    "name": "mini",
+    "data_root": EVAL,
+    "seeds": [7, 0, 42],
+    "training": {"epochs": 1, "warmup_steps": 2, "grad_accum": 4, "precision": "fp32"},
+    "quick": {"training": {"epochs": 1}, "max_train": 10, "max_valid": 4, "max_test": 8},
+    "datasets": {
+        "flip_ss3": {"format": "flip_ss", "files": {"sequences": "flip_ss3_sequences.fasta",
+                                                    "labels": "flip_ss3_labels.fasta", "mask": "flip_ss3_mask.fasta"}},
+        "gb1": {"format": "flip_csv", "files": {"path": "gb1_three_vs_rest_excerpt.csv"}},
+        "absent": {"format": "ss_csv", "files": {"all": "not_here.csv"}, "unavailable": "not reachable in tests"},
+    },
+    "tasks": [
+        {"name": "SSP-3", "kind": "residue_classification", "label": "ss3", "classes": ["H", "E", "C"],
+         "train": "flip_ss3/train", "valid": "flip_ss3/valid", "test": {"NEW364": "flip_ss3/test"}},
+        {"name": "GB1", "kind": "protein_regression", "label": "fitness", "train": "gb1/train", "valid": "gb1/valid",
+         "test": {"FLIP": "gb1/test"}},
+        {"name": "Absent", "kind": "residue_classification", "label": "ss3", "classes": ["H", "E", "C"],
+         "train": "absent", "valid": {"holdout": 0.5}, "test": {"x": "absent"}},
+    ],
+}
+
+
+def mini_ablation_recipe(tmp_path, suite=None, **changes) -> str:
+    """A miniature recipe: the trainer tests' odd-shaped model on the E. coli excerpt, 2 variants x 2 seeds."""
+    base = write_config(tmp_path, tmp_path / "unused", run={"steps": 60, "batch_size": 8, "micro_batch_size": 8,
+                                                            "precision": "fp32", "threads": 1},
+                        eval={"every": 2, "batch_size": 8}, checkpoint={"every": 2, "keep": 1})
+    suite_path = tmp_path / "suite.yaml"
+    suite_path.write_text(yaml.safe_dump(suite or MINI_SUITE, sort_keys=False))
+    recipe = {
+        "name": "mini",
+        "output_dir": str(tmp_path / "ablation"),
+        "base_config": base,
+        "pretrain_seeds": [0, 1],
+        "token_budget": 2000,
+        "variants": {
+            "A": {"description": "denoise 15%", "set": {"objective.task_probs": {"denoise": 1.0},
+                                                        "objective.mask_rates": [0.15]}},
+            "C": {"description": "Ankh3 recipe", "set": {"objective.task_probs": {"denoise": 0.5, "complete": 0.5}}},
+        },
+        "evaluation": {"suite": str(suite_path), "quick": True, "tasks": ["SSP-3", "GB1"]},
+        "depth": {"input": os.path.join(DATA, "ecoli_k12_excerpt.fasta"), "max_proteins": 6, "max_length": 40,
+                  "probe_task": "ssp3", "probe_data": os.path.join(DATA, "ssp3_flip_excerpt"),
+                  "probe_train": 8, "probe_test": 4},
+        "stats": {"compare": ["C", "A"], "bootstrap": 200},
+    }
+    for key, value in changes.items():
+        node = recipe
+        *parents, last = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path = tmp_path / "ablation.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return str(path)

@@ -47,7 +47,8 @@ def summary_paragraph(report) -> str:
             worst = int(np.nanargmax(flips)) if np.isfinite(flips).any() else None
             if k is not None:
                 i = sk.skipped.index(k)
-                out.append(f"Removing any single one of {name} layers {k}…{n} changes the output by at most "
+                which = f"the last {name} layer ({n})" if k == n else f"any single one of {name} layers {k}…{n}"
+                out.append(f"Removing {which} changes the output by at most "
                            f"{max(flips[i:]):.1%}, below the {thr:.0%} threshold (share of masked-residue predictions "
                            f"whose top-1 changes; KL ≤ {max(kls[i:]):.3g} nats).")
             else:

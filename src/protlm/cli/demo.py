@@ -20,7 +20,9 @@ def add_parser(sub) -> None:
                         "protlm/resources/demo/pretrain.yaml)")
     p.add_argument("-o", "--out", default="runs/demo", help="output directory (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", default="cpu", help="device for embedding and evaluation heads (default: cpu)")
+    p.add_argument("--device", default=None,
+                   help="device for embedding and evaluation heads (default: cuda if available, else cpu; "
+                        "pretraining follows the recipe's run.device)")
     p.add_argument("--no-progress", action="store_true", help="stage lines only, no progress bars")
     # protlm's own tests: tiny evaluation subsets, one seed (a smoke test, not a result)
     p.add_argument("--profile", choices=["full", "quick"], default="full", help=argparse.SUPPRESS)
@@ -28,10 +30,13 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from protlm.demo import DemoOptions, run_demo
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     result = run_demo(DemoOptions(out_dir=args.out, minutes=args.minutes, threads=args.threads,
-                                  profile=args.profile, device=args.device, progress=not args.no_progress))
+                                  profile=args.profile, device=device, progress=not args.no_progress))
     print(result.verdict)
     print(f"report: {os.path.abspath(result.report)}")
     return 0

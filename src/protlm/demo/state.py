@@ -56,11 +56,18 @@ class DemoState:
             atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
 
 
-def is_disk_full(err: BaseException) -> bool:
+def _disk_full_error(err: BaseException | None, depth: int = 0) -> BaseException | None:
+    """The ENOSPC error inside ``err``: itself, its cause, or one wrapped by torch's checkpoint writer."""
+    if err is None or depth > 8:
+        return None
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    # torch.save and h5py sometimes wrap the OS error in their own exception type
-    return "No space left on device" in str(err)
+        return err
+    for inner in [err.__cause__, err.__context__, *(pair[0] for pair in getattr(err, "failures", {}).values())]:
+        found = _disk_full_error(inner, depth + 1)
+        if found is not None:
+            return found
+    # h5py and torch.save sometimes re-raise the OS error as their own type, keeping only its text
+    return err if "No space left on device" in str(err) else None
 
 
 @contextlib.contextmanager
@@ -68,11 +75,12 @@ def disk_errors(where: str) -> Iterator[None]:
     """Turn a full disk, raised anywhere inside, into one line naming the file being written."""
     try:
         yield
-    except ProtlmError:
+    except (ProtlmError, KeyboardInterrupt, SystemExit):
         raise
-    except (OSError, RuntimeError) as err:
-        if not is_disk_full(err):
+    except BaseException as err:  # torch's CheckpointException derives from BaseException
+        found = _disk_full_error(err)
+        if found is None:
             raise
-        target = getattr(err, "filename", None) or where
+        target = getattr(found, "filename", None) or where
         raise ProtlmError(f"no space left on device writing {target}; free some space and re-run the same "
                           "command to continue (finished stages are kept)") from None
