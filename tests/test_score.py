@@ -206,6 +206,36 @@ def test_cli_pll(tmp_path):
     np.testing.assert_allclose([float(r["pll"]) for r in rows], expected, rtol=1e-4)
 
 
+def test_cli_pll_resumes_a_killed_job(tmp_path, monkeypatch):
+    import protlm.cli.score as cli_score
+    import protlm.generate as gen_pkg
+    from protlm.cli.main import main
+
+    monkeypatch.setattr(cli_score, "PLL_PART", 2)
+    seqs = tmp_path / "s.fasta"
+    seqs.write_text(">a\nMKTAYIAK\n>b\nMSEQ\n>c\nMKV\n>d\nMLLA\n>e\nMAG\n")
+    argv = ["score", "debug", "--random-init", "--pll", "--input", str(seqs)]
+    whole = tmp_path / "whole.csv"
+    assert main([*argv, "-o", str(whole)]) == 0
+
+    real, calls = gen_pkg.pseudo_log_likelihood, []
+
+    def dies_on_second_part(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(gen_pkg, "pseudo_log_likelihood", dies_on_second_part)
+    out = tmp_path / "pll.csv"
+    assert main([*argv, "-o", str(out)]) == 130
+    assert not out.exists() and len((tmp_path / "pll.csv.partial").read_text().splitlines()) == 3  # header + 2
+    monkeypatch.setattr(gen_pkg, "pseudo_log_likelihood", real)
+    assert main([*argv, "-o", str(out)]) == 0
+    assert out.read_text() == whole.read_text() and len(out.read_text().splitlines()) == 6
+    assert (tmp_path / "pll.csv.json").exists() and not (tmp_path / "pll.csv.partial.json").exists()
+
+
 def test_cli_random_twin_of_a_checkpoint(tmp_path):
     from protlm.cli.main import main
 

@@ -124,65 +124,28 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
-    """Generate in parts of PART prefixes, appending each finished part to OUTPUT.partial (with a state file
-    that names the job), so that a killed job continues where it stopped; OUTPUT appears when all is done."""
-    import hashlib
-    import json
+    """Generate in parts of PART prefixes into OUTPUT.partial, so that a killed job continues where it stopped
+    (with the same samples: they depend on the prefix's index, not on the part); OUTPUT appears at the end."""
     import os
 
     from tqdm.auto import tqdm
 
+    from protlm.cli.common import PartialOutput
     from protlm.generate import generate, to_fasta
 
-    out = args.output
-    out_dir = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(out_dir):
-        raise InputError(f"{out}: the directory {out_dir} does not exist")
-    partial, state_path = out + ".partial", out + ".partial.json"
-    job = hashlib.sha256(json.dumps([os.path.abspath(args.model) if os.path.isdir(args.model) else args.model,
-                                     args.random_init, args.init_seed, args.dtype, config.to_dict(),
-                                     args.only_new, prefixes]).encode()).hexdigest()[:16]
-    done = 0
-    if os.path.exists(state_path) and os.path.exists(partial):
-        with open(state_path) as fh:
-            state = json.load(fh)
-        if state.get("job") != job:
-            raise InputError(f"{partial}: left by a different job (other model, settings or input); delete it and "
-                             f"{state_path} to start over")
-        done = state["done"]
-        with open(partial, "r+b") as fh:  # drop anything written after the last finished part
-            fh.truncate(state["bytes"])
-        print(f"resuming: {done} of {len(prefixes)} prefixes already in {partial}", file=sys.stderr)
-    else:
-        open(partial, "wb").close()
+    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    out = PartialOutput(args.output, [model, args.random_init, args.init_seed, args.dtype, config.to_dict(),
+                                      args.only_new, prefixes])
+    if out.done:
+        print(f"resuming: {out.done} of {len(prefixes)} prefixes already in {out.partial}", file=sys.stderr)
     pre = load(args)
-    bar = tqdm(total=len(prefixes), initial=done, unit="prefix", desc="generate", disable=not sys.stderr.isatty())
-    try:
-        while done < len(prefixes):
-            part = prefixes[done:done + PART]
-            text = to_fasta(generate(pre, part, config, first_index=done), config, only_new=args.only_new)
-            with open(partial, "ab") as fh:
-                fh.write(text.encode())
-                fh.flush()
-                os.fsync(fh.fileno())
-                size = fh.tell()
-            done += len(part)
-            _write_state(state_path, {"job": job, "done": done, "bytes": size})
+    with tqdm(total=len(prefixes), initial=out.done, unit="prefix", desc="generate",
+              disable=not sys.stderr.isatty()) as bar:
+        while out.done < len(prefixes):
+            part = prefixes[out.done:out.done + PART]
+            out.append(to_fasta(generate(pre, part, config, first_index=out.done), config, only_new=args.only_new),
+                       len(part))
             bar.update(len(part))
-    except OSError as err:
-        raise InputError(f"{partial}: could not write ({err.strerror}); {done} prefixes done are kept, re-run to "
-                         "continue") from None
-    finally:
-        bar.close()
-    os.replace(partial, out)
-    os.unlink(state_path)
-    print(f"wrote {len(prefixes) * config.num_return} sequences to {out}", file=sys.stderr)
+    out.finish()
+    print(f"wrote {len(prefixes) * config.num_return} sequences to {args.output}", file=sys.stderr)
     return 0
-
-
-def _write_state(path: str, state: dict) -> None:
-    import json
-
-    from protlm.utils import atomic_write_text
-
-    atomic_write_text(path, json.dumps(state))

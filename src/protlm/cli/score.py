@@ -179,35 +179,62 @@ def correlate(header, rows, scores, target: str, path: str) -> dict:
     return {"target": target, "spearman": float(rho), "n_target": len(y)}
 
 
+PLL_PART = 64  # sequences per part of a resumable --pll job (each costs one forward pass per residue)
+
+
 def run_pll(args: argparse.Namespace) -> int:
+    import os
+
     from protlm.data.fasta import read_sequences
-    from protlm.generate import pseudo_log_likelihood
 
     if not args.input:
         raise InputError("--pll needs --input FILE (FASTA or CSV of sequences)")
     if args.model in BASELINES:
         raise InputError(f"{args.model} scores substitutions only; --pll needs a model")
     records = [(r.id, r.sequence) for r in read_sequences(args.input)]
+    summary = {"model": args.model, "random_init": args.random_init, "method": "pseudo-log-likelihood",
+               "input": args.input, "n": len(records)}
+    header = "id,length,pll,pll_per_residue\n"
+    if not args.output:
+        sys.stdout.write(header + _pll_rows(load(args), records, args.token_budget))
+        return 0
+    from protlm.cli.common import PartialOutput
+
+    model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
+    out = PartialOutput(args.output, [model, args.random_init, args.init_seed, args.dtype, records])
+    if out.done:
+        print(f"resuming: {out.done} of {len(records)} sequences already in {out.partial}", file=sys.stderr)
+    else:
+        out.append(header, 0)
     pre = load(args)
-    per_pos = pseudo_log_likelihood(pre, records, token_budget=args.token_budget, per_position=True)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["id", "length", "pll", "pll_per_residue"])
-    for (rid, seq), lp in zip(records, per_pos):
-        w.writerow([rid, len(seq), f"{lp.sum():.6g}", f"{lp.mean():.6g}"])
-    write_output(args.output, buf.getvalue(), {"model": args.model, "random_init": args.random_init,
-                                               "method": "pseudo-log-likelihood", "input": args.input,
-                                               "n": len(records)})
+    while out.done < len(records):
+        part = records[out.done:out.done + PLL_PART]
+        out.append(_pll_rows(pre, part, args.token_budget), len(part))
+    out.finish()
+    write_output(args.output, None, summary)
     return 0
 
 
-def write_output(path: str | None, text: str, summary: dict) -> None:
+def _pll_rows(pre, records: list[tuple[str, str]], token_budget: int) -> str:
+    from protlm.generate import pseudo_log_likelihood
+
+    per_pos = pseudo_log_likelihood(pre, records, token_budget=token_budget, per_position=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for (rid, seq), lp in zip(records, per_pos):
+        w.writerow([rid, len(seq), f"{lp.sum():.6g}", f"{lp.mean():.6g}"])
+    return buf.getvalue()
+
+
+def write_output(path: str | None, text: str | None, summary: dict) -> None:
+    """The table (to stdout without a path; None: already in place) and its summary beside it."""
     from protlm.utils import atomic_write_text
 
     if not path:
         sys.stdout.write(text)
         return
-    atomic_write_text(path, text)
+    if text is not None:
+        atomic_write_text(path, text)
     # the settings and headline numbers beside the table, so a scores file can be traced to its run
     atomic_write_text(path + ".json", json.dumps(summary, indent=1) + "\n")
     print(f"wrote {summary['n']} rows to {path}", file=sys.stderr)
