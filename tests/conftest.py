@@ -38,3 +38,12 @@ def shared_data(*parts: str) -> str:
     if not os.path.exists(path):
         pytest.skip(f"{path} not present (benchmark data lives beside the repo, not in it)")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread (tests of small models that opt in with ``usefixtures``)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -22,12 +22,8 @@ SUITE = MINI_SUITE
 _recipe = mini_ablation_recipe
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- end to end ----------------------------------------------------------------------------------------------

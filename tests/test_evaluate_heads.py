@@ -10,13 +10,8 @@ from protlm.evaluate.tasks import Example, TaskSpec
 from protlm.evaluate.training import TrainConfig, _batches, _collate, train_head
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small heads on a shared CPU: a second thread only adds synchronisation (several times slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(lengths, dim, seed=0):

@@ -73,13 +73,8 @@ SUITE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small heads on a shared CPU: a second thread only adds synchronisation (several times slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

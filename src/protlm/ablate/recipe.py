@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from protlm.errors import ConfigError
+from protlm.utils import read_yaml_mapping
 from protlm.train.config import TrainConfig, apply_override, from_dict, load_config
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -116,15 +117,7 @@ def load_recipe(path: str, output_dir: str | None = None, overrides: list[str] |
 
     ``overrides`` are ``key=value`` edits of the YAML before it is checked (``token_budget=2e5``,
     ``evaluation.tasks=[GB1]``, ``variants.A.set.objective.mask_rates=[0.2]``); values are parsed as YAML."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such ablation recipe") from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = read_yaml_mapping(path, "ablation recipe")
     if "source" in data:
         raise ConfigError(f"{path}: unknown config key 'source'")
     for item in overrides:
