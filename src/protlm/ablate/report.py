@@ -143,7 +143,7 @@ def plot_curves(plan: Plan, path: str) -> None:
                 axes[1].plot(vt, [x["val/denoise/loss"] for x in val], marker="o", markersize=3,
                              label=f"{v} seed {s}", **style)
     axes[0].set_title("training loss (each variant's own task mix)")
-    axes[1].set_title("validation denoising loss (held-out proteins, each variant's own masking rates)")
+    axes[1].set_title("validation denoising loss\n(held-out proteins, each variant's own masking rates)")
     for ax in axes:
         ax.set_xlabel("tokens through the model (encoder + decoder, no padding)")
         ax.set_ylabel("cross-entropy (nats per target token)")
