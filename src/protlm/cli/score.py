@@ -183,8 +183,6 @@ PLL_PART = 64  # sequences per part of a resumable --pll job (each costs one for
 
 
 def run_pll(args: argparse.Namespace) -> int:
-    import os
-
     from protlm.data.fasta import read_sequences
 
     if not args.input:
