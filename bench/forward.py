@@ -278,8 +278,9 @@ def main() -> None:
     ap.add_argument("--fasta", default=DEFAULT_FASTA, help="proteins to encode (FASTA, .gz allowed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the protein sample")
     ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60)")
-    ap.add_argument("--max-tokens", type=int, default=1536, help="protlm's padded-token budget per batch")
-    ap.add_argument("--hf-budgets", type=int, nargs="*", default=[1536],
+    ap.add_argument("--max-tokens", type=int, default=512,
+                    help="protlm's padded-token budget per batch (default: protlm embed's CPU default)")
+    ap.add_argument("--hf-budgets", type=int, nargs="*", default=[512, 1536],
                     help="token budgets tried for transformers besides one sequence at a time")
     ap.add_argument("--rounds", type=int, default=2, help="alternating measurement rounds per side (best counts)")
     ap.add_argument("--pilot-fraction", type=int, default=6, help="transformers set-ups are tried on 1/N of the proteins")

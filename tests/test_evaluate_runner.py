@@ -186,6 +186,44 @@ def test_quick_profile_subsets(tmp_path, suite_file):
     assert not os.path.exists(os.path.join(str(tmp_path / "q"), "report.md"))  # no write_report given
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_jobs_train_units_in_parallel_with_the_same_results(tmp_path, suite_file):
+    suite = load_suite(suite_file)
+    tasks = ["SSP-3", "GB1", "CP-CASP14"]
+    logs: list[str] = []
+    one = run_suite(suite, [OneHotSource()], str(tmp_path / "one"), quick=True, tasks=tasks, progress=False,
+                    log=lambda s: None)
+    two = run_suite(suite, [OneHotSource()], str(tmp_path / "two"), quick=True, tasks=tasks, progress=False,
+                    log=logs.append, jobs=2, job_threads=1)
+    assert [(c.task, c.values) for c in two.cells] == [(c.task, c.values) for c in one.cells]
+    assert [c.trained_units for c in two.cells] == [2, 2, 4] and all(c.resumed_units == 0 for c in two.cells)
+    assert sum(m.startswith("started: ") for m in logs) == 8 and sum(m.startswith("done: ") for m in logs) == 8
+    # the unit files are the results: a re-run with jobs reads them back
+    again = run_suite(suite, [OneHotSource()], str(tmp_path / "two"), quick=True, tasks=tasks, progress=False,
+                      log=lambda s: None, jobs=2)
+    assert all(c.trained_units == 0 for c in again.cells)
+    assert [c.values for c in again.cells] == [c.values for c in two.cells]
+
+
+def test_a_failing_unit_process_is_a_clear_error_and_keeps_finished_units(tmp_path, suite_file, monkeypatch):
+    from protlm.errors import ProtlmError
+    from protlm.evaluate import runner
+
+    real = runner._train_unit
+
+    def flaky(task, fold, *args, **kwargs):
+        if task.name == "GB1":
+            raise RuntimeError("injected failure")
+        return real(task, fold, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "_train_unit", flaky)
+    out = str(tmp_path / "out")
+    with pytest.raises(ProtlmError, match=r"GB1 \| seed (7|0): the unit process ended with exit code 1"):
+        run_suite(load_suite(suite_file), [OneHotSource()], out, quick=True, tasks=["SSP-3", "GB1"],
+                  progress=False, log=lambda s: None, jobs=2)
+    assert sorted(os.listdir(os.path.join(out, "units", "one-hot", "SSP-3"))) == ["seed0.json", "seed7.json"]
+
+
 def test_cli_evaluate_and_its_errors(tmp_path, suite_file, capsys):
     out = str(tmp_path / "cli")
     code = main(["evaluate", "--suite", suite_file, "--tasks", "GB1", "--out", out, "--no-progress", "--quick",

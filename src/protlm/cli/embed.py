@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute dtype; auto: fp32 on CPU, bf16 on GPUs that support it (else fp16, guarded)")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
-                   help="padded tokens per batch (default 1024 on CPU, 16384 on GPU)")
+                   help="padded tokens per batch (default 512 on CPU, 16384 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="N",
                    help=f"proteins longer than N residues are embedded in overlapping windows (default {DEFAULT_WINDOW})")

@@ -42,7 +42,10 @@ def add_parser(sub) -> None:
                    help="dtype of the embedding forward pass (default: auto, fp32 on CPU)")
     p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; 1 per unit process with --jobs)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="heads trained at once, each in its own process (default 1; on a CPU, one per core)")
     p.add_argument("--allow-missing", action="store_true",
                    help="leave out proteins that have no embedding (counted in the report) instead of stopping")
     p.add_argument("--export-fasta", metavar="DIR", help="write DIR/<dataset>.fasta for every dataset and exit")
@@ -88,8 +91,11 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or os.path.join("runs", "eval", suite.name + ("-quick" if args.quick else ""))
     print(f"protlm evaluate: suite {suite.source} ({'quick' if args.quick else 'full'} profile), "
           f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}")
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,
-                       device=device, progress=not args.no_progress, write_report=write_report)
+                       device=device, progress=not args.no_progress, write_report=write_report, jobs=args.jobs,
+                       job_threads=args.threads or 1)
     with open(os.path.join(out, "report.md"), encoding="utf-8") as fh:
         print(fh.read())
     print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")

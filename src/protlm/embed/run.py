@@ -40,7 +40,7 @@ class EmbedOptions:
     prefix: str = "auto"  # auto (by model family) | nlu | s2s | none
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPUs that have it, else fp16) | fp32 | bf16 | fp16
     device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
-    max_tokens: int | None = None  # padded tokens per batch; None: 1024 on CPU, 16384 on GPU
+    max_tokens: int | None = None  # padded tokens per batch; None: 512 on CPU, 16384 on GPU
     max_batch: int | None = None  # rows per batch cap (None: only the token budget limits)
     window: int = DEFAULT_WINDOW  # proteins longer than this many residues go through overlapping windows
     overlap: int | None = DEFAULT_OVERLAP  # residues shared by neighbouring windows (None: window // 4)

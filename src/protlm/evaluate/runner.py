@@ -30,6 +30,7 @@ from protlm.errors import InputError
 from protlm.evaluate.datasets import Record, load_dataset
 from protlm.evaluate.embeddings import Source, gather_features
 from protlm.evaluate.metrics import mean_std
+from protlm.evaluate.pool import UnitPool
 from protlm.evaluate.suite import Suite, table4_differences
 from protlm.evaluate.tasks import Example, TaskSpec, holdout, resolve_split, subsample
 from protlm.evaluate.training import RunResult, TrainConfig, train_head
@@ -169,8 +170,14 @@ def run_suite(
     progress: bool = True,
     log: Callable[[str], None] = print,
     write_report: Callable[[SuiteRun, str], None] | None = None,
+    jobs: int = 1,
+    job_threads: int = 1,
 ) -> SuiteRun:
-    """Train and score every (source, task, seed); write unit files and (via ``write_report``) the report."""
+    """Train and score every (source, task, seed); write unit files and (via ``write_report``) the report.
+
+    ``jobs`` > 1 trains that many units at once, each in its own process with ``job_threads`` torch threads (see
+    :class:`UnitPool`); the results are the same as with ``jobs=1`` and ``job_threads`` threads.
+    """
     os.makedirs(out_dir, exist_ok=True)
     selected = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
     seeds = (suite.quick.seeds if quick and suite.quick.seeds else None) or suite.seeds
@@ -181,41 +188,68 @@ def run_suite(
                               "allow_missing": allow_missing}}, sort_keys=False))
     loaded: dict[str, dict[str, list[Record]]] = {}
     t_start = time.perf_counter()
-    for task in selected:
-        cfg = suite.train_config(task, quick)
-        run.settings[task.name] = {k: v for k, v in dataclasses.asdict(cfg).items()}
-        run.deviations[task.name] = list(task.deviations) + [f"training: {d}" for d in table4_differences(cfg, suite.head)]
-        absent = []
-        for ds in task.datasets():
-            spec = suite.datasets[ds]
-            missing_files = spec.missing_files()
-            if missing_files:
-                if not spec.unavailable:
-                    raise InputError(f"{missing_files[0]}: no such file (dataset {ds!r}, task {task.name!r})")
-                absent.append(f"{ds}: {spec.unavailable}")
-        if absent:
-            run.skipped[task.name] = "; ".join(absent)
-            log(f"[{task.name}] skipped: {run.skipped[task.name]}")
-            continue
-        for ds in task.datasets():
-            if ds not in loaded:
-                spec = suite.datasets[ds]
-                loaded[ds] = load_dataset(ds, spec.format, spec.files)
-        data = build_task_data(suite, task, loaded, quick)
-        for source in sources:
-            run.cells.append(_run_cell(suite, task, data, cfg, source, seeds, out_dir, allow_missing, device,
-                                       progress, log))
+    pool = UnitPool(jobs, job_threads, log) if jobs > 1 else None
+    pending: list[_PendingCell] = []
+
+    def finish(block: bool) -> None:
+        """Turn cells whose units are all written into results (all of them when ``block``), in suite order."""
+        if pool is not None:
+            pool.wait_all() if block else pool.poll()
+        while pending and (block or pool is None or not pool.running_any(p for *_, p, _, _ in pending[0].plan)):
+            run.cells.append(_finish_cell(pending.pop(0), log))
             if write_report is not None:
                 run.seconds = time.perf_counter() - t_start
                 write_report(run, out_dir)
+
+    try:
+        for task in selected:
+            cfg = suite.train_config(task, quick)
+            run.settings[task.name] = {k: v for k, v in dataclasses.asdict(cfg).items()}
+            run.deviations[task.name] = list(task.deviations) + [f"training: {d}" for d in table4_differences(cfg, suite.head)]
+            absent = []
+            for ds in task.datasets():
+                spec = suite.datasets[ds]
+                missing_files = spec.missing_files()
+                if missing_files:
+                    if not spec.unavailable:
+                        raise InputError(f"{missing_files[0]}: no such file (dataset {ds!r}, task {task.name!r})")
+                    absent.append(f"{ds}: {spec.unavailable}")
+            if absent:
+                run.skipped[task.name] = "; ".join(absent)
+                log(f"[{task.name}] skipped: {run.skipped[task.name]}")
+                continue
+            for ds in task.datasets():
+                if ds not in loaded:
+                    spec = suite.datasets[ds]
+                    loaded[ds] = load_dataset(ds, spec.format, spec.files)
+            data = build_task_data(suite, task, loaded, quick)
+            for source in sources:
+                pending.append(_start_cell(suite, task, data, cfg, source, seeds, out_dir, allow_missing, device,
+                                           progress, log, pool))
+                finish(block=False)
+        finish(block=True)
+    finally:
+        if pool is not None:
+            pool.close()
     run.seconds = time.perf_counter() - t_start
     if write_report is not None:
         write_report(run, out_dir)
     return run
 
 
-def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, source: Source, seeds: list[int],
-              out_dir: str, allow_missing: bool, device: str, progress: bool, log) -> Cell:
+@dataclass
+class _PendingCell:
+    cell: Cell
+    task: TaskSpec
+    data: TaskData
+    plan: list[tuple[int, Fold, str, str, dict | None]]  # seed, fold, unit path, unit hash, unit (None: training)
+    started: float
+
+
+def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, source: Source, seeds: list[int],
+                out_dir: str, allow_missing: bool, device: str, progress: bool, log,
+                pool: "UnitPool | None") -> _PendingCell:
+    """Embed what the (source, task) needs and train its missing units, or hand them to ``pool``."""
     t0 = time.perf_counter()
     cell = Cell(source.name, source.key, task.name, seeds=list(seeds))
     # Which units still need training? Only then are embeddings needed at all.
@@ -224,67 +258,84 @@ def _run_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, so
         for fold in data.folds:
             path = unit_path(out_dir, source, task.name, seed, fold.index)
             h = unit_hash(suite, task, cfg, source, seed, fold)
-            done = _read_unit(path, h)
-            plan.append((seed, fold, path, h, done))
-    features = None
-    kept_folds: dict[int | None, Fold] = {}
-    if any(done is None for *_, done in plan):
-        by_ds: dict[str, list[Record]] = {}
-        for (ds, _), rec in data.records.items():
-            by_ds.setdefault(ds, []).append(rec)
-        stores = {}
-        for ds, recs in sorted(by_ds.items()):
-            log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
-            prepared = source.prepare(ds, recs, progress=progress)
-            cell.embed_seconds += prepared.seconds
-            cell.embed_cpu_seconds += prepared.cpu_seconds
-            stores[ds] = prepared
-        features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
-        dropped = {id(e) for exs in data.splits.values() for e in exs} - {id(e) for exs in kept.values() for e in exs}
-        for fold in data.folds:
-            kept_folds[fold.index] = Fold(fold.index, [e for e in fold.train if id(e) not in dropped],
-                                          [e for e in fold.valid if id(e) not in dropped],
-                                          {k: [e for e in v if id(e) not in dropped] for k, v in fold.tests.items()})
+            plan.append((seed, fold, path, h, _read_unit(path, h)))
+    cell.resumed_units = sum(done is not None for *_, done in plan)
+    if all(done is not None for *_, done in plan):
+        return _PendingCell(cell, task, data, plan, t0)
+    by_ds: dict[str, list[Record]] = {}
+    for (ds, _), rec in data.records.items():
+        by_ds.setdefault(ds, []).append(rec)
+    stores = {}
+    for ds, recs in sorted(by_ds.items()):
+        log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
+        prepared = source.prepare(ds, recs, progress=progress)
+        cell.embed_seconds += prepared.seconds
+        cell.embed_cpu_seconds += prepared.cpu_seconds
+        stores[ds] = prepared
+    features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
+    dropped = {id(e) for exs in data.splits.values() for e in exs} - {id(e) for exs in kept.values() for e in exs}
+    for k, (seed, fold, path, h, done) in enumerate(plan):
+        if done is not None:
+            continue
+        f = Fold(fold.index, [e for e in fold.train if id(e) not in dropped],
+                 [e for e in fold.valid if id(e) not in dropped],
+                 {n: [e for e in v if id(e) not in dropped] for n, v in fold.tests.items()})
+        if not f.tests or not any(f.tests.values()) or not f.train or not f.valid:
+            continue  # a leave-one-out fold whose protein had no embedding
+        label = f"{source.name} | {task.name} | seed {seed}" + (f" | fold {fold.index + 1}/{len(data.folds)}" if fold.index is not None else "")
+        unit = dict(task=task, fold=f, features=features, cfg=cfg, suite=suite, seed=seed, device=device,
+                    path=path, h=h, source=source, missing=cell.missing, label=label)
+        if pool is None:
+            plan[k] = (seed, fold, path, h, _train_and_write(progress=progress, **unit))
+        else:  # the unit process writes the file; _finish_cell reads it
+            pool.submit(label, path, lambda unit=unit: _train_and_write(progress=False, **unit))
+        cell.trained_units += 1
+    for prepared in features.stores.values():
+        close = getattr(prepared.arrays, "close", None)
+        if close is not None:
+            close()  # a forked unit process keeps its own handle
+    return _PendingCell(cell, task, data, plan, t0)
+
+
+def _finish_cell(p: _PendingCell, log) -> Cell:
+    """Collect the units of one (source, task) into per-seed values."""
+    cell, seeds = p.cell, p.cell.seeds
     per_seed: dict[str, dict[str, dict[int, list]]] = {}  # test -> metric -> seed -> values (one per fold)
-    for seed, fold, path, h, done in plan:
+    for seed, fold, path, h, done in p.plan:
         if done is None:
-            f = kept_folds[fold.index]
-            if not f.tests or not any(f.tests.values()) or not f.train or not f.valid:
+            done = _read_unit(path, h)  # written by a unit process
+            if done is None:
                 continue  # a leave-one-out fold whose protein had no embedding
-            label = f"{source.name} | {task.name} | seed {seed}" + (f" | fold {fold.index + 1}/{len(data.folds)}" if fold.index is not None else "")
-            result = _train_unit(task, f, features, cfg, suite, seed, device, progress, label)
-            done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
-                    "result": result.to_dict(), "missing": cell.missing}
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write_text(path, json.dumps(done, indent=1, default=_json_default))
-            cell.trained_units += 1
-        else:
-            cell.resumed_units += 1
-            cell.missing = done.get("missing") or cell.missing
         res = done["result"]
         cell.train_seconds += float(res.get("seconds", 0.0))
         cell.train_cpu_seconds += float(res.get("cpu_seconds", 0.0))
         cell.best_epochs.append(int(res.get("best_epoch", 0)))
+        cell.missing = cell.missing or done.get("missing") or {}
         for test_name, rows in (res.get("per_protein") or {}).items():
             cell.per_protein.setdefault(test_name, {}).setdefault(seed, []).extend(rows)
         for test_name, metrics in res["test"].items():
             for metric, value in metrics.items():
                 per_seed.setdefault(test_name, {}).setdefault(metric, {}).setdefault(seed, []).append(value)
-    if features is not None:
-        for prepared in features.stores.values():
-            close = getattr(prepared.arrays, "close", None)
-            if close is not None:
-                close()
     # One value per seed; with leave-one-out, the mean over that seed's folds (i.e. over the test proteins).
     cell.values = {test: {metric: [_nanmean(by_seed.get(s, [])) for s in seeds] for metric, by_seed in metrics.items()}
                    for test, metrics in per_seed.items()}
-    n_split = {k: len(v) for k, v in data.splits.items()}
-    cell.n = n_split
-    cell.wall_seconds = time.perf_counter() - t0
+    cell.n = {k: len(v) for k, v in p.data.splits.items()}
+    cell.wall_seconds = time.perf_counter() - p.started
     summary = ", ".join(f"{t} {m} {mean_std(v)[0]:.4f}" for t, ms in cell.values.items() for m, v in ms.items())
-    log(f"[{task.name}] {source.name}: {summary} ({cell.trained_units} trained, {cell.resumed_units} resumed, "
+    log(f"[{p.task.name}] {cell.source}: {summary} ({cell.trained_units} trained, {cell.resumed_units} resumed, "
         f"{cell.wall_seconds:.0f} s)")
     return cell
+
+
+def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path, h, source, missing, label,
+                     progress) -> dict:
+    """Train one unit and write its file atomically; returns what was written."""
+    result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label)
+    done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
+            "result": result.to_dict(), "missing": missing}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_write_text(path, json.dumps(done, indent=1, default=_json_default))
+    return json.loads(json.dumps(done, default=_json_default))
 
 
 def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label) -> RunResult:
