@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--checkpoint-seconds", type=float, default=30.0, metavar="S",
                    help="save finished proteins at least this often (default 30)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, late_positionals=("input",))
 
 
 def run(args: argparse.Namespace) -> int:

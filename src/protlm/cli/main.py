@@ -34,7 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse gives an optional positional (embed's INPUT) its default when options separate it from the
+    # positional before it ("embed MODEL --random-init IN.fasta"); such a word is taken here instead.
+    for name in getattr(args, "late_positionals", ()):
+        if extra and getattr(args, name) is None and not extra[0].startswith("-"):
+            setattr(args, name, extra.pop(0))
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if not getattr(args, "run", None):
         parser.print_help()
         return 2
