@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -187,6 +188,21 @@ def finished_run(tmp_path_factory):
     return path, out, result
 
 
+def test_residue_baselines_by_hand():
+    from protlm.train.metrics import residue_baselines
+
+    # vocabulary: 0 pad, 1 </s>, 2 and 3 residues, 4 a sentinel; the unigram gives the residues 0.25 and 0.75
+    is_res = np.array([False, False, True, True, False])
+    unigram = np.array([0.0, 0.0, 0.25, 0.75, 0.0])
+    inputs = np.array([[2, 2, 4, 3, 1, 0], [3, 3, 3, 1, 0, 0]])
+    labels = np.array([[4, 3, 1, -100], [2, 1, -100, -100]])  # sentinel, residue 3, </s>; residue 2, </s>
+    uni, own, n = residue_baselines(inputs, labels, is_res, unigram, prior=2.0)
+    assert n == 2
+    assert uni == pytest.approx(-math.log(0.75) - math.log(0.25))
+    # row 0 shows residues 2, 2, 3: p(3) = (1 + 2 * 0.75) / (3 + 2); row 1 shows 3, 3, 3: p(2) = (0 + 2 * 0.25) / 5
+    assert own == pytest.approx(-math.log(2.5 / 5) - math.log(0.5 / 5))
+
+
 def test_run_writes_metrics_checkpoints_config_and_export(finished_run):
     path, out, result = finished_run
     assert result.step == 6
@@ -204,6 +220,8 @@ def test_run_writes_metrics_checkpoints_config_and_export(finished_run):
         assert key in val[-1]
     # a unigram model of ~20 residues is near ln(20); a much lower value would mean counting the wrong tokens
     assert 2.5 < val[-1]["val/denoise/unigram_loss"] < 3.2
+    for task in ("denoise", "complete"):
+        assert 2.4 < val[-1][f"val/{task}/composition_loss"] < 3.3
     assert os.listdir(out / "tensorboard")
     assert (out / "curves.png").stat().st_size > 10_000
     assert sorted(os.listdir(out / "checkpoints")) == ["step_00000003", "step_00000006"]

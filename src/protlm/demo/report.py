@@ -55,15 +55,17 @@ def _pretrain_section(state: dict, out_dir: str) -> list[str]:
         first, last = rows[0], rows[-1]
         n_val = cfg.get("data", {}).get("validation_sequences", "the")
         lines += ["", f"Validation on {n_val} held-out proteins (loss in nats per target token; the residue loss "
-                  "counts residue targets only, and the unigram loss is what residue frequencies alone give):", "",
+                  "counts residue targets only; the unigram loss is what residue frequencies alone give, the composition loss "
+                  "what each protein's own residue counts give):", "",
                   "| objective | loss at step " + f"{first['step']} | loss at step {last['step']} | residue loss | "
-                  "unigram residue loss |", "|---|---|---|---|---|"]
+                  "unigram residue loss | composition residue loss |", "|---|---|---|---|---|---|"]
         for task in TASK_ORDER:
             key = f"val/{task}/loss"
             if key in last:
                 lines.append(f"| {task} | {first.get(key, math.nan):.4f} | {last[key]:.4f} | "
                              f"{last.get(f'val/{task}/residue_loss', math.nan):.4f} | "
-                             f"{last.get(f'val/{task}/unigram_loss', math.nan):.4f} |")
+                             f"{last.get(f'val/{task}/unigram_loss', math.nan):.4f} | "
+                             f"{last.get(f'val/{task}/composition_loss', math.nan):.4f} |")
     if os.path.exists(os.path.join(pre_dir, "curves.png")):
         lines += ["", "![training curves](pretrain/curves.png)"]
     return lines + [""]

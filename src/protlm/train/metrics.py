@@ -189,3 +189,26 @@ class Throughput:
     def reset(self) -> None:
         self.tokens = self.target_tokens = self.flops = 0.0
         self.start = time.perf_counter()
+
+
+def residue_baselines(input_ids: np.ndarray, labels: np.ndarray, is_residue: np.ndarray, unigram: np.ndarray,
+                      prior: float) -> tuple[float, float, int]:
+    """Nats of the residue targets in ``labels`` (B, T) under two order-free models, and their count.
+
+    ``unigram`` (V,) holds residue probabilities (zero elsewhere). The first model is ``unigram`` itself; the
+    second is each row's own composition: counts of the residues in that row of ``input_ids`` (B, L), plus
+    ``prior`` pseudo-counts spread as ``unigram``. Sentinels, special tokens, padding and ignored labels count
+    in neither.
+    """
+    uni_nats = own_nats = 0.0
+    n = 0
+    for inputs, row in zip(input_ids, labels):
+        targets = row[(row >= 0) & (row < is_residue.size)]
+        targets = targets[is_residue[targets]]
+        seen = inputs[is_residue[inputs]]
+        own = (np.bincount(seen, minlength=unigram.size) + prior * unigram) / (seen.size + prior)
+        uni_nats -= float(np.log(unigram[targets]).sum())
+        own_nats -= float(np.log(own[targets]).sum())
+        n += targets.size
+    return uni_nats, own_nats, n
+

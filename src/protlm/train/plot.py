@@ -46,6 +46,9 @@ def plot_curves(metrics_path: str, png_path: str, title: str | None = None) -> s
         base = [(r["step"], r[f"val/{task}/unigram_loss"]) for r in records if r.get(f"val/{task}/unigram_loss") is not None]
         if base:
             right.axhline(base[-1][1], color=COLORS[task], ls="--", lw=1, label=f"unigram baseline ({task})")
+        comp = [r[f"val/{task}/composition_loss"] for r in records if r.get(f"val/{task}/composition_loss") is not None]
+        if comp:
+            right.axhline(comp[-1], color=COLORS[task], ls=":", lw=1, label=f"own-composition baseline ({task})")
     left.set(xlabel="step", ylabel="cross-entropy (nats / target token)", title="training loss", yscale="log")
     right.set(xlabel="step", ylabel="cross-entropy (nats / residue)", title="validation loss on target residues")
     finite = [r[f"val/{t}/residue_loss"] for r in records for t in TASKS if r.get(f"val/{t}/residue_loss") is not None]
