@@ -224,6 +224,14 @@ def test_a_failing_unit_process_is_a_clear_error_and_keeps_finished_units(tmp_pa
     assert sorted(os.listdir(os.path.join(out, "units", "one-hot", "SSP-3"))) == ["seed0.json", "seed7.json"]
 
 
+def test_jobs_refuse_a_gpu(tmp_path, suite_file):
+    from protlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="forked process cannot use cuda"):
+        run_suite(load_suite(suite_file), [OneHotSource()], str(tmp_path), quick=True, tasks=["GB1"],
+                  device="cuda", progress=False, log=lambda s: None, jobs=2)
+
+
 def test_cli_evaluate_and_its_errors(tmp_path, suite_file, capsys):
     out = str(tmp_path / "cli")
     code = main(["evaluate", "--suite", suite_file, "--tasks", "GB1", "--out", out, "--no-progress", "--quick",

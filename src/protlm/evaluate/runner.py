@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import yaml
 
-from protlm.errors import InputError
+from protlm.errors import ConfigError, InputError
 from protlm.evaluate.datasets import Record, load_dataset
 from protlm.evaluate.embeddings import Source, gather_features
 from protlm.evaluate.metrics import mean_std
@@ -188,6 +188,9 @@ def run_suite(
                               "allow_missing": allow_missing}}, sort_keys=False))
     loaded: dict[str, dict[str, list[Record]]] = {}
     t_start = time.perf_counter()
+    if jobs > 1 and not str(device).startswith("cpu"):
+        raise ConfigError(f"--jobs {jobs} forks CPU processes, and a forked process cannot use {device}; "
+                          "on a GPU train the heads with --jobs 1")
     pool = UnitPool(jobs, job_threads, log) if jobs > 1 else None
     pending: list[_PendingCell] = []
 
