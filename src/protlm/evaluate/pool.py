@@ -11,6 +11,7 @@ Forking needs a POSIX system (Linux, macOS). Elsewhere ``jobs`` > 1 is refused w
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import signal
@@ -37,6 +38,15 @@ def _child(fn: Callable[[], object], threads: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # skip the parent's atexit handlers and buffered output inherited by the fork
+
+
+def _trained_minutes(path: str, started: float) -> float:
+    """The unit's own training time from its file; the runner may notice a finished unit only later."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return float(json.load(fh)["result"]["seconds"]) / 60
+    except (OSError, ValueError, KeyError, TypeError):
+        return (time.perf_counter() - started) / 60
 
 
 class UnitPool:
@@ -78,7 +88,7 @@ class UnitPool:
             proc, label, path, t0 = self._running.pop(sentinel)
             proc.join()
             if proc.exitcode == 0:
-                self.log(f"done: {label} ({(time.perf_counter() - t0) / 60:.1f} min)")
+                self.log(f"done: {label} ({_trained_minutes(path, t0):.1f} min)")
             else:
                 failed.append(f"{label}: the unit process ended with exit code {proc.exitcode}")
         if failed:
