@@ -40,6 +40,10 @@ def _child(fn: Callable[[], object], threads: int) -> None:
     os._exit(code)  # skip the parent's atexit handlers and buffered output inherited by the fork
 
 
+def _failure(label: str, proc) -> str:
+    return f"{label}: the unit process ended with exit code {proc.exitcode}"
+
+
 def _trained_minutes(path: str, started: float) -> float:
     """The unit's own training time from its file; the runner may notice a finished unit only later."""
     try:
@@ -90,7 +94,7 @@ class UnitPool:
             if proc.exitcode == 0:
                 self.log(f"done: {label} ({_trained_minutes(path, t0):.1f} min)")
             else:
-                failed.append(f"{label}: the unit process ended with exit code {proc.exitcode}")
+                failed.append(_failure(label, proc))
         if failed:
             # The units still running are valid work: let them finish and write their files, then stop.
             others = [label for _, label, _, _ in self._running.values()]
@@ -99,7 +103,7 @@ class UnitPool:
             for proc, label, _, t0 in list(self._running.values()):
                 proc.join()
                 if proc.exitcode != 0:
-                    failed.append(f"{label}: the unit process ended with exit code {proc.exitcode}")
+                    failed.append(_failure(label, proc))
             self._running.clear()
             raise ProtlmError("; ".join(failed) + " (the error is printed above); finished units are kept, re-run the "
                               "same command to resume")

@@ -336,9 +336,10 @@ def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path,
     result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label)
     done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
             "result": result.to_dict(), "missing": missing}
+    text = json.dumps(done, indent=1, default=_json_default)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_write_text(path, json.dumps(done, indent=1, default=_json_default))
-    return json.loads(json.dumps(done, default=_json_default))
+    atomic_write_text(path, text)
+    return json.loads(text)  # exactly what a resumed run reads back
 
 
 def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label) -> RunResult:

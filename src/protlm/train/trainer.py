@@ -159,7 +159,7 @@ class Trainer:
                 self._val_spare[task] = collate(examples[:1], tok)
         return out
 
-    def _unigram_baseline(self, tok: Tokenizer, val: dict[str, list[dict]]) -> dict[str, float]:
+    def _residue_baselines(self, tok: Tokenizer, val: dict[str, list[dict]]) -> dict[str, float]:
         """Cross-entropy of the validation residue targets under two models that know no sequence order.
 
         - ``unigram_loss``: the training residue frequencies (from up to ``eval.baseline_sequences`` training
@@ -203,7 +203,7 @@ class Trainer:
         tok, model, mcfg = self._build_tokenizer_and_model()
         batches, mixer = self._build_data(tok)
         val = self._build_validation(tok, mixer)
-        baseline = self._unigram_baseline(tok, val)
+        baseline = self._residue_baselines(tok, val)
         n_params = sum(p.numel() for p in model.parameters())
         net = parallelize(model, self.strategy, env, cfg.run.activation_checkpointing)
         optimizer = build_optimizer(net, cfg.optim, foreach=False if self.strategy == "fsdp" else None)
