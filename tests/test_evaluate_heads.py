@@ -1,13 +1,13 @@
-"""The ConvBERT head: shapes per task kind, padding never leaks, the packed step equals batch-1 accumulation,
-and the Table 4 protocol actually learns simple tasks."""
+"""The ConvBERT head: shapes per task kind, padding never leaks, packed rows equal separate proteins, the packed
+step equals batch-1 accumulation, and the Table 4 protocol actually learns simple tasks."""
 
 import numpy as np
 import pytest
 import torch
 
-from protlm.evaluate.heads import ConvBertHead, HeadConfig, dropout, masked_mean
+from protlm.evaluate.heads import ConvBertHead, HeadConfig, dropout, keep_mask, masked_mean
 from protlm.evaluate.tasks import Example, TaskSpec
-from protlm.evaluate.training import TrainConfig, _batches, _collate, train_head
+from protlm.evaluate.training import TrainConfig, _batches, _collate, _collate_packed, _packs, train_head
 
 
 # Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
@@ -93,6 +93,82 @@ def test_packed_step_gradient_equals_batch_one_accumulation():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def _packed_row(lengths, dim, gap, seed=0):
+    """Proteins of ``lengths`` laid end to end with ``gap`` garbage-filled masked positions between them, and the
+    same proteins as a padded batch."""
+    x, mask = _batch(lengths, dim, seed)
+    n = sum(lengths) + gap * (len(lengths) - 1)
+    row = torch.full((1, n, dim), 1e3)  # garbage in the gaps must not matter
+    row_mask = torch.zeros(1, n, dtype=torch.bool)
+    segments, pos = [], 0
+    for i, L in enumerate(lengths):
+        row[0, pos:pos + L] = x[i, :L]
+        row_mask[0, pos:pos + L] = True
+        segments.append((pos, L))
+        pos += L + gap
+    return row, row_mask, tuple(segments), x, mask
+
+
+@pytest.mark.parametrize("kind", ["residue_classification", "protein_classification", "protein_regression"])
+def test_a_packed_row_gives_each_protein_its_own_output(kind):
+    torch.manual_seed(0)
+    head = ConvBertHead(40, kind, 4).eval()
+    row, row_mask, segments, x, mask = _packed_row([6, 13, 1, 8], 40, gap=3)
+    packed = head(row, row_mask, segments)
+    for i, (start, L) in enumerate(segments):
+        alone = head(x[i:i + 1, :L], mask[i:i + 1, :L])
+        got = packed[0, start:start + L] if kind == "residue_classification" else packed[i]
+        torch.testing.assert_close(got, alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_a_packed_step_has_the_gradient_of_separate_proteins():
+    torch.manual_seed(0)
+    head = ConvBertHead(24, "residue_classification", 3, HeadConfig(dropout=0.0))
+    lengths = [4, 9, 7]
+    row, row_mask, segments, x, mask = _packed_row(lengths, 24, gap=3)
+    y = torch.randint(0, 3, (3, 9))
+    y[1, 2] = -1  # an unscored residue inside a protein
+    y_row = torch.full(row_mask.shape, -1)
+    for i, (start, L) in enumerate(segments):
+        y_row[0, start:start + L] = y[i, :L]
+    head.zero_grad()
+    losses = head.per_protein_loss(head(row, row_mask, segments), y_row, segments)
+    assert losses.shape == (3,)
+    (losses.sum() / 3).backward()
+    packed = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    for i, n in enumerate(lengths):
+        (head.per_protein_loss(head(x[i:i + 1, :n], mask[i:i + 1, :n]), y[i:i + 1, :n]).sum() / 3).backward()
+    for a, b in zip(packed, [p.grad for p in head.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_a_packed_row_needs_gaps_wide_enough_for_the_convolution():
+    head = ConvBertHead(40, "residue_classification", 3).eval()
+    row, row_mask, segments, _, _ = _packed_row([6, 5], 40, gap=2)  # kernel 7 needs 3
+    with pytest.raises(ValueError, match=">= 3 positions between proteins"):
+        head(row, row_mask, segments)
+    with pytest.raises(ValueError, match="padded batches"):
+        ConvBertHead(40, "contact").eval()(row, row_mask, segments)
+
+
+def test_packs_fill_the_budget_with_residues_and_gaps():
+    exs = [Example(str(i), "d", n, None) for i, n in enumerate([3, 5, 5, 8, 20])]
+    assert [[e.length for e in b] for b in _packs(exs, 19, gap=3)] == [[3, 5, 5], [8], [20]]  # 20 > budget: alone
+    assert [[e.length for e in b] for b in _packs(exs, 18, gap=3)] == [[3, 5], [5, 8], [20]]
+
+
+def test_collate_packed_places_each_protein_at_its_segment():
+    exs = [Example("a", "d", 2, np.array([1, 2])), Example("b", "d", 3, np.array([0, -1, 2]))]
+    feats = {"a": np.ones((2, 4), np.float32), "b": np.full((3, 4), 2.0, np.float32)}
+    x, mask, y, segments = _collate_packed(exs, lambda e: feats[e.id], "residue_classification",
+                                           torch.device("cpu"), gap=3)
+    assert segments == ((0, 2), (5, 3))
+    assert x.shape == (1, 8, 4) and x[0, :, 0].tolist() == [1, 1, 0, 0, 0, 2, 2, 2]
+    assert mask[0].tolist() == [True, True, False, False, False, True, True, True]
+    assert y.tolist() == [[1, 2, -1, -1, -1, 0, -1, 2]]
+
+
 def test_fast_dropout_keeps_the_expected_fraction_and_mean():
     torch.manual_seed(0)
     x = torch.ones(200_000)
@@ -100,6 +176,10 @@ def test_fast_dropout_keeps_the_expected_fraction_and_mean():
     assert abs((y == 0).float().mean().item() - 0.1) < 0.005
     assert abs(y.mean().item() - 1.0) < 0.01
     assert dropout(x, 0.1, False) is x
+    keep = keep_mask((1000, 200), 0.1)
+    values = keep.unique()
+    assert keep.shape == (1000, 200) and len(values) == 2 and values[0] == 0.0
+    assert values[1].item() == pytest.approx(32768 / (32768 - 3277), rel=1e-7)
 
 
 def test_micro_batches_respect_the_token_budget():

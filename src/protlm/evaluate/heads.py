@@ -13,10 +13,17 @@ ConvBERT's "mixed attention" splits the heads in two: half are ordinary self-att
 span-based dynamic convolution heads, whose kernel at each position is computed from the query and a local
 (convolved) view of the keys. Both halves see only real residues: padding is excluded from attention keys and
 zeroed before every convolution, so a protein's output does not depend on what it was batched with.
+
+Two batch layouts are accepted. *Padded*: (B, L, D) with one protein per row and a (B, L) residue mask. *Packed*:
+one row (1, N, D) holding several proteins end to end, each at a ``(start, length)`` of ``segments``, with at
+least ``kernel_size // 2`` masked positions between neighbours. Attention then runs protein by protein, and the
+masked gaps keep the convolutions apart. Packing wastes no work on padding, which for proteins of mixed lengths
+is a quarter of a padded batch's residues (SSP training chains) and a third of its attention scores.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +33,15 @@ from torch import Tensor, nn
 from protlm.errors import ConfigError
 
 KINDS = ("residue_classification", "protein_classification", "protein_regression", "contact")
+Segments = tuple[tuple[int, int], ...]  # packed layout: (start, length) of each protein in the one row
+
+
+def segment_matrix(segments: Segments, n: int, like: Tensor) -> Tensor:
+    """(S, n) membership matrix of a packed row: row s is 1 over protein s's positions, 0 elsewhere."""
+    m = like.new_zeros(len(segments), n)
+    for i, (start, length) in enumerate(segments):
+        m[i, start:start + length] = 1.0
+    return m
 
 
 @dataclass
@@ -51,20 +67,30 @@ class HeadConfig:
             raise ConfigError(f"head: ff_ratio must be positive (got {self.ff_ratio})")
 
 
+def keep_mask(shape: tuple[int, ...] | torch.Size, p: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """A CPU dropout draw: 0 where an element is dropped, 1 / keep elsewhere, so that ``x * keep_mask(...)``
+    is inverted dropout.
+
+    The draw uses 16-bit slices of 64-bit random words: torch's own dropout draws one 32-bit number per element
+    and, on this kind of head, spends more time there than in all the matrix products. The keep probability is
+    1 - round(p * 2**15) / 2**15 (within 2e-5 of 1 - p). The mask is built with arithmetic (shift, clamp) rather
+    than a comparison, because torch's CPU kernels on bool tensors are several times slower than on floats."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each (the sign bit is 0)
+    lanes = words.view(torch.int16)[:n] & 0x7FFF  # 15 uniform bits per element
+    threshold = round(p * 32768)
+    # lanes >= threshold -> 1, below -> 0; exact in float32 (integers < 2**24)
+    keep = lanes.to(torch.float32).sub_(threshold - 1).clamp_(0.0, 1.0).mul_(32768 / (32768 - threshold))
+    return keep.view(shape).to(dtype)
+
+
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
-    """Inverted dropout. On CPU the keep-mask comes from 16-bit slices of 64-bit random words: torch's own
-    dropout draws one 32-bit number per element and, on this kind of head, spends more time there than in all
-    the matrix products. The keep probability is 1 - round(p * 2**15) / 2**15 (within 2e-5 of 1 - p)."""
+    """Inverted dropout, with the fast CPU draw of :func:`keep_mask`."""
     if not training or p == 0.0:
         return x
     if x.device.type != "cpu":
         return F.dropout(x, p, True)
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_()  # 63 random bits each (the sign bit is 0)
-    lanes = words.view(torch.int16)[:n] & 0x7FFF  # 15 uniform bits per element
-    threshold = round(p * 32768)
-    scale = (lanes >= threshold).view(x.shape).to(x.dtype).mul_(32768 / (32768 - threshold))
-    return x * scale
+    return x * keep_mask(x.shape, p, x.dtype)
 
 
 class Dropout(nn.Module):
@@ -76,8 +102,12 @@ class Dropout(nn.Module):
         return dropout(x, self.p, self.training)
 
 
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean over the residue axis of (B, L, D) using only positions where ``mask`` (B, L) is true."""
+def masked_mean(x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
+    """Mean over the residue axis of (B, L, D) using only positions where ``mask`` (B, L) is true: (B, D), or
+    (S, D), one per protein, for a packed row."""
+    if segments is not None:
+        m = segment_matrix(segments, x.shape[1], x)
+        return (m @ x[0]) / m.sum(1, keepdim=True).clamp_min(1.0)
     m = mask.to(x.dtype).unsqueeze(-1)  # (B, L, 1)
     return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
 
@@ -123,25 +153,44 @@ class MixedAttention(nn.Module):
             self.kernel = nn.Linear(conv_w, self.n_conv * cfg.kernel_size)  # per-position, per-head conv kernel
             self.conv_value = nn.Linear(dim, conv_w)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:  # x (B, L, D), mask (B, L) bool
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+        """Self-attention of (B, H, L, hd) heads; keys where ``mask`` (B, L) is false are left out."""
+        if self.training and self.dropout > 0 and q.device.type == "cpu":
+            # Written out so the probabilities can use the fast CPU dropout; the padding mask enters as an
+            # additive bias inside the first matmul, with no extra pass over the (L, L) scores.
+            B, H, L, hd = q.shape
+            q3 = (q * hd**-0.5).reshape(B * H, L, hd)
+            kt = k.reshape(B * H, L, hd).transpose(1, 2)
+            if mask is None:
+                scores = torch.bmm(q3, kt)
+            else:
+                bias = torch.zeros(B, 1, L, dtype=q.dtype).masked_fill(~mask[:, None, :], float("-inf"))
+                scores = torch.baddbmm(bias.repeat_interleave(H, 0), q3, kt)
+            probs = dropout(scores.softmax(-1), self.dropout, True)
+            return torch.bmm(probs, v.reshape(B * H, L, hd)).view(B, H, L, hd)
+        keep = None if mask is None else mask[:, None, None, :]  # (B, 1, 1, L): attend to residues only
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=self.dropout if self.training else 0.0)
+
+    def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
+        """x (B, L, D) and mask (B, L) bool, padded; or a packed row (1, N, D) with its ``segments``."""
         B, L, _ = x.shape
         q = self.query(x)
         q_att, q_conv = q.split([self.n_att * self.head_dim, self.n_conv * self.head_dim], dim=-1)
         heads = lambda t: t.view(B, L, -1, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
-        keep = mask[:, None, None, :]  # (B, 1, 1, L): attend to residues only
         qh, kh, vh = heads(q_att), heads(self.key(x)), heads(self.value(x))
-        if self.training and self.dropout > 0 and x.device.type == "cpu":
-            # Written out so the probabilities can use the fast CPU dropout above; the padding mask enters as an
-            # additive bias inside the matmul, with no extra pass over the (L, L) scores.
-            H, hd = self.n_att, self.head_dim
-            bias = torch.zeros(B, 1, L, dtype=qh.dtype).masked_fill(~mask[:, None, :], float("-inf"))
-            scores = torch.baddbmm(bias.repeat_interleave(H, 0), (qh * hd**-0.5).reshape(B * H, L, hd),
-                                   kh.reshape(B * H, L, hd).transpose(1, 2))
-            probs = dropout(scores.softmax(-1), self.dropout, True)
-            att = torch.bmm(probs, vh.reshape(B * H, L, hd)).view(B, H, L, hd)
-        else:
-            att = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=keep,
-                                                 dropout_p=self.dropout if self.training else 0.0)
+        if segments is None:
+            att = self._attend(qh, kh, vh, mask)
+        else:  # protein by protein; gap positions get zeros
+            parts, pos = [], 0
+            for start, length in segments:
+                if start > pos:
+                    parts.append(qh.new_zeros(B, self.n_att, start - pos, self.head_dim))
+                s = slice(start, start + length)
+                parts.append(self._attend(qh[:, :, s], kh[:, :, s], vh[:, :, s], None))
+                pos = start + length
+            if pos < L:
+                parts.append(qh.new_zeros(B, self.n_att, L - pos, self.head_dim))
+            att = torch.cat(parts, dim=2)
         out = [att.transpose(1, 2).reshape(B, L, -1)]
         if self.n_conv:
             zero_pad = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
@@ -165,8 +214,8 @@ class ConvBertLayer(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.drop = Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
-        x = self.norm1(x + self.drop(self.mixer_out(self.mixer(x, mask))))
+    def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
+        x = self.norm1(x + self.drop(self.mixer_out(self.mixer(x, mask, segments))))
         return self.norm2(x + self.drop(self.ff(x)))
 
 
@@ -213,9 +262,17 @@ class ConvBertHead(nn.Module):
         else:
             self.out = nn.Linear(self.dim, 1 if kind == "protein_regression" else n_out)
 
-    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
         """x (B, L, in_dim), mask (B, L) bool -> logits: (B, L, C) per residue, (B, C) or (B,) per protein,
-        (B, L, L) for contacts."""
+        (B, L, L) for contacts. A packed row (see the module doc) gives (1, N, C) per residue and (S, C) or (S,)
+        per protein; contacts take the padded layout only."""
+        if segments is not None:
+            if self.kind == "contact":
+                raise ValueError("contact heads take padded batches, not packed rows")
+            half = self.layers[0].mixer.kernel_size // 2
+            ends = [start + length for start, length in segments]
+            if x.shape[0] != 1 or any(b < a + half for a, b in zip(ends, (s for s, _ in segments[1:]))):
+                raise ValueError(f"a packed row is one row with >= {half} positions between proteins")
         device = x.device.type
         if torch.is_autocast_enabled(device):
             x = x.to(torch.get_autocast_dtype(device))  # once here, not again in every projection
@@ -223,23 +280,27 @@ class ConvBertHead(nn.Module):
             x = F.pad(x, (0, self.dim - self.in_dim))
         x = x * mask.unsqueeze(-1).to(x.dtype)
         for layer in self.layers:
-            x = layer(x, mask)
+            x = layer(x, mask, segments)
         if self.kind == "residue_classification":
             return self.out(self.drop(x))
         if self.kind == "contact":
             return self.out(x)
-        pooled = self.out(self.drop(masked_mean(x, mask)))
+        pooled = self.out(self.drop(masked_mean(x, mask, segments)))
         return pooled.squeeze(-1) if self.kind == "protein_regression" else pooled
 
-    def per_protein_loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """(B,) loss of each protein: its own mean over its scored elements.
+    def per_protein_loss(self, logits: Tensor, target: Tensor, segments: Segments | None = None) -> Tensor:
+        """(B,) loss of each protein, or (S,) for a packed row: its own mean over its scored elements.
 
-        Targets: per-residue class ids with -1 for unscored residues; per-protein class ids; per-protein floats;
-        contact maps as floats with -1 for unscored pairs. A protein with nothing scored gets 0.
+        Targets: per-residue class ids with -1 for unscored residues (and gaps); per-protein class ids;
+        per-protein floats; contact maps as floats with -1 for unscored pairs. A protein with nothing scored
+        gets 0.
         """
         if self.kind == "residue_classification":
             ce = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")  # (B, L)
             scored = (target >= 0).float()
+            if segments is not None:
+                m = segment_matrix(segments, ce.shape[1], ce)
+                return (m @ (ce * scored)[0]) / (m @ scored[0]).clamp_min(1.0)
             return (ce * scored).sum(1) / scored.sum(1).clamp_min(1.0)
         if self.kind == "protein_classification":
             return F.cross_entropy(logits.float(), target, reduction="none")

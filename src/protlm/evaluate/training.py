@@ -8,9 +8,10 @@ clipped at 1.0.
 
 Batch size 1 with accumulation 16 means: each optimiser step averages the per-protein losses of 16 proteins,
 each protein's loss being its own mean over its residues (or residue pairs). The trainer computes exactly that
-gradient, but runs the 16 proteins of a step as a few padded forward passes of similar lengths
-(``micro_batch_tokens``) instead of 16 single ones; padding never reaches a loss, a mean or an attention key, so
-only the speed changes.
+gradient, but runs the 16 proteins of a step laid end to end in one packed row (see ``protlm.evaluate.heads``;
+rows of at most ``micro_batch_tokens`` residues) instead of 16 single passes. Attention stays within a protein,
+and gaps keep the convolutions apart, so only the speed changes. Contact heads, whose pair scores are per
+protein anyway, take one protein per pass.
 """
 
 from __future__ import annotations
@@ -59,9 +60,8 @@ class TrainConfig:
     # --- speed only; these do not change what is computed, up to float rounding ---
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16 (weights and optimiser stay fp32); "fp32";
     #                          "auto": see resolve_precision
-    micro_batch_tokens: int = 2048  # padded residues per forward pass when packing a step's proteins (on one
-    #                                thread, 2,048 beat 4,096 by 10-35% at widths 21-128 and tied at 256)
-    eval_tokens: int = 16384  # padded residues per forward pass when scoring
+    micro_batch_tokens: int = 8192  # residues per packed row when running a step's proteins
+    eval_tokens: int = 16384  # residues per packed row when scoring
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
@@ -156,6 +156,67 @@ def _collate(batch: list[Example], features: Features, kind: str, device: torch.
     return x.to(device), mask.to(device), y.to(device)
 
 
+def _packs(examples: list[Example], token_budget: int, gap: int) -> list[list[Example]]:
+    """Consecutive examples grouped so that each group's residues plus the gaps between them fit the budget
+    (a protein longer than the budget goes alone)."""
+    out: list[list[Example]] = []
+    cur: list[Example] = []
+    used = 0
+    for ex in examples:
+        need = ex.seen + (gap if cur else 0)
+        if cur and used + need > token_budget:
+            out.append(cur)
+            cur, used, need = [], 0, ex.seen
+        cur.append(ex)
+        used += need
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _collate_packed(batch: list[Example], features: Features, kind: str, device: torch.device, gap: int,
+                    target_shift: float = 0.0, target_scale: float = 1.0):
+    """One packed row (1, N, D) of ``batch`` with ``gap`` masked positions between proteins, its mask, targets
+    ((1, N) per residue with -1 at gaps, (S,) per protein) and the proteins' (start, length) segments."""
+    segments, pos = [], 0
+    for e in batch:
+        segments.append((pos, e.seen))
+        pos += e.seen + gap
+    n = pos - gap
+    arrays = [features(e) for e in batch]
+    x = torch.zeros(1, n, arrays[0].shape[-1], dtype=torch.float32)
+    mask = torch.zeros(1, n, dtype=torch.bool)
+    for e, arr, (start, length) in zip(batch, arrays, segments):
+        if e.keep is not None:
+            arr = arr[e.keep]
+        x[0, start:start + length] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        mask[0, start:start + length] = True
+    if kind == "residue_classification":
+        y = torch.full((1, n), -1, dtype=torch.long)
+        for e, (start, _) in zip(batch, segments):
+            y[0, start:start + e.length] = torch.from_numpy(e.target)
+    elif kind == "protein_classification":
+        y = torch.tensor([e.target for e in batch], dtype=torch.long)
+    elif kind == "protein_regression":
+        y = torch.tensor([(e.target - target_shift) / target_scale for e in batch], dtype=torch.float32)
+    else:
+        raise ValueError("contact tasks are not packed")
+    return x.to(device), mask.to(device), y.to(device), tuple(segments)
+
+
+def _passes(head: ConvBertHead, examples: list[Example], features: Features, budget: int, device: torch.device,
+            shift: float = 0.0, scale: float = 1.0):
+    """(x, mask, y, segments, batch) for each forward pass over ``examples``: packed rows of at most ``budget``
+    residues, or one padded protein per pass for contacts (segments None)."""
+    if head.kind == "contact":
+        for e in examples:
+            yield (*_collate([e], features, head.kind, device, shift, scale), None, [e])
+        return
+    gap = head.layers[0].mixer.kernel_size // 2
+    for batch in _packs(examples, budget, gap):
+        yield (*_collate_packed(batch, features, head.kind, device, gap, shift, scale), batch)
+
+
 def _autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
@@ -177,24 +238,19 @@ def predict(head: ConvBertHead, examples: list[Example], features: Features, cfg
             device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
     """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
     head.eval()
-    order = sorted(range(len(examples)), key=lambda i: examples[i].seen)
-    out: list[Any] = [None] * len(examples)
-    budget = cfg.eval_tokens if head.kind != "contact" else 1
-    pos = 0
-    for batch in _batches([examples[i] for i in order], budget):
-        x, mask, _ = _collate(batch, features, head.kind, device)
-        logits = head(x, mask).float().cpu()  # fp32 even after bf16 training: coarse scores would tie
+    out: list[Any] = []
+    for x, mask, _, segments, batch in _passes(head, examples, features, cfg.eval_tokens, device):
+        logits = head(x, mask, segments).float().cpu()  # fp32 even after bf16 training: coarse scores would tie
         for b, e in enumerate(batch):
-            idx = order[pos]
-            pos += 1
             if head.kind == "residue_classification":
-                out[idx] = logits[b, : e.length].argmax(-1).numpy()
+                start = segments[b][0]
+                out.append(logits[0, start:start + e.length].argmax(-1).numpy())
             elif head.kind == "protein_classification":
-                out[idx] = int(logits[b].argmax())
+                out.append(int(logits[b].argmax()))
             elif head.kind == "protein_regression":
-                out[idx] = float(logits[b]) * target_scale + target_shift
+                out.append(float(logits[b]) * target_scale + target_shift)
             else:
-                out[idx] = torch.sigmoid(logits[b, : e.length, : e.length]).numpy()
+                out.append(torch.sigmoid(logits[0, : e.length, : e.length]).numpy())
     return out
 
 
@@ -287,20 +343,18 @@ def train_head(
     best: tuple[float, int, dict] | None = None
     history: list[EpochLog] = []
     step = 0
-    budget = cfg.micro_batch_tokens if task.kind != "contact" else 1
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         head.train()
         order = rng.permutation(len(train))
         losses = []
         for s in range(steps_per_epoch):
-            chunk = sorted((train[i] for i in order[s * group:(s + 1) * group]), key=lambda e: e.seen)
+            chunk = [train[i] for i in order[s * group:(s + 1) * group]]
             step_loss = 0.0
-            for batch in _batches(chunk, budget):
-                x, mask, y = _collate(batch, features, task.kind, device, shift, scale)
+            for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift, scale):
                 with _autocast(device, precision):
-                    logits = head(x, mask)
-                loss = head.per_protein_loss(logits, y).sum() / len(chunk)
+                    logits = head(x, mask, segments)
+                loss = head.per_protein_loss(logits, y, segments).sum() / len(chunk)
                 loss.backward()
                 step_loss += float(loss.detach())
             if cfg.max_grad_norm:
