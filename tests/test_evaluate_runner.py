@@ -187,15 +187,21 @@ def test_quick_profile_subsets(tmp_path, suite_file):
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_jobs_train_units_in_parallel_with_the_same_results(tmp_path, suite_file):
+def test_jobs_train_units_in_parallel_with_the_same_results(tmp_path, suite_file, monkeypatch):
+    from protlm.evaluate import runner
+
     suite = load_suite(suite_file)
     tasks = ["SSP-3", "GB1", "CP-CASP14"]
     logs: list[str] = []
     one = run_suite(suite, [OneHotSource()], str(tmp_path / "one"), quick=True, tasks=tasks, progress=False,
                     log=lambda s: None)
+    cost = {"SSP-3": 1.0, "GB1": 3.0, "CP-CASP14": 2.0}
+    monkeypatch.setattr(runner, "unit_cost", lambda task, cfg, data: cost[task.name])
     two = run_suite(suite, [OneHotSource()], str(tmp_path / "two"), quick=True, tasks=tasks, progress=False,
                     log=logs.append, jobs=2, job_threads=1)
-    assert [(c.task, c.values) for c in two.cells] == [(c.task, c.values) for c in one.cells]
+    started = [m.split(" | ")[1] for m in logs if m.startswith("started: ")]
+    assert list(dict.fromkeys(started)) == ["GB1", "CP-CASP14", "SSP-3"]  # the costliest units start first
+    assert [(c.task, c.values) for c in two.cells] == [(c.task, c.values) for c in one.cells]  # reported in suite order
     assert [c.trained_units for c in two.cells] == [2, 2, 4] and all(c.resumed_units == 0 for c in two.cells)
     assert sum(m.startswith("started: ") for m in logs) == 8 and sum(m.startswith("done: ") for m in logs) == 8
     # the unit files are the results: a re-run with jobs reads them back
@@ -217,11 +223,28 @@ def test_a_failing_unit_process_is_a_clear_error_and_keeps_finished_units(tmp_pa
         return real(task, fold, *args, **kwargs)
 
     monkeypatch.setattr(runner, "_train_unit", flaky)
+    monkeypatch.setattr(runner, "unit_cost", lambda task, cfg, data: 0.0)  # keep suite order: SSP-3 first
     out = str(tmp_path / "out")
     with pytest.raises(ProtlmError, match=r"GB1 \| seed (7|0): the unit process ended with exit code 1"):
         run_suite(load_suite(suite_file), [OneHotSource()], out, quick=True, tasks=["SSP-3", "GB1"],
                   progress=False, log=lambda s: None, jobs=2)
     assert sorted(os.listdir(os.path.join(out, "units", "one-hot", "SSP-3"))) == ["seed0.json", "seed7.json"]
+
+
+def test_unit_cost_counts_residues_attention_and_folds():
+    from types import SimpleNamespace as NS
+
+    from protlm.evaluate.runner import unit_cost
+    from protlm.evaluate.tasks import Example
+
+    ex = lambda n: Example("p", "d", n, None)
+    cfg = NS(epochs=2)
+    per_residue = NS(kind="residue_classification")
+    one_fold = NS(folds=[NS(train=[ex(256), ex(512)])])
+    assert unit_cost(per_residue, cfg, one_fold) == 2 * (256 + 256 + 512 + 1024)
+    two_folds = NS(folds=[NS(train=[ex(256)]), NS(train=[ex(512)])])  # a unit is one fold: the mean
+    assert unit_cost(per_residue, cfg, two_folds) == 2 * (512 + 1536) / 2
+    assert unit_cost(NS(kind="contact"), cfg, one_fold) == 8 * unit_cost(per_residue, cfg, one_fold)
 
 
 def test_jobs_refuse_a_gpu(tmp_path, suite_file):
