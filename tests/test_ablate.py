@@ -331,7 +331,7 @@ def test_shipped_recipe_passes_its_checks_on_the_staged_data(monkeypatch):
     shared_data("ssp_netsurfp")
     monkeypatch.chdir(os.path.join(os.path.dirname(__file__), ".."))
     plan = check_plan(load_recipe(os.path.join("configs", "ablation", "tiny-cpu.yaml")), log=lambda s: None)
-    assert all(b.passes_needed <= 3 for b in plan.budget.values())
+    assert all(b.passes_needed <= 4 for b in plan.budget.values())
     assert plan.eval_seeds == [7, 0, 42] and "SSP-3" in plan.tasks
 
 

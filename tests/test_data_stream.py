@@ -212,6 +212,46 @@ def test_exclusion_by_ids_and_exact_sequences(tmp_path):
         SequenceStream([CATH, ECOLI], TOK, exclude=exclude).load_state_dict(plain_state)
 
 
+def test_exclusion_drops_near_copies_by_shared_kmers(tmp_path):
+    from protlm.data.exclude import SharedSegments
+
+    records = list(read_fasta(ECOLI))
+    eco = {r.id: r.sequence for r in records}
+    short, tagged, long, other = (records[i].id for i in (5, 7, 71, 4))  # 86, 159, 574 and 167 residues
+    tag = "MGSSHHHHHHSSGLVPRGSH"  # a common expression tag: shared by many unrelated chains
+    held_out = tmp_path / "eval.fasta"
+    held_out.write_text(
+        f">domain\n{eco[short][:55]}\n"  # a domain cut from `short`: 46 of its 77 10-mers (60%)
+        f">tagged\n{tag}{eco[tagged]}\n"  # `tagged` with a tag: all 150 of its 10-mers
+        f">inside\n{eco[long][100:170]}\n"  # 70 residues inside `long`: 61 of its 565 10-mers (11%)
+        f">tag-only\n{tag}MKTAYIAKQRQISFVKSHFSRQ\n")
+    near = Exclusion.from_files(sequence_files=[held_out], near=SharedSegments(k=10, fraction=0.5, count=50))
+    assert near.shared_kmers(eco[short]) == (46, 77)  # the fraction rule
+    assert near.shared_kmers(eco[tagged]) == (150, 150)
+    assert near.shared_kmers(eco[long]) == (61, 565)  # the count rule
+    assert {near.reason(eco[i]) for i in (short, tagged, long)} == {"shares segments with an excluded sequence"}
+    assert near.shared_kmers(tag + eco[other]) == (12, 178)  # the tag, and the tag + the first residue M
+    assert near.reason(tag + eco[other]) is None
+    s = SequenceStream([ECOLI], TOK, max_length=100_000, epochs=1, exclude=near)
+    assert {i.record_id for i in s.items()} == set(eco) - {short, tagged, long}
+    assert s.stats.dropped == {"shares segments with an excluded sequence": 3}
+    # exact matching alone keeps all three; k = 0 switches the rule off
+    for exact in (Exclusion.from_files(sequence_files=[held_out]),
+                  Exclusion.from_files(sequence_files=[held_out], near=SharedSegments(k=0))):
+        assert all(exact.reason(eco[i]) is None for i in (short, tagged, long))
+    # the rule is part of what a resumed stream must match
+    assert near.fingerprint() != Exclusion.from_files(sequence_files=[held_out]).fingerprint()
+
+
+def test_near_copy_thresholds_are_checked_with_the_config_key():
+    from protlm.train.config import load_config
+
+    with pytest.raises(ConfigError, match="data.exclude_kmer.*0 \\(off\\) to 12, got 16"):
+        load_config(None, ["data.exclude_kmer=16"])
+    with pytest.raises(ConfigError, match="fraction in \\(0, 1\\]"):
+        load_config(None, ["data.exclude_kmer_fraction=1.5"])
+
+
 # --- bad records and bad input -------------------------------------------------------------------------------
 def test_bad_record_policies(tmp_path):
     fa = tmp_path / "bad.fa"

@@ -103,7 +103,8 @@ def estimate_budget(recipe: AblationRecipe, configs: dict[tuple[str, int], Train
             files = list(d.exclude_sequences) + ([p for p in d.validation if p not in d.exclude_sequences]
                                                  if d.exclude_validation else [])
             try:
-                exclusion = Exclusion.from_files(d.exclude_ids, files) if files or d.exclude_ids else None
+                exclusion = (Exclusion.from_files(d.exclude_ids, files, d.near_copies())
+                             if files or d.exclude_ids else None)
                 stream = SequenceStream(d.train, tok, max_length=d.max_length, min_length=d.min_length, seed=seed,
                                         epochs=1, shuffle=False, exclude=exclusion, policy=d.policy)
                 log(f"counting the training data of variant {name} ({', '.join(d.train)})")

@@ -317,8 +317,9 @@ class SequenceStream(torch.utils.data.IterableDataset):
         if self.drop_longer_than is not None and len(ids) > self.drop_longer_than:
             stats.drop("longer than drop_longer_than")
             return None
-        if self.exclude is not None and self.exclude.excludes_sequence(text):
-            stats.drop("excluded sequence")
+        why = self.exclude.reason(text) if self.exclude is not None else None
+        if why is not None:
+            stats.drop(why)
             return None
         stats.kept += 1
         return record.id, ids

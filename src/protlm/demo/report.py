@@ -15,6 +15,14 @@ from protlm.utils import atomic_write_text
 TASK_ORDER = ("denoise", "complete")
 
 
+def _exclusion_rule(data: dict) -> str:
+    k = data.get("exclude_kmer", 10)
+    if not k:
+        return "by exact match only (near copies stay)"
+    return (f"by exact match and as near copies (sequences sharing >= {data.get('exclude_kmer_fraction', 0.5):.0%} "
+            f"of their {k}-mers, or >= {data.get('exclude_kmer_count', 50)} of them, with an excluded sequence)")
+
+
 def _fmt_minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
 
@@ -166,7 +174,7 @@ def write_report(out_dir: str, state: dict, verdict: Verdict, projections: dict,
     names = lambda key: ", ".join(f"`{os.path.basename(p)}`" for p in data.get(key, [])) or "-"  # noqa: E731
     lines += ["## Data", "", "All data ship with protlm (`protlm/resources/demo/`; provenance and licences in its "
               f"SOURCES.md). Pretraining corpus: {names('train')}, with the evaluation sequences "
-              f"({names('exclude_sequences')}) and the validation proteins removed by exact match. Validation, "
+              f"({names('exclude_sequences')}) and the validation proteins removed, {_exclusion_rule(data)}. Validation, "
               f"depth analysis and completion: {names('validation')}. Secondary structure: NetSurfP-2.0's data "
               "(FLIP split, CB513, CASP12) and protlm's DSSP labelling of the CASP14 targets.", ""]
     path = os.path.join(out_dir, "report.md")

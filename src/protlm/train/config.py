@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from protlm.data.exclude import SharedSegments
 from protlm.errors import ConfigError
 from protlm.utils import read_yaml_mapping
 from protlm.objectives import ObjectiveConfig
@@ -46,15 +47,30 @@ class DataSection:
     train: list[str] = field(default_factory=list)  # FASTA / FASTA.gz / parquet / HF datasets directories
     validation: list[str] = field(default_factory=list)  # held-out FASTA files for validation loss
     # Evaluation proteins to keep out of training: FASTA/CSV files whose sequences are dropped wherever they
-    # occur (exact match), and id lists (one per line, or a FASTA whose record ids are taken).
+    # occur, and id lists (one per line, or a FASTA whose record ids are taken).
     exclude_sequences: list[str] = field(default_factory=list)
     exclude_ids: list[str] = field(default_factory=list)
-    exclude_validation: bool = True  # also drop the validation sequences from training (exact match)
+    exclude_validation: bool = True  # also drop the validation sequences from training
+    # Near copies of the excluded sequences (domains cut from them, tagged or trimmed versions, fragments) are
+    # dropped too: a training sequence goes when >= exclude_kmer_fraction of its k-mers, or >=
+    # exclude_kmer_count of them, occur in the excluded sequences (protlm.data.exclude). 0 = exact match only.
+    exclude_kmer: int = 10
+    exclude_kmer_fraction: float = 0.5
+    exclude_kmer_count: int = 50
     max_length: int = 512  # encoder tokens per example, special tokens included; longer sequences are cropped
     min_length: int = 1  # residues; shorter sequences are dropped
     policy: str = "skip"  # bad FASTA records: "skip" (count and warn) or "error"
     validation_sequences: int = 512  # at most this many validation sequences (the first ones, in file order)
     workers: int = 0  # DataLoader worker processes preparing batches; 0 prepares them in the training process
+
+    def __post_init__(self) -> None:
+        try:
+            self.near_copies()  # checks the thresholds when the config is read
+        except ConfigError as err:
+            raise ConfigError(f"data.exclude_kmer, exclude_kmer_fraction, exclude_kmer_count: {err}") from None
+
+    def near_copies(self) -> SharedSegments:
+        return SharedSegments(self.exclude_kmer, self.exclude_kmer_fraction, self.exclude_kmer_count)
 
 
 @dataclass

@@ -130,7 +130,7 @@ class Trainer:
         if cfg.data.exclude_validation:
             sequence_files += [p for p in cfg.data.validation if p not in sequence_files]
         if sequence_files or cfg.data.exclude_ids:
-            self.exclusion = Exclusion.from_files(cfg.data.exclude_ids, sequence_files)
+            self.exclusion = Exclusion.from_files(cfg.data.exclude_ids, sequence_files, cfg.data.near_copies())
         stream = SequenceStream(cfg.data.train, tok, max_length=cfg.data.max_length, min_length=cfg.data.min_length,
                                 seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, exclude=self.exclusion,
                                 policy=cfg.data.policy)
