@@ -26,10 +26,28 @@ import torch
 from protlm.evaluate import heads as H
 from protlm.evaluate.heads import ConvBertHead, HeadConfig
 from protlm.evaluate.tasks import Example
-from protlm.evaluate.training import _batches, _collate, _passes
+from protlm.evaluate.training import _collate, _passes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "ssp_netsurfp", "flip_ss3_sequences.fasta.gz")
+
+
+def padded_batches(examples: list[Example], token_budget: int) -> list[list[Example]]:
+    """Padded micro-batches (what protlm did before packing): consecutive examples, sorted first, grouped so
+    that batch size x longest length <= budget."""
+    out: list[list[Example]] = []
+    cur: list[Example] = []
+    longest = 0
+    for ex in examples:
+        longest_if = max(longest, ex.seen)
+        if cur and longest_if * (len(cur) + 1) > token_budget:
+            out.append(cur)
+            cur, longest_if = [], ex.seen
+        cur.append(ex)
+        longest = longest_if
+    if cur:
+        out.append(cur)
+    return out
 
 
 def step_rate(dim: int, exs: list[Example], feats: dict, layout: str, precision: str, torch_dropout: bool) -> float:
@@ -49,7 +67,7 @@ def step_rate(dim: int, exs: list[Example], feats: dict, layout: str, precision:
                 yield x, mask, y, segments
         else:
             budget = 1 if layout == "batch-1" else 2048
-            for batch in _batches(sorted(chunk, key=lambda e: e.length), budget):
+            for batch in padded_batches(sorted(chunk, key=lambda e: e.length), budget):
                 yield (*_collate(batch, features, "residue_classification", cpu), None)
 
     def one_pass():

@@ -7,7 +7,7 @@ import torch
 
 from protlm.evaluate.heads import ConvBertHead, HeadConfig, dropout, keep_mask, masked_mean
 from protlm.evaluate.tasks import Example, TaskSpec
-from protlm.evaluate.training import TrainConfig, _batches, _collate, _collate_packed, _packs, train_head
+from protlm.evaluate.training import TrainConfig, _collate, _collate_packed, _packs, train_head
 
 
 # Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
@@ -180,12 +180,6 @@ def test_fast_dropout_keeps_the_expected_fraction_and_mean():
     values = keep.unique()
     assert keep.shape == (1000, 200) and len(values) == 2 and values[0] == 0.0
     assert values[1].item() == pytest.approx(32768 / (32768 - 3277), rel=1e-7)
-
-
-def test_micro_batches_respect_the_token_budget():
-    exs = [Example(str(i), "d", n, None) for i, n in enumerate([3, 5, 5, 8, 20])]
-    batches = _batches(exs, 16)
-    assert [[e.length for e in b] for b in batches] == [[3, 5, 5], [8], [20]]  # 20 > budget: alone
 
 
 # --- the protocol learns --------------------------------------------------------------------------------------

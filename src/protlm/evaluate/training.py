@@ -112,23 +112,6 @@ class RunResult:
 Features = Callable[[Example], np.ndarray]  # (L, D) per-residue embedding of an example
 
 
-def _batches(examples: list[Example], token_budget: int) -> list[list[Example]]:
-    """Consecutive examples (sort them first) packed so that batch size x longest length <= budget."""
-    out: list[list[Example]] = []
-    cur: list[Example] = []
-    longest = 0
-    for ex in examples:
-        longest_if = max(longest, ex.seen)
-        if cur and longest_if * (len(cur) + 1) > token_budget:
-            out.append(cur)
-            cur, longest_if = [], ex.seen
-        cur.append(ex)
-        longest = longest_if
-    if cur:
-        out.append(cur)
-    return out
-
-
 def _collate(batch: list[Example], features: Features, kind: str, device: torch.device,
              target_shift: float = 0.0, target_scale: float = 1.0):
     L = max(e.seen for e in batch)
