@@ -73,6 +73,16 @@ def test_contact_logits_are_symmetric():
     torch.testing.assert_close(out, out.T)
 
 
+def _assert_gradient_of_separate_proteins(head, x, mask, y, lengths):
+    """The gradient now in ``head`` equals batch-1 accumulation over the proteins of padded (x, mask, y)."""
+    packed = [p.grad.clone() for p in head.parameters()]
+    head.zero_grad()
+    for i, n in enumerate(lengths):
+        (head.per_protein_loss(head(x[i:i + 1, :n], mask[i:i + 1, :n]), y[i:i + 1, :n]).sum() / len(lengths)).backward()
+    for a, b in zip(packed, [p.grad for p in head.parameters()]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 def test_packed_step_gradient_equals_batch_one_accumulation():
     # Table 4: batch 1, accumulate 16 -> the step's gradient is the mean over proteins of each protein's own loss
     cfg = HeadConfig(dropout=0.0)
@@ -85,12 +95,7 @@ def test_packed_step_gradient_equals_batch_one_accumulation():
     y[1, 2] = -1  # an unscored residue inside a protein
     head.zero_grad()
     (head.per_protein_loss(head(x, mask), y).sum() / 3).backward()
-    packed = [p.grad.clone() for p in head.parameters()]
-    head.zero_grad()
-    for i, n in enumerate(lengths):
-        (head.per_protein_loss(head(x[i:i + 1, :n], mask[i:i + 1, :n]), y[i:i + 1, :n]).sum() / 3).backward()
-    for a, b in zip(packed, [p.grad for p in head.parameters()]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    _assert_gradient_of_separate_proteins(head, x, mask, y, lengths)
 
 
 def _packed_row(lengths, dim, gap, seed=0):
@@ -135,12 +140,7 @@ def test_a_packed_step_has_the_gradient_of_separate_proteins():
     losses = head.per_protein_loss(head(row, row_mask, segments), y_row, segments)
     assert losses.shape == (3,)
     (losses.sum() / 3).backward()
-    packed = [p.grad.clone() for p in head.parameters()]
-    head.zero_grad()
-    for i, n in enumerate(lengths):
-        (head.per_protein_loss(head(x[i:i + 1, :n], mask[i:i + 1, :n]), y[i:i + 1, :n]).sum() / 3).backward()
-    for a, b in zip(packed, [p.grad for p in head.parameters()]):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    _assert_gradient_of_separate_proteins(head, x, mask, y, lengths)
 
 
 def test_a_packed_row_needs_gaps_wide_enough_for_the_convolution():

@@ -10,17 +10,21 @@ import yaml
 
 from protlm.demo.evaluation import Verdict
 from protlm.demo.pretrain import read_metrics
+from protlm.train.config import DataSection
 from protlm.utils import atomic_write_text
 
 TASK_ORDER = ("denoise", "complete")
 
 
 def _exclusion_rule(data: dict) -> str:
-    k = data.get("exclude_kmer", 10)
+    default = DataSection()  # a recipe that leaves the keys out gets these
+    k = data.get("exclude_kmer", default.exclude_kmer)
     if not k:
         return "by exact match only (near copies stay)"
-    return (f"by exact match and as near copies (sequences sharing >= {data.get('exclude_kmer_fraction', 0.5):.0%} "
-            f"of their {k}-mers, or >= {data.get('exclude_kmer_count', 50)} of them, with an excluded sequence)")
+    fraction = data.get("exclude_kmer_fraction", default.exclude_kmer_fraction)
+    count = data.get("exclude_kmer_count", default.exclude_kmer_count)
+    return (f"by exact match and as near copies (sequences sharing >= {fraction:.0%} of their {k}-mers, or >= "
+            f"{count} of them, with an excluded sequence)")
 
 
 def _fmt_minutes(seconds: float) -> str:
