@@ -14,6 +14,7 @@ import torch
 import yaml
 
 import protlm
+from protlm.cli.allocator import find_allocator
 from protlm.cli.main import main
 from protlm.evaluate import DirectorySource, ModelSource, OneHotSource, load_suite, run_suite, write_report
 from protlm.evaluate.datasets import load_dataset
@@ -280,6 +281,8 @@ def test_cli_evaluate_and_its_errors(tmp_path, suite_file, capsys):
     err = proc.stderr.strip()
     assert "\n" not in err and "Traceback" not in err
     assert "gb1.h5: embeddings missing for 40 of 40 proteins of task 'GB1' split 'train'" in err
+    # the command line restarted itself under tcmalloc when this machine has it (protlm.cli.allocator)
+    assert f"malloc: {find_allocator() or 'system'}" in proc.stdout
     # unknown --set key
     assert main(["evaluate", "--suite", suite_file, "--set", "trainng.epochs=1"]) == 2
     assert "did you mean 'training'" in capsys.readouterr().err

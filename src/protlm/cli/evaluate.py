@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from protlm.cli.allocator import active_allocator
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="benchmark embeddings with Ankh3's protocol (ConvBERT heads, seeds 7/0/42)",
@@ -90,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("the same model or embeddings directory is listed twice")
     out = args.out or os.path.join("runs", "eval", suite.name + ("-quick" if args.quick else ""))
     print(f"protlm evaluate: suite {suite.source} ({'quick' if args.quick else 'full'} profile), "
-          f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}")
+          f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}; "
+          f"malloc: {active_allocator() or 'system'}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,

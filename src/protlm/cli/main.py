@@ -7,6 +7,7 @@ import importlib
 import sys
 
 from protlm import __version__
+from protlm.cli.allocator import restart_with_allocator
 from protlm.errors import ProtlmError
 
 # Sub-command modules under protlm.cli; each defines add_parser(subparsers) and run(args) -> int | None.
@@ -46,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if argv is None:  # the real command line, not a call from Python
+            restart_with_allocator(args.command, sys.argv[1:])
         code = args.run(args)
     except ProtlmError as err:
         print(f"protlm {args.command}: error: {err}", file=sys.stderr)
