@@ -286,6 +286,9 @@ def test_cli_evaluate_and_its_errors(tmp_path, suite_file, capsys):
     # unknown --set key
     assert main(["evaluate", "--suite", suite_file, "--set", "trainng.epochs=1"]) == 2
     assert "did you mean 'training'" in capsys.readouterr().err
+    # a model's twin asked for again
+    assert main(["evaluate", "--suite", suite_file, "--model", "tiny", "--random-init", "tiny"]) == 2
+    assert "tiny (random init) is listed twice (each --model already brings its random-init twin" in capsys.readouterr().err
 
 
 def test_casp14_ssp_command_reproduces_the_staged_table(tmp_path):

@@ -87,9 +87,12 @@ def run(args: argparse.Namespace) -> int:
         sources.append(DirectorySource(directory, name or None, None if args.layer == -1 else args.layer))
     if not sources:
         raise ConfigError("nothing to evaluate: give --model, --random-init or --embeddings (or drop --no-baselines)")
-    keys = [s.key for s in sources]
-    if len(set(keys)) != len(keys):
-        raise ConfigError("the same model or embeddings directory is listed twice")
+    seen: set[str] = set()
+    for s in sources:
+        if s.key in seen:
+            raise ConfigError(f"{s.name} is listed twice (each --model already brings its random-init twin, "
+                              "unless --no-baselines)" if s.baseline else f"{s.name} is listed twice")
+        seen.add(s.key)
     out = args.out or os.path.join("runs", "eval", suite.name + ("-quick" if args.quick else ""))
     print(f"protlm evaluate: suite {suite.source} ({'quick' if args.quick else 'full'} profile), "
           f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}; "
