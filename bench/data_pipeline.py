@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 from protlm.data.stream import SequenceStream  # noqa: E402
 from protlm.objectives import ObjectiveConfig, PretrainBatches, TaskMixer, collate, step_generator  # noqa: E402
 from protlm.tokenizer import protlm_tokenizer  # noqa: E402
+from protlm.precision import describe_cpu  # noqa: E402
 
 CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz")
 EXCERPT = os.path.join(HERE, "..", "tests", "data", "ecoli_k12_excerpt.fasta.gz")
@@ -58,6 +59,7 @@ def main() -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
     torch.set_num_threads(1)
+    print("machine:", describe_cpu())
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
     tok = protlm_tokenizer()
@@ -105,6 +107,7 @@ def main() -> None:
     print(f"{'stage':<22}{'seq/s':>10}{'tokens/s':>12}{'ratio':>8}")
     for name, r in results.items():
         print(f"{name:<22}{r:>10.0f}{r * (mean_len + 2):>12.0f}{r / ref:>8.2f}")
+    print("machine:", describe_cpu())
     print("uptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     print(json.dumps({"sequences_per_s": {k: round(v) for k, v in results.items()}, "mean_residues": round(mean_len),
                       "batch": args.batch, "fasta": os.path.basename(args.fasta)}))

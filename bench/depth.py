@@ -22,6 +22,7 @@ import protlm
 from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
 from protlm.config import preset
 from protlm.data.fasta import read_fasta
+from protlm.precision import describe_cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
@@ -70,7 +71,7 @@ def main() -> None:
     pre = protlm.random_init(cfg, seed=0)
     pre.model.to(dtype).eval()
     params = sum(p.numel() for p in pre.model.parameters())
-    print(f"# depth-analysis cost: {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    print(f"# depth-analysis cost: {describe_cpu()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"model: {cfg.num_layers}+{cfg.n_decoder_layers} layers, d_model {cfg.d_model}, {params / 1e6:.1f}M "
           f"parameters, random init, {args.dtype}; {args.proteins} proteins from {os.path.basename(args.fasta)}")
     print(f"load average at start: {load_average()}", flush=True)

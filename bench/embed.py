@@ -52,7 +52,8 @@ def main() -> None:
     ap.add_argument("--n-large", type=int, default=100, help="proteins for the 48-layer ankh-base shape")
     ap.add_argument("--chunk", type=int, default=50, help="proteins per turn (default 50)")
     ap.add_argument("--shapes", default="d768x12,ankh-base")
-    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--dtypes", default="auto",
+                    help="comma-separated: auto (what protlm picks on this CPU, see protlm.precision), fp32, bf16")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--max-tokens", type=int, default=None, help="protlm's batch budget (default: its CPU default)")
     ap.add_argument("--threads", type=int, default=None,
@@ -77,8 +78,14 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="protlm-bench-embed-")
     records = list(read_fasta(args.data, policy="x"))
     print(f"# data: {args.data} ({len(records)} proteins); work dir {work}")
-    print(f"# torch {torch.__version__}, threads {torch.get_num_threads()}, {os.cpu_count()} CPUs; load at start {_load()}",
+    from protlm.precision import choose, describe_cpu
+
+    print(f"# machine: {describe_cpu()}, {os.cpu_count()} CPUs; torch {torch.__version__}; load at start {_load()}",
           flush=True)
+    if "auto" in args.dtypes.split(","):
+        chosen = choose("auto", "cpu", "inference")
+        print(f"# auto: {chosen.describe()}", flush=True)
+        args.dtypes = ",".join(dict.fromkeys(chosen.name if d == "auto" else d for d in args.dtypes.split(",")))
     results = []
     for shape in ([] if args.titin_only else args.shapes.split(",")):
         n = args.n if shape == "d768x12" else args.n_large

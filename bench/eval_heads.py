@@ -27,6 +27,7 @@ from protlm.evaluate import heads as H
 from protlm.evaluate.heads import ConvBertHead, HeadConfig
 from protlm.evaluate.tasks import Example
 from protlm.evaluate.training import _collate, _passes
+from protlm.precision import describe_cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "ssp_netsurfp", "flip_ss3_sequences.fasta.gz")
@@ -108,7 +109,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = np.random.default_rng(0)
     lens = lengths(args.data, args.proteins, rng)
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+    print(f"# {describe_cpu()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{args.threads} thread(s), load {os.getloadavg()[0]:.1f}")
     print(f"# {len(lens)} proteins, {sum(lens)} residues (mean {np.mean(lens):.0f}, max {max(lens)}) "
           f"from {args.data if os.path.exists(args.data) else 'random lengths 60-500'}")

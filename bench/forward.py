@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/forward.py            # full: 12-layer d768 (300 proteins) and ankh-base shape (60)
     .venv/bin/python bench/forward.py --quick    # a couple of minutes: 4-layer d768 on 24 proteins
+    .venv/bin/python bench/forward.py --dtypes fp32 bf16   # both dtypes instead of the one "auto" picks here
+
+By default both sides run in the dtype that protlm's ``auto`` picks on this CPU (:mod:`protlm.precision`: fp32
+where bf16 is emulated, as on AVX2-only CPUs; bf16 where a measured bf16 matmul beats fp32), and transformers
+gets its best set-up in that dtype.
 
 For each model shape the script makes random weights, saves them once in the Hugging Face layout and loads
 that directory on both sides (``protlm.load`` and ``T5EncoderModel.from_pretrained(attn_implementation="sdpa")``).
@@ -37,6 +42,7 @@ import torch
 
 import protlm
 from protlm.config import preset
+from protlm.precision import choose, describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FASTA = os.path.join(HERE, "..", "..", "shared", "data", "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz")
@@ -50,15 +56,6 @@ QUICK_SHAPES = {"d768x4": (dict(num_layers=4), 24)}
 
 
 # --- machine -------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"Model name:\s*(.+)", out)
-        return m.group(1).strip() if m else "unknown"
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def load_average() -> str:
     try:
         with open("/proc/loadavg") as fh:
@@ -274,7 +271,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 4-layer d768 model on 24 proteins, one round")
     ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="model shapes (default: all)")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                    help="compute dtypes to compare in (default: auto, what protlm picks on this CPU)")
     ap.add_argument("--fasta", default=DEFAULT_FASTA, help="proteins to encode (FASTA, .gz allowed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the protein sample")
     ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60)")
@@ -307,8 +305,12 @@ def main() -> None:
         args.rounds = 1
     import transformers
 
-    print(f"# protlm forward benchmark\nmachine: {cpu_model()}, {os.cpu_count()} logical CPUs; torch "
-          f"{torch.__version__} with {torch.get_num_threads()} threads; transformers {transformers.__version__}")
+    print(f"# protlm forward benchmark\nmachine: {describe_cpu()}, {os.cpu_count()} logical CPUs; torch "
+          f"{torch.__version__}; transformers {transformers.__version__}")
+    if "auto" in args.dtypes:
+        chosen = choose("auto", "cpu", "inference")
+        print(f"auto: {chosen.describe()}")
+        args.dtypes = list(dict.fromkeys(chosen.name if d == "auto" else d for d in args.dtypes))
     print(f"load average at start: {load_average()}")
     peaks = {}
     for dtype in args.dtypes:
@@ -336,7 +338,7 @@ def main() -> None:
               f"{r['pt_share']:.0%} / {r['hf_share']:.0%} | {r['protlm']['peak_mib']:.0f} / {r['hf']['peak_mib']:.0f} |")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(peaks=peaks, results=out, machine=cpu_model()), fh, indent=1)
+            json.dump(dict(peaks=peaks, results=out, machine=describe_cpu()), fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ import protlm
 from protlm.config import preset
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from forward import DEFAULT_FASTA, cpu_model, load_average, sample_proteins  # noqa: E402
+from forward import DEFAULT_FASTA, load_average, sample_proteins  # noqa: E402
+
+from protlm.precision import describe_cpu  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
@@ -70,7 +72,7 @@ def main() -> None:
     proteins = sample_proteins(args.fasta, args.proteins, args.seed)
     ids = [torch.tensor([pre.tokenizer.encode(seq[: args.max_length], record=pid, unknown="x")])
            for pid, seq in proteins]
-    print(f"# attainable speed-up over transformers with torch's kernels: {cpu_model()}, torch {torch.__version__}, "
+    print(f"# attainable speed-up over transformers with torch's kernels: {describe_cpu()}, torch {torch.__version__}, "
           f"1 thread; load average {load_average()}")
     print(f"model: {args.layers} layers, d_model 768, random init; {len(ids)} proteins, "
           f"{sum(x.shape[1] for x in ids)} tokens, one at a time")

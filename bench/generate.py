@@ -27,6 +27,7 @@ import torch
 import protlm
 from protlm.generate import generate
 from protlm.generate.tokens import allowed_mask
+from protlm.precision import describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FASTA = os.path.join(HERE, "..", "tests", "data", "ecoli_k12_excerpt.fasta")
@@ -119,7 +120,7 @@ def main() -> None:
               f"{row['transformers_tok_s']:8.1f} new tok/s | speedup {row['speedup']:.2f}x | identical output: {same}",
               flush=True)
     summary = {"model": args.model, "params": sum(p.numel() for p in pre.model.parameters()),
-               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "machine": describe_cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "uptime_before": before, "uptime_after": uptime(),
                "results": results}
     print(json.dumps(summary, indent=1))

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protlm.precision import choose, describe_cpu  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CORPUS = os.path.join(HERE, "..", "..", "shared", "data", "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz")
 EXCERPT = os.path.join(HERE, "..", "tests", "data", "ecoli_k12_excerpt.fasta")
@@ -157,6 +159,7 @@ def main() -> None:
     print(f"model: {args.layers[0]}+{args.layers[1]} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
           f"{cfg.num_heads} heads; batch {tuple(batch['input_ids'].shape)} inputs, "
           f"{tuple(batch['labels'].shape)} targets; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"machine: {describe_cpu()}; auto here: {choose('auto', 'cpu', 'training').describe()}")
     print(f"load before: {before}")
     results = {}
     for precision in args.precision:

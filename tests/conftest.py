@@ -8,6 +8,14 @@ import pytest
 import torch
 
 from protlm.config import T5Config
+from protlm.precision import ENV_RATES
+
+# Precision "auto" measures the CPU (protlm.precision). The suite stands in an AVX2 CPU without fast bf16 or fp16
+# (rates as measured on an AMD Zen 3, GFLOP/s on one thread), so that every machine takes the same paths (fp32)
+# and the results do not depend on the day's CPU; CLI tests in subprocesses inherit it. Tests of the decision
+# itself set their own rates.
+AVX2_RATES = "fp32:55,bf16:1.1,fp16:0.6"
+os.environ[ENV_RATES] = AVX2_RATES
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))

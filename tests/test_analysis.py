@@ -402,12 +402,20 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
                            (["--task", "ssp3", "--probe-data", str(tmp_path)], "does not hold flip_ss3"),
                            (["--decoder-layers", "-3"], "layer -3 is out of range for a 1-layer decoder")):
         assert main(base + extra) == 2
-        err = capsys.readouterr().err
+        err = _without_precision_line(capsys.readouterr().err)
         assert err.strip().count("\n") == 0 and message in err, err
     assert not (tmp_path / "o").exists()  # nothing written for a bad request
     # and as a process: one line on stderr, no traceback
     proc = subprocess.run([sys.executable, "-m", "protlm.cli.main"] + base + ["--layers", "7"],
                           capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
-    assert "layer 7 is out of range for a 2-layer encoder" in proc.stderr
+    err = _without_precision_line(proc.stderr)
+    assert err.strip().count("\n") == 0 and "Traceback" not in err
+    assert "layer 7 is out of range for a 2-layer encoder" in err
+
+
+def _without_precision_line(err: str) -> str:
+    """stderr less the line that says which precision the run chose (it comes before any error about the input)."""
+    lines = err.splitlines(keepends=True)
+    assert lines and lines[0].startswith("protlm: precision auto -> fp32 ("), err
+    return "".join(lines[1:])

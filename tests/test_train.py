@@ -3,6 +3,7 @@ outputs, gradient accumulation and activation checkpointing, export, and refusal
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -283,12 +284,38 @@ def test_accumulation_and_checkpointing_do_not_change_the_run(tmp_path):
         assert runs["recompute"][step] == pytest.approx(loss, abs=1e-6)
 
 
-def test_bf16_autocast_run(tmp_path):
+def test_bf16_autocast_run(tmp_path, capsys):
+    # the suite stands in an AVX2 CPU (tests/conftest.py): bf16 asked for by name runs, with a one-line warning
     path = write_config(tmp_path, tmp_path / "out", run={"steps": 3, "precision": "bf16"}, eval={"every": 3},
                         checkpoint={"every": 3, "export": False})
     result = Trainer(load_config(path)).run()
     assert all(math.isfinite(v) for v in train_losses(tmp_path / "out").values())
     assert math.isfinite(result.last_metrics["val/denoise/loss"])
+    err = capsys.readouterr().err
+    warning = [line for line in err.splitlines() if "warning" in line]
+    assert len(warning) == 1 and "run.precision bf16 is slow on this CPU" in warning[0]
+    assert "1.1 GFLOP/s against 55.0 in fp32 (bf16 matmul runs at 2% of fp32)" in warning[0]
+    meta = json.loads((tmp_path / "out" / "checkpoints" / "step_00000003" / "meta.json").read_text())
+    assert meta["precision"]["chosen"] == "bf16" and meta["precision"]["requested"] == "bf16"
+
+
+@pytest.mark.parametrize("rates, chosen, peak", [("fp32:55,bf16:1.1,fp16:0.6", "fp32", "55 GFLOP/s in fp32"),
+                                                 ("fp32:200,bf16:420,fp16:3.4", "bf16", "420 GFLOP/s in bf16")])
+def test_auto_precision_is_measured_said_and_saved(tmp_path, capsys, monkeypatch, rates, chosen, peak):
+    monkeypatch.setenv("PROTLM_CPU_MATMUL_GFLOPS", rates)
+    path = write_config(tmp_path, tmp_path / "out", run={"steps": 2, "precision": "auto"}, eval={"every": 0},
+                        checkpoint={"every": 2, "export": False})
+    trainer = Trainer(load_config(path))
+    assert trainer.precision.name == chosen
+    trainer.run()
+    err = capsys.readouterr().err
+    first = [line for line in err.splitlines() if "precision" in line]
+    assert first and first[0].startswith(f"protlm pretrain: precision auto -> {chosen} (bf16 matmul runs ")
+    assert "warning" not in err
+    assert f"MFU peak {peak} (measured {chosen} matmul on " in err  # the dtype in use, never 0.00
+    meta = json.loads((tmp_path / "out" / "checkpoints" / "step_00000002" / "meta.json").read_text())
+    assert meta["precision"]["requested"] == "auto" and meta["precision"]["chosen"] == chosen
+    assert "on this CPU" in meta["precision"]["reason"]
 
 
 def test_adamw_cosine_run(tmp_path):
@@ -328,6 +355,9 @@ def test_time_limit_stops_with_checkpoint_and_export(tmp_path):
     ({"data": {"validation": ["EMPTY"]}}, r"empty\.fasta"),
     ({"data": {"max_length": 512}, "objective": {"mask_rates": [0.15, 0.5]}}, r"needs up to \d+ sentinels, but the tokenizer has 225"),
     ({"model": {"preset": "tiny", "overrides": {"d_modle": 64}}}, r"model: .*unknown config key 'd_modle'"),
+    ({"run": {"precision": "fp64"}}, r"recipe\.yaml: run\.precision must be one of auto, fp32, bf16; got 'fp64'"),
+    ({"run": {"precision": "int8"}}, r"run\.precision: int8 is for CPU inference \(embedding\) only, not for training"),
+    ({"run": {"precision": "fp16"}}, r"run\.precision: fp16 training needs loss scaling"),
 ])
 def test_bad_input_is_one_line_error(tmp_path, capsys, change, message):
     from protlm.cli.main import main

@@ -42,7 +42,8 @@ def add_parser(sub) -> None:
                    help="summary: a layer barely changes the output when it flips fewer top-1 predictions (default 0.05)")
     d.add_argument("--truncate-at", default=None, metavar="K",
                    help="also write an encoder-only model cut after layer K (or 'auto': the probe's 95%% layer)")
-    d.add_argument("--dtype", default="auto", help="auto, fp32, bf16 or fp16")
+    d.add_argument("--dtype", default="auto",
+                   help="auto (bf16 where this device runs it fast, else fp32), fp32, bf16 or fp16")
     d.add_argument("--device", default="cpu", help="torch device (default cpu)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(run=run_depth)

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+import sys
 
 from protlm.errors import ConfigError
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
+from protlm.precision import choose
 
 def load_model(spec: str, random_init: bool = False, dtype: str | None = None, device: str = "cpu",
                encoder_only: bool | None = None, seed: int = 0):
-    """A checkpoint directory or Hub id, or with ``random_init`` a preset name."""
+    """A checkpoint directory or Hub id, or with ``random_init`` a preset name.
+
+    ``dtype`` is the ``--dtype`` option (``auto`` or a name; see :mod:`protlm.precision`): the weights are cast
+    to it and the choice is said on stderr. ``None`` keeps the weights as stored (``protlm info``).
+    """
     import protlm
     from protlm.config import PRESET_NAMES
 
@@ -21,19 +23,17 @@ def load_model(spec: str, random_init: bool = False, dtype: str | None = None, d
         pre = protlm.random_init(spec, seed=seed, encoder_only=bool(encoder_only))
     else:
         pre = protlm.load(spec, encoder_only=encoder_only)
-    torch_dtype = parse_dtype(dtype)
-    if torch_dtype is not None:
-        pre.model.to(torch_dtype)
+    return to_precision(pre, dtype, device)
+
+
+def to_precision(pre, dtype: str | None, device: str):
+    """Move a loaded model to ``device`` in the compute precision that ``dtype`` resolves to there."""
+    if dtype is not None:
+        precision = choose(dtype, device, "inference", option="--dtype")
+        print(f"protlm: {precision.describe()}", file=sys.stderr)
+        pre.model.to(precision.dtype)
     pre.model.to(device)
     return pre
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name in (None, "auto"):
-        return None
-    if name not in DTYPES:
-        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
-    return DTYPES[name]
 
 
 class PartialOutput:

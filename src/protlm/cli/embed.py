@@ -28,8 +28,10 @@ def add_parser(sub) -> None:
                         "several give arrays with a leading layer axis; 'all' for every layer (default: -1)")
     p.add_argument("--prefix", choices=["auto", "nlu", "s2s", "none"], default="auto",
                    help="task token before the residues; auto: [NLU] for Ankh3, none for Ankh and ProtT5")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                   help="compute dtype; auto: fp32 on CPU, bf16 on GPUs that support it (else fp16, guarded)")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
+                   help="compute dtype; auto: bf16 where this device runs it fast (GPUs with bf16; CPUs where a "
+                        "measured bf16 matmul beats fp32), else fp32 (fp16 on older GPUs, guarded); int8: dynamic "
+                        "int8 linear layers on CPU, faster and approximate, never the default")
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="padded tokens per batch (default 512 on CPU, 16384 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")

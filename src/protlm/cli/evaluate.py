@@ -40,8 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--prefix", action="append", choices=["auto", "nlu", "s2s", "none"],
                    help="task token before the sequence (default: by model family, [NLU] for Ankh3); repeat "
                         "(--prefix nlu --prefix s2s) for a column per prefix, as in Table 5")
-    p.add_argument("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="dtype of the embedding forward pass (default: auto, fp32 on CPU)")
+    p.add_argument("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                   help="dtype of the embedding forward pass (default: auto, bf16 where this device runs it fast, "
+                        "else fp32); int8: dynamic int8 on CPU, approximate, a column of its own")
     p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None,
@@ -97,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
     print(f"protlm evaluate: suite {suite.source} ({'quick' if args.quick else 'full'} profile), "
           f"{len(sources)} column(s): {', '.join(s.name for s in sources)}; output {out}; "
           f"malloc: {active_allocator() or 'system'}")
+    models = [s for s in sources if isinstance(s, ModelSource)]
+    if models:
+        print(f"protlm evaluate: embedding {models[0].precision.describe()}")
+    print(f"protlm evaluate: heads {_head_precision(suite, device)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,
@@ -106,3 +111,15 @@ def run(args: argparse.Namespace) -> int:
         print(fh.read())
     print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")
     return 0
+
+
+def _head_precision(suite, device: str) -> str:
+    """What the heads train in (training.precision), said once before training starts."""
+    from protlm.evaluate.training import BF16_FROM_WIDTH
+    from protlm.precision import choose
+
+    p = choose(suite.training.get("precision", "auto"), device, "training", option="training.precision", warn=lambda msg: None)
+    text = p.describe()
+    if p.requested == "auto" and p.name == "bf16" and str(device).startswith("cpu"):
+        text += f"; heads narrower than {BF16_FROM_WIDTH} inputs train in fp32 (faster there)"
+    return text

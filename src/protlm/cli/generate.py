@@ -15,7 +15,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (a random twin)")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init (default 0)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="weights dtype (default: as stored)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="compute dtype of the weights (default auto: bf16 where this device runs it fast, else fp32)")
 
 
 def add_parser(sub) -> None:
@@ -55,18 +56,14 @@ def load(args: argparse.Namespace):
     """The model of MODEL; with --random-init a checkpoint directory gives its random-weights twin."""
     import os
 
-    import torch
-
-    from protlm.cli.common import load_model
+    from protlm.cli.common import load_model, to_precision
 
     if args.random_init and os.path.isdir(args.model):
         import protlm
-        from protlm.cli.common import parse_dtype
         from protlm.config import T5Config
 
         pre = protlm.random_init(T5Config.from_json(os.path.join(args.model, "config.json")), seed=args.init_seed)
-        pre.model.to(device=args.device, dtype=parse_dtype(args.dtype) or torch.float32)
-        return pre
+        return to_precision(pre, args.dtype, args.device)
     return load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
                       seed=args.init_seed)
 

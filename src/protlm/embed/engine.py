@@ -21,9 +21,9 @@ import torch
 
 from protlm.embed.batching import Unit, plan_batches, split
 from protlm.errors import ConfigError, InputError
+from protlm.precision import dtype_name
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-DTYPE_NAMES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # Padded-token budget per batch when the user gives none. On a 2-core AVX-512 CPU (4-layer d768 encoder, 40 real
 # proteins, one thread, CPU time), 256-512 tokens ran 7-10% faster than 1,024-1,536 and 2-5% faster than one
@@ -35,25 +35,10 @@ DEFAULT_OVERLAP = None  # residues shared by neighbouring windows; None: window 
 #                         so every cut leaves >= 500 residues of context on each side)
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """``auto`` is fp32 on CPU (exact, reproducible), bf16 on GPUs that support it, else guarded fp16."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name not in DTYPE_NAMES:
-        raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPE_NAMES)}; got {name!r}")
-    return DTYPE_NAMES[name]
-
-
 def resolve_overlap(window: int, overlap: int | None) -> int:
     if window <= 0:
         raise ConfigError(f"--window must be positive, got {window}")
     return window // 4 if overlap is None else overlap
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return next(k for k, v in DTYPE_NAMES.items() if v == dtype)
 
 
 @dataclass
@@ -86,6 +71,7 @@ class Embedder:
         overlap: int | None = DEFAULT_OVERLAP,
         max_batch: int | None = None,
         copy_if_cast: bool = True,
+        int8: bool = False,
     ):
         overlap = resolve_overlap(window, overlap)
         if not 0 <= overlap < window:
@@ -93,6 +79,8 @@ class Embedder:
         if max_tokens <= 0:
             raise ConfigError(f"--max-tokens must be positive, got {max_tokens}")
         self.encoder = _prepared(encoder, dtype, device, copy_if_cast)
+        if int8:
+            self.encoder = quantize_int8(self.encoder, copy_first=copy_if_cast and self.encoder is encoder)
         self.tokenizer = tokenizer
         self.layers = list(layers)
         self.prefix_ids = tokenizer.prefix_token_ids(prefix)
@@ -224,3 +212,29 @@ def _prepared(encoder: torch.nn.Module, dtype: torch.dtype, device: torch.device
     if needs_cast:
         encoder = encoder.to(device=device, dtype=dtype)
     return encoder.eval()
+
+
+def quantize_int8(encoder: torch.nn.Module, copy_first: bool = True) -> torch.nn.Module:
+    """The encoder with its linear layers in dynamic int8 (torch's fbgemm/oneDNN kernels; CPU only).
+
+    Weights are quantised per tensor once; activations are quantised per batch at run time, so the output is
+    an approximation of fp32 (measured in docs/benchmarks.md). Norms, attention products and the embedding stay
+    fp32. A model with no ``nn.Linear`` to quantise is refused, naming the layer types it has instead.
+    """
+    import warnings
+
+    linears = [m for m in encoder.modules() if type(m) is torch.nn.Linear]
+    if not linears:
+        kinds = sorted({type(m).__name__ for m in encoder.modules() if next(m.parameters(recurse=False), None) is not None})
+        raise ConfigError(f"int8: {type(encoder).__name__} has no torch.nn.Linear layers to quantise "
+                          f"(its weighted layers are {', '.join(kinds) or 'none'}); use --dtype fp32")
+    if any(p.device.type != "cpu" for p in encoder.parameters()):
+        raise ConfigError("int8: dynamic quantisation runs on CPUs only")
+    if copy_first:
+        encoder = copy.deepcopy(encoder)
+    encoder = encoder.float()
+    with warnings.catch_warnings():
+        # torch marks its eager quantisation API as deprecated in favour of torchao, but it is still the one
+        # with fast x86 int8 kernels for a plain nn.Linear
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(encoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True).eval()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -22,10 +23,11 @@ import numpy as np
 import torch
 
 from protlm.embed.engine import (
-    DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder, dtype_name, resolve_dtype, resolve_overlap,
+    DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder, resolve_overlap,
 )
 from protlm.embed.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
 from protlm.errors import ConfigError, InputError
+from protlm.precision import Precision, choose
 
 KINDS = ("per_residue", "per_protein")
 PREFIX_BY_FAMILY = {"ankh3": "nlu", "ankh": "none", "prot-t5": "none", "custom": "none"}
@@ -38,7 +40,8 @@ class EmbedOptions:
     layers: object = (-1,)  # encoder layers: 0 = embedding output, l = after block l, last = after the final norm;
     #                          negative counts from the end; "all" for every layer
     prefix: str = "auto"  # auto (by model family) | nlu | s2s | none
-    dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPUs that have it, else fp16) | fp32 | bf16 | fp16
+    dtype: str = "auto"  # auto (bf16 where this device runs it fast, else fp32; see protlm.precision) | fp32 |
+    #                      bf16 | fp16 | int8 (CPU only: dynamic int8 linear layers, approximate)
     device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
     max_tokens: int | None = None  # padded tokens per batch; None: 512 on CPU, 16384 on GPU
     max_batch: int | None = None  # rows per batch cap (None: only the token budget limits)
@@ -125,8 +128,9 @@ def embed_iter(model, sequences, per_residue: bool = True, per_protein: bool = T
     """Yield an :class:`Embedding` per input id as soon as its batch is done (longest sequences first)."""
     opts = EmbedOptions(**options)
     records, _ = _read_records(sequences, opts.bad_records)
-    pre, copy_model = _load_model(model, random_init, seed, opts)
-    run = _Run(pre, opts, copy_model)
+    precision = embed_precision(opts)
+    pre, copy_model = _load_model(model, random_init, seed, precision)
+    run = _Run(pre, opts, copy_model, precision)
     arrays, groups = run.tokenize(records)
     order = list(groups)
     for u, arr in run.embedder.run([arrays[groups[k][0]] for k in order]):
@@ -162,19 +166,22 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
         _init_process_group()
     if world > 1 and (opts.device == "cuda" or (opts.device is None and torch.cuda.is_available())):
         opts.device = f"cuda:{local_rank}"  # one GPU per process
-    pre, copy_model = _load_model(model, random_init, seed, opts)
-    run = _Run(pre, opts, copy_model)
+    precision = embed_precision(opts)
+    pre, copy_model = _load_model(model, random_init, seed, precision)
+    run = _Run(pre, opts, copy_model, precision)
     arrays, groups = run.tokenize(records)
     shas = [sequence_sha1(seq) for _, seq in records]
 
+    if rank == 0:
+        print(f"protlm embed: {run.precision.describe()}", file=sys.stderr)
     attrs = dict(model=_model_name(model, pre, random_init, seed), layers=run.layers, prefix=run.prefix,
-                 dtype=dtype_name(run.dtype), window=opts.window, overlap=run.embedder.overlap,
+                 dtype=run.precision.name, precision=run.precision.describe(), window=opts.window, overlap=run.embedder.overlap,
                  family=pre.config.protlm_family, store_dtype=store_dtype, protlm_version=_version())
     writers = {k: EmbeddingWriter(p, {**attrs, "kind": k}, rank, checkpoint_seconds, store_dtype)
                for k, p in outputs.items()}
     summary = EmbedSummary(outputs=outputs, records=len(records), skipped_records=stats.skipped,
                            skip_reasons=dict(stats.reasons or {}), repaired_records=stats.repaired,
-                           dtype=dtype_name(run.dtype))
+                           dtype=run.precision.name)
     try:
         done = _stored(writers, records, shas, outputs, rank, world)
         keys = _dataset_keys([oid for oid, _ in records], done)
@@ -248,13 +255,14 @@ def _stored(writers: dict[str, EmbeddingWriter], records, shas, outputs, rank: i
 class _Run:
     """The model-dependent settings of a run, resolved once."""
 
-    def __init__(self, pre, opts: EmbedOptions, copy_model: bool):
+    def __init__(self, pre, opts: EmbedOptions, copy_model: bool, precision: Precision | None = None):
         if opts.threads:
             torch.set_num_threads(opts.threads)
         self.pre = pre
         self.opts = opts
         device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.dtype = resolve_dtype(opts.dtype, device)
+        self.precision = precision or embed_precision(opts)
+        self.dtype = self.precision.dtype
         layers = opts.layers
         if isinstance(layers, int):
             layers = [layers]
@@ -267,7 +275,8 @@ class _Run:
         max_tokens = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cuda"])
         self.embedder = Embedder(pre.model.encoder, pre.tokenizer, self.layers,
                                  None if self.prefix == "none" else self.prefix, self.dtype, device, max_tokens,
-                                 opts.window, opts.overlap, opts.max_batch, copy_if_cast=copy_model)
+                                 opts.window, opts.overlap, opts.max_batch, copy_if_cast=copy_model,
+                                 int8=self.precision.name == "int8")
 
     def tokenize(self, records: list[tuple[str, str]]) -> tuple[list[np.ndarray], dict[bytes, list[int]]]:
         """Residue ids per record, and record indices grouped by identical ids (each group is embedded once)."""
@@ -344,7 +353,7 @@ def _read_records_unchecked(sequences, policy: str) -> tuple[list[tuple[str, str
     return records, stats
 
 
-def _load_model(model, random_init: bool, seed: int, opts: EmbedOptions):
+def _load_model(model, random_init: bool, seed: int, precision: Precision):
     """(Pretrained, whether it belongs to the caller and must be copied before casting)."""
     import protlm
     from protlm.config import PRESET_NAMES
@@ -361,8 +370,13 @@ def _load_model(model, random_init: bool, seed: int, opts: EmbedOptions):
         return protlm.random_init(spec, seed=seed, encoder_only=True), False
     if spec in PRESET_NAMES and not os.path.exists(spec):
         raise ConfigError(f"{spec!r} is a preset, not a checkpoint; add --random-init for randomly initialised weights")
+    return protlm.load(spec, dtype=precision.dtype, encoder_only=True), False
+
+
+def embed_precision(opts: EmbedOptions) -> Precision:
+    """The compute precision of an embedding run (``--dtype`` on the run's device)."""
     device = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return protlm.load(spec, dtype=resolve_dtype(opts.dtype, device), encoder_only=True), False
+    return choose(opts.dtype, device, "inference", option="--dtype", allowed=("auto", "fp32", "bf16", "fp16", "int8"))
 
 
 def _model_name(model, pre, random_init: bool, seed: int) -> str:

@@ -23,9 +23,11 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
+import torch
 
 from protlm.errors import ConfigError, InputError
 from protlm.evaluate.datasets import Record
+from protlm.precision import choose
 
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
 _ONE_HOT_INDEX = np.full(256, len(STANDARD), dtype=np.int64)
@@ -141,6 +143,12 @@ class ModelSource(Source):
         if prefix != "auto":  # Table 5 reports Ankh3 with [NLU] and with [S2S]: one column each
             self.name += f" [{prefix.upper()}]" if name is None else ""
             self.key += f"-{prefix}"
+        self.precision = choose(dtype, torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")),
+                                "inference", option="--embed-dtype", allowed=("auto", "fp32", "bf16", "fp16", "int8"))
+        if self.precision.name != "fp32":  # cached apart from fp32's embeddings (the key of earlier runs)
+            self.key += f"-{self.precision.name}"
+        if self.precision.name == "int8":  # an approximation: a column of its own
+            self.name += " (int8)" if name is None else ""
 
     def _config_hash(self) -> str:
         return _short_hash(json.dumps(self._config().to_dict(), sort_keys=True))
@@ -187,13 +195,15 @@ class ModelSource(Source):
         if todo:
             t0, c0 = time.perf_counter(), time.process_time()
             embed_files(self.pretrained(), todo, per_residue=path, progress=progress, layers=[self.layer],
-                        prefix=self.prefix, dtype=self.dtype, device=self.device, threads=self.threads)
+                        prefix=self.prefix, dtype=self.precision.name, device=self.device, threads=self.threads)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return Prepared(EmbeddingStore(path), path, seconds, len(todo), cpu)
 
     def describe(self) -> dict:
         return {**super().describe(), "model": self.spec, "random_init_of": self.random_init_of,
-                "layer": self.layer, "prefix": self.prefix, "seed": self.seed if self.baseline else None}
+                "layer": self.layer, "prefix": self.prefix, "seed": self.seed if self.baseline else None,
+                # only when not fp32, so that units written before precisions were recorded keep their hash
+                "embed_precision": None if self.precision.name == "fp32" else self.precision.name}
 
 
 def _display(spec: str) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
@@ -29,19 +30,35 @@ from protlm.errors import ConfigError
 from protlm.evaluate import metrics as M
 from protlm.evaluate.heads import ConvBertHead, HeadConfig
 from protlm.evaluate.tasks import Example, TaskSpec
+from protlm.precision import canonical, choose
 
 PRECISIONS = ("auto", "fp32", "bf16")
-# "auto" on CPU: bf16 autocast from this head width up, fp32 below. One training epoch on one thread (SSP-3-like
-# lengths, 320 proteins): width 21 fp32 74k residues/s vs bf16 39k, width 128 40k vs 36k, width 256 21k vs 22k;
-# below ~256 the casts cost more than the bf16 matrix products save.
-_BF16_FROM_WIDTH = 256
+# "auto" on a CPU whose bf16 is fast: bf16 autocast from this head width up, fp32 below. One training epoch on one
+# thread of an AVX-512 BF16 CPU (SSP-3-like lengths, 320 proteins): width 21 fp32 74k residues/s vs bf16 39k,
+# width 128 40k vs 36k, width 256 21k vs 22k; below ~256 the casts cost more than the bf16 products save.
+BF16_FROM_WIDTH = 256
 
 
 def resolve_precision(precision: str, width: int, device: torch.device) -> str:
-    """The precision a head of this input width trains in ("auto": bf16 on GPUs and for wide heads on CPU)."""
-    if precision != "auto":
-        return precision
-    return "bf16" if device.type != "cpu" or width >= _BF16_FROM_WIDTH else "fp32"
+    """The precision a head of this input width trains in.
+
+    "auto": what :func:`protlm.precision.choose` picks for training on this device (bf16 only where measured
+    fast), and on a CPU fp32 for heads narrower than 256 even then.
+    """
+    chosen = choose(precision, device, "training", option="training.precision", warn=_warn_once).name
+    if precision == "auto" and chosen == "bf16" and torch.device(device).type == "cpu" and width < BF16_FROM_WIDTH:
+        return "fp32"
+    return chosen
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    # one head trains per (task, seed, source): say it once per process, not once per head
+    if msg not in _WARNED:
+        _WARNED.add(msg)
+        print(msg, file=sys.stderr)
 
 
 @dataclass
@@ -59,15 +76,14 @@ class TrainConfig:
     adam_eps: float = 1e-8  # HF Trainer default
     # --- speed only; these do not change what is computed, up to float rounding ---
     precision: str = "auto"  # "bf16": autocast matmuls to bfloat16 (weights and optimiser stay fp32); "fp32";
-    #                          "auto": see resolve_precision
+    #                          "auto": bf16 where this device runs it fast, see resolve_precision
     micro_batch_tokens: int = 8192  # residues per packed row when running a step's proteins
     eval_tokens: int = 16384  # residues per packed row when scoring
 
     def __post_init__(self) -> None:
         if isinstance(self.adam_betas, list):
             self.adam_betas = tuple(self.adam_betas)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"training.precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        self.precision = canonical(self.precision, "training.precision", PRECISIONS)
         for name in ("epochs", "batch_size", "grad_accum", "micro_batch_tokens", "eval_tokens"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"training.{name} must be >= 1, got {getattr(self, name)!r}")

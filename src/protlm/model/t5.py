@@ -70,7 +70,10 @@ class FeedForward(nn.Module):
             h = self.act(self.wi_0(x)) * self.wi_1(x)
         else:  # inference: gate in place, one (B, L, d_ff) buffer fewer
             h = self.act(self.wi_0(x)).mul_(self.wi_1(x))
-        return self.wo(self.dropout(h).to(self.wo.weight.dtype))
+        # The stream may be fp32 under half weights (T5 keeps some paths in fp32); a dynamically quantised wo
+        # (int8 embedding) takes fp32 and has no weight tensor to read a dtype from.
+        weight = getattr(self.wo, "weight", None)
+        return self.wo(self.dropout(h).to(weight.dtype if isinstance(weight, Tensor) else x.dtype))
 
 
 class Attention(nn.Module):

@@ -23,6 +23,7 @@ from protlm.data.exclude import SharedSegments
 from protlm.errors import ConfigError
 from protlm.utils import read_yaml_mapping
 from protlm.objectives import ObjectiveConfig
+from protlm.precision import check
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
@@ -97,7 +98,9 @@ class RunSection:
     steps: int = 1000  # optimizer steps in total
     batch_size: int = 32  # sequences per optimizer step, summed over all processes
     micro_batch_size: int = 8  # sequences per forward pass on one process; the rest is gradient accumulation
-    precision: str = "bf16"  # "bf16" (autocast, fp32 weights and optimizer) or "fp32"
+    # "auto" (bf16 where this device runs it fast: GPUs with bf16, CPUs where a measured bf16 matmul beats fp32;
+    # else fp32; see protlm.precision), "bf16" (autocast, fp32 weights and optimizer) or "fp32"
+    precision: str = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
     parallel: str = "auto"  # "auto" (ddp when several processes, else none), "none", "ddp", "fsdp"
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
@@ -163,12 +166,12 @@ class TrainConfig:
         choices = {
             "optim.name": (self.optim.name, ("adafactor", "adamw")),
             "optim.schedule": (self.optim.schedule, ("rsqrt", "cosine", "constant")),
-            "run.precision": (self.run.precision, ("bf16", "fp32")),
             "run.parallel": (self.run.parallel, ("auto", "none", "ddp", "fsdp")),
             "run.device": (self.run.device, ("auto", "cpu", "cuda")),
             "data.policy": (self.data.policy, ("skip", "error")),
             "model.lm_head_init": (self.model.lm_head_init, ("t5x", "hf")),
         }
+        check(self.run.precision, "training", f"{source}: run.precision")
         for key, (value, allowed) in choices.items():
             if value not in allowed:
                 raise bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from protlm.config import T5Config
 from protlm.objectives import IGNORE_INDEX, TASKS
+from protlm.precision import cpu_isa, cpu_peak_flops
 
 # Sum slots per task: loss over all target tokens, token count, correct tokens; then the same three over the
 # residue tokens of the target only (no sentinels, no </s>), which is what the unigram baseline can predict.
@@ -90,32 +91,28 @@ _GPU_PEAK_BF16 = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "A10G": 125.0, "L
 
 
 def peak_flops(device: torch.device, precision: str, configured_tflops: float = 0.0) -> tuple[float, str]:
-    """Per-device peak FLOP/s for MFU and where the number came from."""
+    """Per-device peak FLOP/s of ``precision`` (fp32 or bf16) for MFU, and where the number came from."""
     if configured_tflops > 0:
         return configured_tflops * 1e12, "log.peak_tflops"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, tflops in _GPU_PEAK_BF16.items():
             if key in name:
-                scale = 1.0 if precision == "bf16" else 0.5  # TF32 tensor cores: half the bf16 rate
+                scale = 1.0 if precision in ("bf16", "fp16") else 0.5  # TF32 tensor cores: half the bf16 rate
                 return tflops * 1e12 * scale, f"data sheet ({name})"
         return math.nan, f"unknown GPU {name!r}; set log.peak_tflops"
-    return _measured_matmul_flops(torch.bfloat16 if precision == "bf16" else torch.float32), "measured CPU matmul"
+    # No data sheet fits a shared CPU; the square matmul rate measured here stands in for the peak.
+    return cpu_peak_flops(precision), f"measured {precision} matmul on {cpu_isa()}"
 
 
-def _measured_matmul_flops(dtype: torch.dtype, seconds: float = 0.5) -> float:
-    # No data sheet fits a shared CPU; the best square matmul rate measured here stands in for the peak.
-    n = 1024
-    a = torch.randn(n, n, dtype=dtype)
-    b = torch.randn(n, n, dtype=dtype)
-    a @ b
-    best = 0.0
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2 * n ** 3 / (time.perf_counter() - t))
-    return best
+def format_flops(flops: float) -> str:
+    """A FLOP/s figure with the unit that keeps it readable (a CPU's 1.1 GFLOP/s is not "0.00 TFLOP/s")."""
+    if not math.isfinite(flops):
+        return "unknown FLOP/s"
+    for unit, scale in (("TFLOP/s", 1e12), ("GFLOP/s", 1e9), ("MFLOP/s", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.3g} FLOP/s"
 
 
 # --- writers -------------------------------------------------------------------------------------------------

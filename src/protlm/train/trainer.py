@@ -26,17 +26,18 @@ import torch
 from protlm.config import T5Config, preset
 from protlm.data.exclude import Exclusion
 from protlm.data.stream import SequenceStream
-from protlm.distributed import (DistEnv, all_reduce_sum, barrier, gradient_sync, init_distributed, parallelize,
-                                resolve_strategy, unwrap)
+from protlm.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, gradient_sync, init_distributed,
+                                parallelize, resolve_strategy, unwrap)
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.t5 import T5
 from protlm.objectives import IGNORE_INDEX, TASKS, PretrainBatches, TaskMixer, collate, fixed_examples
+from protlm.precision import Precision, choose
 from protlm.tokenizer.vocab import Tokenizer, protlm_tokenizer
 from protlm.train.checkpoint import (latest_checkpoint, load_checkpoint, read_meta, remove_partial,
                                      save_checkpoint)
 from protlm.train.config import TrainConfig
-from protlm.train.metrics import (SLOTS, MetricsLog, Throughput, peak_flops, residue_baselines, step_flops, summarise,
-                                  token_stats)
+from protlm.train.metrics import (SLOTS, MetricsLog, Throughput, format_flops, peak_flops, residue_baselines,
+                                  step_flops, summarise, token_stats)
 from protlm.train.optim import build_optimizer, lr_at, set_lr
 from protlm.utils import atomic_write_text
 
@@ -78,9 +79,18 @@ class Trainer:
             torch.set_num_threads(cfg.run.threads)
         self.accum = cfg.accumulation(self.env.world_size)
         self.strategy = resolve_strategy(cfg.run.parallel, self.env)
+        self.precision = self._resolve_precision()
         self._val_spare: dict[str, dict] = {}  # per task, a batch to repeat (uncounted) when this share is empty
 
     # --- setup ----------------------------------------------------------------------------------------------
+    def _resolve_precision(self) -> Precision:
+        """run.precision on this device; process 0's measurement decides for all, so every process agrees."""
+        p = choose(self.cfg.run.precision, self.env.device, "training", option="run.precision",
+                   warn=self._log if self.env.is_main else (lambda msg: None))
+        if self.env.distributed:
+            p = broadcast_object(p)
+        return p
+
     def _log(self, msg: str) -> None:
         if self.env.is_main:
             from tqdm import tqdm
@@ -220,11 +230,12 @@ class Trainer:
             atomic_write_text(os.path.join(self.out, "model_config.json"),
                               __import__("json").dumps(mcfg.to_hf_dict(), indent=1) + "\n")
         metrics = MetricsLog(self.out, cfg.log.tensorboard, None if found is None else step) if env.is_main else None
-        peak, peak_source = peak_flops(env.device, cfg.run.precision, cfg.log.peak_tflops)
+        peak, peak_source = peak_flops(env.device, self.precision.name, cfg.log.peak_tflops)
+        self._log(self.precision.describe())
         self._log(f"{n_params / 1e6:.2f}M parameters, {self.strategy} on {env.world_size} process(es) "
                   f"({env.device.type}), global batch {cfg.run.batch_size} = {cfg.run.micro_batch_size} x "
                   f"{self.accum} accumulation x {env.world_size}; steps {step}->{cfg.run.steps}; "
-                  f"MFU peak {peak / 1e12:.2f} TFLOP/s ({peak_source})")
+                  f"MFU peak {format_flops(peak)} in {self.precision.name} ({peak_source})")
         if baseline:
             self._log("baselines on validation residues (unigram / the protein's own composition): "
                       + ", ".join(f"{t} {baseline[f'val/{t}/unigram_loss']:.4f} / "
@@ -337,8 +348,8 @@ class Trainer:
         return True
 
     def _autocast(self):
-        if self.cfg.run.precision == "bf16":
-            return torch.autocast(self.env.device.type, dtype=torch.bfloat16)
+        if self.precision.half:
+            return torch.autocast(self.env.device.type, dtype=self.precision.dtype)
         return contextlib.nullcontext()
 
     @staticmethod
@@ -425,7 +436,8 @@ class Trainer:
 
     # --- checkpoints ----------------------------------------------------------------------------------------
     def _meta(self, mcfg: T5Config) -> dict[str, Any]:
-        return {"model_config": mcfg.to_dict(), "config": self.cfg.to_dict(), "strategy": self.strategy}
+        return {"model_config": mcfg.to_dict(), "config": self.cfg.to_dict(), "strategy": self.strategy,
+                "precision": self.precision.to_dict()}
 
     def _save(self, step, net, optimizer, batches, mcfg) -> None:
         with warnings.catch_warnings():
