@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from protlm.demo.bundle import pretrain_config
 from protlm.demo.state import DemoState
+from protlm.precision import describe_cpu
 from protlm.train import Trainer
 from protlm.train.checkpoint import latest_checkpoint
 
@@ -60,11 +61,13 @@ def run_pretrain(state: DemoState, out_dir: str, minutes: float, threads: int | 
     cfg.log.progress = progress and minutes <= 0
     state.update("pretrain", credited_seconds=seconds, credited_step=step, session_start=time.time(),
                  minutes=minutes)
+    trainer = Trainer(cfg, resume=True)
     with TimeBar(pre_dir, minutes * 60.0, seconds, enabled=progress and minutes > 0):
-        result = Trainer(cfg, resume=True).run()
+        result = trainer.run()
     seconds, _ = credited_seconds(state.stage("pretrain"), pre_dir)
     state.update("pretrain", credited_seconds=seconds, credited_step=result.step, session_start=None,
                  step=result.step, final_dir=result.final_dir, trained_minutes=seconds / 60.0,
+                 precision=trainer.precision.describe(), cpu=describe_cpu(),
                  last_validation={k: v for k, v in result.last_metrics.items()
                                   if k.startswith("val/") and math.isfinite(v)})
     return PretrainOutcome(result.final_dir, result.step, seconds / 60.0)

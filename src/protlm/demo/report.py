@@ -62,6 +62,9 @@ def _pretrain_section(state: dict, out_dir: str) -> list[str]:
              f"{cfg['optim']['name']} at lr {cfg['optim']['lr']:g}") if cfg else ""
     lines.append(f"Pretraining ran for {info.get('trained_minutes', math.nan):.1f} minutes of wall-clock, data "
                  f"set-up and checkpoints included ({budget}), {info.get('step', '?')} optimizer steps{batch}.")
+    if info.get("cpu"):
+        lines.append(f"It ran on {info['cpu']} in {info.get('precision', 'an unrecorded precision')}: a time "
+                     "budget buys fewer steps on a slower machine, so compare runs by their step counts.")
     rows = [r for r in read_metrics(pre_dir) if any(k.startswith("val/") for k in r)]
     if rows:
         first, last = rows[0], rows[-1]
