@@ -195,7 +195,7 @@ class ModelSource(Source):
         if todo:
             t0, c0 = time.perf_counter(), time.process_time()
             embed_files(self.pretrained(), todo, per_residue=path, progress=progress, layers=[self.layer],
-                        prefix=self.prefix, dtype=self.precision.name, device=self.device, threads=self.threads)
+                        prefix=self.prefix, dtype=self.dtype, device=self.device, threads=self.threads)
             seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         return Prepared(EmbeddingStore(path), path, seconds, len(todo), cpu)
 
