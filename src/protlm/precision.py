@@ -22,6 +22,7 @@ reproducible on machines whose rates are known, and tests can stand in for any C
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import sys
@@ -143,6 +144,7 @@ def _measure(budget: float = 0.08) -> dict[str, float]:
     return rates
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_isa() -> str:
     """torch's vector ISA level for this CPU (AVX2, AVX512, ...), with bf16/AMX flags where Linux reports them."""
     level = torch.backends.cpu.get_cpu_capability()
@@ -159,6 +161,7 @@ def cpu_isa() -> str:
     return " ".join([level, *extra])
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:

@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
     from protlm.errors import ConfigError
     from protlm.evaluate import (DirectorySource, ModelSource, OneHotSource, export_fasta, load_suite, run_suite,
                                  write_report)
+    from protlm.evaluate.training import describe_precision
 
     suite = load_suite(args.suite, args.set, args.data_root)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     models = [s for s in sources if isinstance(s, ModelSource)]
     if models:
         print(f"protlm evaluate: embedding {models[0].precision.describe()}")
-    print(f"protlm evaluate: heads {_head_precision(suite, device)}")
+    print(f"protlm evaluate: heads {describe_precision(suite.training.get('precision', 'auto'), device)}")
     if args.jobs < 1:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,
@@ -112,14 +113,3 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")
     return 0
 
-
-def _head_precision(suite, device: str) -> str:
-    """What the heads train in (training.precision), said once before training starts."""
-    from protlm.evaluate.training import BF16_FROM_WIDTH
-    from protlm.precision import choose
-
-    p = choose(suite.training.get("precision", "auto"), device, "training", option="training.precision", warn=lambda msg: None)
-    text = p.describe()
-    if p.requested == "auto" and p.name == "bf16" and str(device).startswith("cpu"):
-        text += f"; heads narrower than {BF16_FROM_WIDTH} inputs train in fp32 (faster there)"
-    return text

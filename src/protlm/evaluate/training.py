@@ -51,6 +51,15 @@ def resolve_precision(precision: str, width: int, device: torch.device) -> str:
     return chosen
 
 
+def describe_precision(precision: str, device: torch.device | str) -> str:
+    """What heads train in under ``training.precision`` on this device, said once before training starts."""
+    p = choose(precision, device, "training", option="training.precision", warn=lambda msg: None)
+    text = p.describe()
+    if precision == "auto" and p.name == "bf16" and torch.device(device).type == "cpu":
+        text += f"; heads narrower than {BF16_FROM_WIDTH} inputs train in fp32 (faster there)"
+    return text
+
+
 _WARNED: set[str] = set()
 
 
