@@ -6,7 +6,7 @@ For each model shape and dtype, three methods embed the same real proteins, each
 alike. Each chunk is timed from reading its FASTA file to a written per-protein HDF5 file (model loading
 excluded):
 
-- ``protlm``: :func:`protlm.embed.embed_files` with its defaults for the device (length-sorted token-budget
+- ``protlm``: :func:`protlm.embedding.embed_files` with its defaults for the device (length-sorted token-budget
   batches, weights in the compute dtype, inference mode);
 - ``prottrans``: the ProtTrans recipe: ``transformers.T5EncoderModel`` with SDPA attention, sequences sorted by
   length, batches of at most 4,000 residues / 100 sequences, sequences over 1,000 residues alone, then
@@ -245,7 +245,7 @@ def _matmul_rate(dtype: str, size: int = 1024) -> float:
 
 
 def _max_diff(a: str, b: str) -> float:
-    from protlm.embed import EmbeddingStore
+    from protlm.embedding import EmbeddingStore
 
     with EmbeddingStore(a) as x, EmbeddingStore(b) as y:
         return max(float(abs(x[i] - y[i]).max()) for i in x.ids())
@@ -269,7 +269,7 @@ def _worker(job: dict) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
     if job["method"] == "protlm":
         import protlm
-        from protlm.embed import embed_files
+        from protlm.embedding import embed_files
 
         pre = protlm.load(job["ckpt"], dtype=dtype, encoder_only=True)
         opts = {"max_tokens": job["max_tokens"]} if job["max_tokens"] else {}
@@ -306,7 +306,7 @@ def _transformers_recipe(model, ckpt: str, fasta: str, out: str, single: bool) -
 
     import protlm
     from protlm.data.fasta import read_fasta
-    from protlm.embed.store import safe_key
+    from protlm.embedding.store import safe_key
     from protlm.tokenizer.vocab import load_tokenizer
 
     cfg = protlm.T5Config.from_json(os.path.join(ckpt, "config.json"))

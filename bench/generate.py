@@ -25,8 +25,8 @@ import time
 import torch
 
 import protlm
-from protlm.generate import generate
-from protlm.generate.tokens import allowed_mask
+from protlm.generation import generate
+from protlm.generation.tokens import allowed_mask
 from protlm.precision import describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))

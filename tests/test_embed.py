@@ -10,8 +10,8 @@ import torch
 
 import protlm
 from protlm.data.fasta import read_fasta
-from protlm.embed.batching import plan_batches, split, window_starts
-from protlm.embed.run import EmbedOptions, _Run, embed_iter
+from protlm.embedding.batching import plan_batches, split, window_starts
+from protlm.embedding.run import EmbedOptions, _Run, embed_iter
 from protlm.errors import ConfigError, InputError
 
 from tests.conftest import DATA, odd_config
@@ -212,6 +212,6 @@ def test_bad_sequences_and_options(ankh3_model):
 
 
 def test_protlm_embed_is_callable_after_importing_the_package(ankh3_model):
-    import protlm.embed  # rebinding protlm.embed to the package must not break the function
+    import protlm.embedding  # the package is protlm.embedding, so importing it leaves the function protlm.embed alone
 
     assert protlm.embed(ankh3_model, {"a": "MKT"})["a"].shape == (40,)

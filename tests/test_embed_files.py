@@ -16,7 +16,7 @@ import pytest
 import protlm
 from protlm.cli.main import main
 from protlm.data.fasta import read_fasta
-from protlm.embed import EmbeddingStore, embed_files
+from protlm.embedding import EmbeddingStore, embed_files
 from protlm.errors import InputError
 from tests.conftest import DATA, odd_config
 
@@ -242,7 +242,7 @@ def test_torchrun_two_processes_write_one_file_like_one_process(checkpoint, tmp_
 
 
 def test_merges_during_the_run_keep_the_file_current(model, tmp_path, monkeypatch):
-    import protlm.embed.store as store
+    import protlm.embedding.store as store
 
     monkeypatch.setattr(store, "_MERGE_MIN_BYTES", 1)  # merge after every segment
     merges = []

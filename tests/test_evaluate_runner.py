@@ -1,5 +1,5 @@
 """The suite end to end on vendored excerpts: every task kind, one-hot, a random-init model embedded through
-protlm.embed and precomputed embeddings; the report; resume; errors through the command line."""
+protlm.embedding and precomputed embeddings; the report; resume; errors through the command line."""
 
 import csv
 import json
@@ -90,7 +90,7 @@ def _embed_dir(suite, directory, tiny_config):
     format (one HDF5 per dataset): what a user with their own embedder would hand to --embeddings."""
     import h5py
 
-    from protlm.embed.store import safe_key
+    from protlm.embedding.store import safe_key
 
     pre = protlm.random_init(tiny_config, seed=3, encoder_only=True)
     os.makedirs(directory, exist_ok=True)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import protlm
-from protlm.generate import GenerationConfig, generate, to_fasta
-from protlm.generate.decoding import Sampling, filter_logits
-from protlm.generate.tokens import allowed_mask
+from protlm.generation import GenerationConfig, generate, to_fasta
+from protlm.generation.decoding import Sampling, filter_logits
+from protlm.generation.tokens import allowed_mask
 from protlm.tokenizer.vocab import STANDARD
 
 from .conftest import odd_config
@@ -192,7 +192,7 @@ def test_top_level_api_is_callable_before_and_after_the_package_import():
 
     pre = _pre()
     first = protlm.generate(pre, "MKT", strategy="greedy", max_new_tokens=4)
-    importlib.import_module("protlm.generate.completion")  # rebinds protlm.generate to the package
+    importlib.import_module("protlm.generation.completion")  # binds protlm.generation, never protlm.generate
     second = protlm.generate(pre, "MKT", strategy="greedy", max_new_tokens=4)
     assert first == second
 
@@ -226,7 +226,7 @@ def test_min_new_tokens_holds_back_eos_like_transformers(tmp_path):
 
 def test_cli_generate_resumes_a_killed_job_exactly(tmp_path, monkeypatch):
     import protlm.cli.generate as cli_generate
-    import protlm.generate as gen_pkg
+    import protlm.generation as gen_pkg
     from protlm.cli.main import main
 
     monkeypatch.setattr(cli_generate, "PART", 2)

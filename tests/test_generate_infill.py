@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import protlm
-from protlm.generate import infill, mask_positions, parse_masked
-from protlm.generate.infilling import parse_positions
+from protlm.generation import infill, mask_positions, parse_masked
+from protlm.generation.infilling import parse_positions
 
 from .conftest import odd_config
 

@@ -12,7 +12,7 @@ import torch
 import protlm
 from protlm.cli.main import main
 from protlm.data.fasta import read_fasta
-from protlm.embed.engine import quantize_int8
+from protlm.embedding.engine import quantize_int8
 from protlm.errors import ConfigError
 from protlm.evaluate import ModelSource
 from tests.conftest import DATA, odd_config
@@ -82,14 +82,14 @@ def test_cli_int8_says_it_is_approximate_and_records_it(model, tmp_path, capsys)
 
 
 def test_int8_is_never_the_default(model):
-    from protlm.embed.run import EmbedOptions, embed_precision
+    from protlm.embedding.run import EmbedOptions, embed_precision
 
     assert EmbedOptions().dtype == "auto"
     assert embed_precision(EmbedOptions()).name != "int8"
 
 
 def test_int8_on_a_gpu_is_one_line():
-    from protlm.embed.run import EmbedOptions, embed_precision
+    from protlm.embedding.run import EmbedOptions, embed_precision
 
     with pytest.raises(ConfigError, match="^--dtype: int8 runs on CPUs only"):
         embed_precision(EmbedOptions(dtype="int8", device="cuda"))

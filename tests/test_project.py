@@ -12,8 +12,8 @@ import pytest
 import protlm
 from protlm.cli.main import main
 from protlm.data.fasta import read_fasta
-from protlm.embed import embed_files
-from protlm.embed.project import UNLABELLED, project, read_labels
+from protlm.embedding import embed_files
+from protlm.embedding.project import UNLABELLED, project, read_labels
 from protlm.errors import ConfigError, InputError
 from tests.conftest import DATA, odd_config
 
@@ -51,7 +51,7 @@ def test_projection_is_the_pca_of_the_stored_vectors(files):
     labels, name = read_labels(files / "labels.csv")
     assert name == "evidence"
     proj = project(files / "p.h5", "pca", labels, layer=1)
-    from protlm.embed import EmbeddingStore
+    from protlm.embedding import EmbeddingStore
 
     x = np.stack([EmbeddingStore(files / "p.h5", layer=1)[i] for i in proj.ids])
     x = x - x.mean(0)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import protlm
-from protlm.generate import (
+from protlm.generation import (
     blosum62_scores, masked_marginals, parse_variant, pseudo_log_likelihood, score_variants, variant_from_sequence,
 )
-from protlm.generate.blosum import BLOSUM62, BLOSUM62_ORDER, blosum62
+from protlm.generation.blosum import BLOSUM62, BLOSUM62_ORDER, blosum62
 
 from .conftest import DATA, odd_config
 
@@ -208,7 +208,7 @@ def test_cli_pll(tmp_path):
 
 def test_cli_pll_resumes_a_killed_job(tmp_path, monkeypatch):
     import protlm.cli.score as cli_score
-    import protlm.generate as gen_pkg
+    import protlm.generation as gen_pkg
     from protlm.cli.main import main
 
     monkeypatch.setattr(cli_score, "PLL_PART", 2)

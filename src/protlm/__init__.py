@@ -34,32 +34,34 @@ def random_init(name_or_config, seed: int = 0, encoder_only: bool = False):
 
 
 def embed(model, sequences, per_residue: bool = False, **kwargs):
-    """Embed sequences and return ``{id: array}`` (per-protein, or per-residue); see :func:`protlm.embed.run.embed`.
+    """Embed sequences and return ``{id: array}`` (per-protein, or per-residue); see
+    :func:`protlm.embedding.run.embed`.
 
-    For files (resumable, HDF5) use :func:`protlm.embed.embed_files`; to stream, :func:`protlm.embed.embed_iter`.
+    For files (resumable, HDF5) use :func:`protlm.embedding.embed_files`; to stream,
+    :func:`protlm.embedding.embed_iter`.
     """
-    from protlm.embed.run import embed as _embed
+    from protlm.embedding.run import embed as _embed
 
     return _embed(model, sequences, per_residue=per_residue, **kwargs)
 
 
 def generate(pre, prefixes, config=None, **kwargs):
-    """Complete protein prefixes (Ankh3 ``[S2S]``); see :func:`protlm.generate.generate`."""
-    from protlm.generate import generate as _generate
+    """Complete protein prefixes (Ankh3 ``[S2S]``); see :func:`protlm.generation.generate`."""
+    from protlm.generation import generate as _generate
 
     return _generate(pre, prefixes, config, **kwargs)
 
 
 def infill(pre, masked, **kwargs):
-    """Fill ``[?]`` positions through the denoising sentinels; see :func:`protlm.generate.infill`."""
-    from protlm.generate import infill as _infill
+    """Fill ``[?]`` positions through the denoising sentinels; see :func:`protlm.generation.infill`."""
+    from protlm.generation import infill as _infill
 
     return _infill(pre, masked, **kwargs)
 
 
 def score_variants(pre, wildtype, variants, **kwargs):
-    """Zero-shot masked-marginal variant scores; see :func:`protlm.generate.score_variants`."""
-    from protlm.generate import score_variants as _score
+    """Zero-shot masked-marginal variant scores; see :func:`protlm.generation.score_variants`."""
+    from protlm.generation import score_variants as _score
 
     return _score(pre, wildtype, variants, **kwargs)
 

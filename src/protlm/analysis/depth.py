@@ -36,7 +36,7 @@ from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_p
 from protlm.analysis.metrics import PerProtein, Summary, compare_outputs, linear_cka_matrix, row_mean, update_stats
 from protlm.analysis.probe import LayerProbes, ProbeTask, load_probe_task
 from protlm.analysis.runner import StackMasks, StackRunner
-from protlm.embed.run import PREFIX_BY_FAMILY
+from protlm.embedding.run import PREFIX_BY_FAMILY
 from protlm.errors import ConfigError
 
 ANALYSES = ("contribution", "skip", "early-exit", "cka", "probe")

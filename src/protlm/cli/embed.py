@@ -11,7 +11,7 @@ import sys
 
 
 def add_parser(sub) -> None:
-    from protlm.embed.engine import DEFAULT_OVERLAP, DEFAULT_WINDOW
+    from protlm.embedding.engine import DEFAULT_OVERLAP, DEFAULT_WINDOW
 
     p = sub.add_parser(
         "embed", help="embed a FASTA/CSV file into per-residue and/or per-protein HDF5 files",
@@ -56,7 +56,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.embed.run import embed_files
+    from protlm.embedding.run import embed_files
     from protlm.errors import ConfigError
 
     layers: object

@@ -69,7 +69,7 @@ def load(args: argparse.Namespace):
 
 
 def build_config(args: argparse.Namespace):
-    from protlm.generate import GenerationConfig
+    from protlm.generation import GenerationConfig
 
     sampling_opts = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k),
                                        ("top_p", args.top_p)) if v is not None}
@@ -108,7 +108,7 @@ PART = 256  # prefixes per part of a resumable job
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.generate import generate, to_fasta
+    from protlm.generation import generate, to_fasta
 
     config = build_config(args)
     config.validate()  # before loading a model: bad options fail fast
@@ -128,7 +128,7 @@ def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
     from tqdm.auto import tqdm
 
     from protlm.cli.common import PartialOutput
-    from protlm.generate import generate, to_fasta
+    from protlm.generation import generate, to_fasta
 
     model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     out = PartialOutput(args.output, [model, args.random_init, args.init_seed, args.dtype, config.to_dict(),

@@ -36,8 +36,8 @@ def add_parser(sub) -> None:
 
 
 def read_inputs(args: argparse.Namespace):
-    from protlm.generate import mask_positions, parse_masked
-    from protlm.generate.infilling import parse_positions
+    from protlm.generation import mask_positions, parse_masked
+    from protlm.generation.infilling import parse_positions
 
     if args.masked:
         if args.positions:
@@ -49,7 +49,7 @@ def read_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.generate import infill
+    from protlm.generation import infill
     from protlm.utils import atomic_write_text
 
     inputs = read_inputs(args)

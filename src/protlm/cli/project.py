@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.embed.project import plot, project, read_labels, write_coords
-    from protlm.embed.store import check_output_path
+    from protlm.embedding.project import plot, project, read_labels, write_coords
+    from protlm.embedding.store import check_output_path
 
     check_output_path(args.output)
     if args.coords:
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _default_title(path: str, layer: int | None) -> str:
-    from protlm.embed.store import EmbeddingStore
+    from protlm.embedding.store import EmbeddingStore
 
     with EmbeddingStore(path) as store:
         model = str(store.attrs.get("model", "?"))

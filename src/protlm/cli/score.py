@@ -77,7 +77,7 @@ def _where(filters: list[str]) -> list[tuple[str, str]]:
 def read_variant_rows(args: argparse.Namespace, wildtype: str):
     """(header, kept rows, variants) from the variants CSV; every error names the file and line."""
     from protlm.data.fasta import open_text
-    from protlm.generate import parse_variant, variant_from_sequence
+    from protlm.generation import parse_variant, variant_from_sequence
 
     path = args.variants
     with open_text(path) as fh:
@@ -126,18 +126,18 @@ def run(args: argparse.Namespace) -> int:
         return run_pll(args)
     if not args.wildtype or not args.variants:
         raise InputError("variant scoring needs --wildtype and --variants (or use --pll --input FILE)")
-    from protlm.generate.mutations import check_wildtype
+    from protlm.generation.mutations import check_wildtype
 
     wt_id, wildtype = read_wildtype(args.wildtype, args.wildtype_id)
     wildtype = check_wildtype(wildtype, record=f"{args.wildtype}: {wt_id}")
     header, rows, variants = read_variant_rows(args, wildtype)
     if args.model in BASELINES and not args.random_init:
-        from protlm.generate import blosum62_scores
+        from protlm.generation import blosum62_scores
 
         scores = blosum62_scores(variants)
         method = "blosum62"
     else:
-        from protlm.generate import score_variants
+        from protlm.generation import score_variants
 
         pre = load(args)
         scores = score_variants(pre, wildtype, variants, strategy=args.strategy, first_index=args.first_index,
@@ -214,7 +214,7 @@ def run_pll(args: argparse.Namespace) -> int:
 
 
 def _pll_rows(pre, records: list[tuple[str, str]], token_budget: int) -> str:
-    from protlm.generate import pseudo_log_likelihood
+    from protlm.generation import pseudo_log_likelihood
 
     per_pos = pseudo_log_likelihood(pre, records, token_budget=token_budget, per_position=True)
     buf = io.StringIO()

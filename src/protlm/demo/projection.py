@@ -11,8 +11,8 @@ import os
 
 import numpy as np
 
-from protlm.embed import embed_files
-from protlm.embed.project import plot, project
+from protlm.embedding import embed_files
+from protlm.embedding.project import plot, project
 from protlm.evaluate.datasets import Record
 
 

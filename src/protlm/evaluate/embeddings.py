@@ -5,10 +5,10 @@ A *source* is one column of the report. It turns a dataset's records into a mapp
 - :class:`OneHotSource`: the one-hot baseline, computed from the sequences (21 channels: the 20 standard residues
   and one for anything else);
 - :class:`DirectorySource`: embeddings someone already computed, one HDF5 file per dataset in the format of
-  :mod:`protlm.embed.store`: ``DIR/<dataset>.h5`` (``protlm evaluate --export-fasta`` writes the matching
+  :mod:`protlm.embedding.store`: ``DIR/<dataset>.h5`` (``protlm evaluate --export-fasta`` writes the matching
   ``<dataset>.fasta`` files with the ids the suite expects);
 - :class:`ModelSource`: a model (checkpoint, Hub id, or a random-init preset/architecture) that protlm embeds with
-  :func:`protlm.embed.embed_files`. Files are cached under ``CACHE/<model key>/<dataset>.layer<L>.<prefix>.h5``;
+  :func:`protlm.embedding.embed_files`. Files are cached under ``CACHE/<model key>/<dataset>.layer<L>.<prefix>.h5``;
   a run embeds only the ids the file lacks, so a quick run's embeddings are reused by the full run.
 """
 
@@ -103,7 +103,7 @@ class DirectorySource(Source):
         self.layer = layer
 
     def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
-        from protlm.embed.store import EmbeddingStore
+        from protlm.embedding.store import EmbeddingStore
 
         path = os.path.join(self.directory, f"{dataset}.h5")
         if not os.path.exists(path):
@@ -178,8 +178,8 @@ class ModelSource(Source):
         return os.path.join(self.cache_dir, self.key, f"{dataset}.layer{self.layer}.{self.prefix}.h5")
 
     def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
-        from protlm.embed import embed_files
-        from protlm.embed.store import EmbeddingStore
+        from protlm.embedding import embed_files
+        from protlm.embedding.store import EmbeddingStore
 
         path = self.path_for(dataset)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -3,7 +3,7 @@
 :class:`Embedder` owns the model for a run: it casts the weights to the compute dtype once (bf16 weights ran
 about 1.3x faster than bf16 autocast on our 2-core CPU, as measured for issue 4, and halve the memory), runs
 every batch under ``torch.inference_mode``, slices each row to its residues (prefix and ``</s>`` dropped) and
-stitches windows of long proteins back together (see :mod:`protlm.embed.batching` for the rule).
+stitches windows of long proteins back together (see :mod:`protlm.embedding.batching` for the rule).
 
 fp16 is guarded: T5 activations can exceed the fp16 range. The model clamps its residual stream in fp16, which
 keeps numbers finite but wrong, so the embedder watches every block output and, when one reaches the clamp
@@ -19,7 +19,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from protlm.embed.batching import Unit, plan_batches, split
+from protlm.embedding.batching import Unit, plan_batches, split
 from protlm.errors import ConfigError, InputError
 from protlm.precision import dtype_name
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from protlm.errors import InputError
 
-# Only the 20 standard residues can be scored: the score tables of protlm.generate.scoring are over these.
+# Only the 20 standard residues can be scored: the score tables of protlm.generation.scoring are over these.
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 WILDTYPE_NAMES = frozenset({"", "wt", "_wt", "wildtype", "wild-type", "wild_type", "_wildtype"})
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protlm.generate.mutations import Variant
+from protlm.generation.mutations import Variant
 
 BLOSUM62_ORDER = "ARNDCQEGHILKMFPSTWYV"
 

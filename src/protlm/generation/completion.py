@@ -13,8 +13,8 @@ from dataclasses import asdict, dataclass
 import torch
 
 from protlm.errors import ConfigError, InputError
-from protlm.generate.decoding import Sampling, beam_search, decode, row_generators
-from protlm.generate.tokens import (
+from protlm.generation.decoding import Sampling, beam_search, decode, row_generators
+from protlm.generation.tokens import (
     DEFAULT_MAX_LENGTH, RESIDUE_SETS, allowed_mask, model_device, require_decoder, task_prefix,
 )
 

@@ -1,7 +1,7 @@
 """Decoding loops over a T5 decoder: greedy, sampling and beam search, incremental with the key/value cache.
 
 These work on token ids and encoder states only; turning residue strings into encoder inputs and ids back into
-sequences is the job of :mod:`protlm.generate.completion` and :mod:`protlm.generate.infilling`.
+sequences is the job of :mod:`protlm.generation.completion` and :mod:`protlm.generation.infilling`.
 
 Design notes:
 - Only tokens in ``allowed`` (the residues, plus ``</s>`` where ending is allowed) can be emitted: the other

@@ -3,7 +3,7 @@
 - :func:`embed` returns a dict id -> array; :func:`embed_iter` yields :class:`Embedding` records as batches finish;
 - :func:`embed_files` is the proteome-scale job behind ``protlm embed``: it skips ids already in the outputs,
   embeds each distinct sequence once, checkpoints to segment files, shards across ``torchrun`` processes and
-  merges everything into one file per output (see :mod:`protlm.embed.store`).
+  merges everything into one file per output (see :mod:`protlm.embedding.store`).
 
 Correctness rules (DESIGN.md): the encoder sees ``[prefix] residues </s>``; the prefix follows the model family
 unless given (``[NLU]`` for Ankh3, none for Ankh and ProtT5); outputs keep exactly the L residue positions;
@@ -22,10 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from protlm.embed.engine import (
+from protlm.embedding.engine import (
     DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder, resolve_overlap,
 )
-from protlm.embed.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
+from protlm.embedding.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
 from protlm.errors import ConfigError, InputError
 from protlm.precision import Precision, choose
 

@@ -9,7 +9,7 @@ Layout:
   file attribute ``layers`` lists them in order;
 - file attributes: ``model``, ``layers``, ``prefix``, ``dtype``, ``kind`` ("per_residue" / "per_protein"),
   ``protlm_version``; files written by :class:`EmbeddingWriter` also carry ``window`` and ``overlap`` (the
-  long-protein rule, see :mod:`protlm.embed.batching`), ``family`` and ``store_dtype``;
+  long-protein rule, see :mod:`protlm.embedding.batching`), ``family`` and ``store_dtype``;
 - each dataset also has ``attrs["sequence_sha1"]`` (of the upper-case residue string), so that a resumed run
   can tell an id whose sequence changed.
 

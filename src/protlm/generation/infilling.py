@@ -16,8 +16,8 @@ import numpy as np
 import torch
 
 from protlm.errors import ConfigError, InputError
-from protlm.generate.decoding import NEG_INF, Sampling, choose, row_generators
-from protlm.generate.tokens import (
+from protlm.generation.decoding import NEG_INF, Sampling, choose, row_generators
+from protlm.generation.tokens import (
     allowed_mask, model_device, require_decoder, residue_alphabet, residue_ids, task_prefix,
 )
 

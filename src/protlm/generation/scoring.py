@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from protlm.errors import ConfigError, InputError
-from protlm.generate.infilling import denoising_input
-from protlm.generate.mutations import STANDARD_RESIDUES, Variant, check_wildtype, parse_variant
-from protlm.generate.tokens import model_device, require_decoder
+from protlm.generation.infilling import denoising_input
+from protlm.generation.mutations import STANDARD_RESIDUES, Variant, check_wildtype, parse_variant
+from protlm.generation.tokens import model_device, require_decoder
 
 STRATEGIES = ("masked-marginal", "joint")
 DEFAULT_TOKEN_BUDGET = 16384  # encoder tokens per forward pass
@@ -114,7 +114,7 @@ def score_variants(pre, wildtype: str, variants, strategy: str = "masked-margina
     """Zero-shot score of each variant (higher = more like the wild type's family, by the model).
 
     ``variants`` are strings (``"A23G"``, ``"A23G:V40L"``; wild-type residues are checked) or
-    :class:`~protlm.generate.mutations.Variant` objects. The wild type itself scores 0.
+    :class:`~protlm.generation.mutations.Variant` objects. The wild type itself scores 0.
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")

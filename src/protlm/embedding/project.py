@@ -1,6 +1,6 @@
 """2D maps of per-protein embeddings coloured by a label (ProtTrans Fig. 4): PCA, t-SNE or UMAP.
 
-Reads any per-protein embeddings file (:class:`protlm.embed.store.EmbeddingStore`) and a CSV of labels keyed by
+Reads any per-protein embeddings file (:class:`protlm.embedding.store.EmbeddingStore`) and a CSV of labels keyed by
 the same ids. t-SNE runs on the first 50 principal components (the usual way to keep it fast and stable).
 """
 
@@ -70,7 +70,7 @@ def read_labels(path: str | os.PathLike, id_column: str | None = None,
 def project(path: str | os.PathLike, method: str = "pca", labels: dict[str, str] | None = None, layer: int | None = None,
             seed: int = 0, perplexity: float = 30.0) -> Projection:
     """Project every protein of a per-protein embeddings file to 2D."""
-    from protlm.embed.store import EmbeddingStore
+    from protlm.embedding.store import EmbeddingStore
 
     if method not in METHODS:
         raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
