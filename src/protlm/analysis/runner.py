@@ -47,8 +47,7 @@ class StackRunner:
         if self.is_decoder:
             if encoder_mask is None:
                 raise ValueError("a decoder run needs the encoder's attention mask")
-            cross = torch.zeros(encoder_mask.shape, dtype=h.dtype, device=h.device)
-            cross = cross.masked_fill(encoder_mask == 0, torch.finfo(h.dtype).min)[:, None, None, :]
+            cross = self.stack.cross_mask(encoder_mask.to(h.device), h.dtype)
         return StackMasks(self_mask, cross)
 
     def block(self, layer: int, h: Tensor, masks: StackMasks, enc: Tensor | None = None,

@@ -6,8 +6,8 @@ output is final_layer_norm(h_K) of the full model: exactly the representation th
 
 from __future__ import annotations
 
-import torch
-
+from protlm.convert import build_model
+from protlm.convert.checkpoint import canonical_state
 from protlm.errors import ConfigError
 from protlm.model.t5 import T5
 
@@ -23,10 +23,8 @@ def truncate_encoder(model: T5, layers: int) -> T5:
     check_cut(model.encoder.n_layers, layers)
     cfg = model.config.replace(num_layers=layers, num_decoder_layers=model.config.n_decoder_layers)
     param = next(model.parameters())
-    with torch.device("meta"):
-        cut = T5(cfg, encoder_only=True)
-    source = model.state_dict()
-    state = {k: source[k].detach().clone() for k in cut.state_dict()}
-    cut.load_state_dict(state, assign=True)
-    cut.encoder.embed_tokens = cut.shared  # assign=True replaced the tied parameter object; tie it again
+    keep = canonical_state(model)
+    state = {k: v.detach().clone() for k, v in keep.items() if not k.startswith(("decoder.", "lm_head."))
+             and not (k.startswith("encoder.block.") and int(k.split(".")[2]) >= layers)}
+    cut = build_model(cfg, encoder_only=True, state=state, source="truncation")
     return cut.to(device=param.device, dtype=param.dtype).eval()

@@ -37,7 +37,7 @@ def write_depth_outputs(report: DepthReport, out_dir: str, pretrained=None, trun
     if k is not None:
         if pretrained is None:
             raise ValueError("truncation needs the model")
-        from protlm import save_pretrained
+        from protlm.convert import save_pretrained
 
         cut = truncate_encoder(pretrained.model, k)
         path = os.path.join(out_dir, f"encoder-{k}-layers")

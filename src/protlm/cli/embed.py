@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
         description="Embed protein sequences with a T5 encoder. The output files are resumable: re-run the same "
                     "command after an interruption and it continues where it stopped.",
     )
-    p.add_argument("model", help="checkpoint directory, Hugging Face Hub id, or a preset name with --random-init")
+    p.add_argument("model", help="checkpoint directory or Hugging Face Hub id (or a preset name with --random-init)")
     p.add_argument("input", nargs="?", default=None,
                    help="FASTA, FASTA.gz or CSV (id and sequence columns); default: the bundled example.fasta")
     p.add_argument("--per-residue", metavar="R.h5", help="write (L, D) arrays per protein here")
@@ -28,7 +28,7 @@ def add_parser(sub) -> None:
                         "several give arrays with a leading layer axis; 'all' for every layer (default: -1)")
     p.add_argument("--prefix", choices=["auto", "nlu", "s2s", "none"], default="auto",
                    help="task token before the residues; auto: [NLU] for Ankh3, none for Ankh and ProtT5")
-    p.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16", "int8"], default="auto",
+    p.add_argument("--dtype", default="auto",
                    help="compute dtype; auto: bf16 where this device runs it fast (GPUs with bf16; CPUs where a "
                         "measured bf16 matmul beats fp32), else fp32 (fp16 on older GPUs, guarded); int8: dynamic "
                         "int8 linear layers on CPU, faster and approximate, never the default")
@@ -43,9 +43,9 @@ def add_parser(sub) -> None:
                    help="FASTA records that are empty or hold gaps, stops or other non-residue characters: stop "
                         "with an error naming the record (default), skip and count them, or repair them "
                         "(drop gaps, other characters become X)")
-    p.add_argument("--store-dtype", choices=["fp32", "fp16"], default="fp32",
+    p.add_argument("--store-dtype", default="fp32",
                    help="dtype of the stored arrays (fp16 halves the files)")
-    p.add_argument("--random-init", action="store_true", help="MODEL is a preset; use random weights (tests, benchmarks)")
+    p.add_argument("--random-init", action="store_true", help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (its twin)")
     p.add_argument("--seed", type=int, default=0, help="seed for --random-init")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--mkdir", action="store_true", help="create missing output directories")
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     summary = embed_files(
         args.model, args.input, per_residue=args.per_residue, per_protein=args.per_protein,
         random_init=args.random_init, seed=args.seed, mkdir=args.mkdir, progress=not args.no_progress,
-        checkpoint_seconds=args.checkpoint_seconds, store_dtype={"fp32": "float32", "fp16": "float16"}[args.store_dtype],
+        checkpoint_seconds=args.checkpoint_seconds, store_dtype=args.store_dtype,
         layers=layers, prefix=args.prefix, dtype=args.dtype, device=args.device, max_tokens=args.max_tokens,
         window=args.window, overlap=args.overlap, bad_records=args.bad_records, threads=args.threads,
     )

@@ -5,18 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from protlm.cli.common import add_model_args, load
 from protlm.errors import ConfigError, InputError
-
-
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """MODEL plus the options that say how to build it (shared by generate, infill and score)."""
-    p.add_argument("model", help="checkpoint directory or Hub id; a preset name with --random-init")
-    p.add_argument("--random-init", action="store_true",
-                   help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (a random twin)")
-    p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init (default 0)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="compute dtype of the weights (default auto: bf16 where this device runs it fast, else fp32)")
 
 
 def add_parser(sub) -> None:
@@ -50,22 +40,6 @@ def add_parser(sub) -> None:
     p.add_argument("--only-new", action="store_true", help="write only the generated part, not prefix + continuation")
     p.add_argument("--no-cache", action="store_true", help="recompute the decoder at every step (slow; for checks)")
     p.set_defaults(run=run)
-
-
-def load(args: argparse.Namespace):
-    """The model of MODEL; with --random-init a checkpoint directory gives its random-weights twin."""
-    import os
-
-    from protlm.cli.common import load_model, to_precision
-
-    if args.random_init and os.path.isdir(args.model):
-        import protlm
-        from protlm.config import T5Config
-
-        pre = protlm.random_init(T5Config.from_json(os.path.join(args.model, "config.json")), seed=args.init_seed)
-        return to_precision(pre, args.dtype, args.device)
-    return load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device,
-                      seed=args.init_seed)
 
 
 def build_config(args: argparse.Namespace):
@@ -127,7 +101,7 @@ def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
 
     from tqdm.auto import tqdm
 
-    from protlm.cli.common import PartialOutput
+    from protlm.utils import PartialOutput
     from protlm.generation import generate, to_fasta
 
     model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model

@@ -7,7 +7,7 @@ import csv
 import io
 import sys
 
-from protlm.cli.generate import add_model_args, load
+from protlm.cli.common import add_model_args, load
 from protlm.errors import InputError
 
 

@@ -13,11 +13,10 @@ import json
 import os
 import sys
 
-from protlm.cli.generate import add_model_args, load
+from protlm.cli.common import add_model_args, load
 from protlm.errors import InputError
+from protlm.generation.variant_table import MUTATION_COLUMNS, SEQUENCE_COLUMNS, read_variant_csv, read_wildtype, spearman
 
-MUTATION_COLUMNS = ("mutant", "mutation", "mutations", "variant", "variants", "mutant_name")
-SEQUENCE_COLUMNS = ("sequence", "mutated_sequence", "seq")
 BASELINES = ("blosum62",)
 
 
@@ -47,80 +46,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def read_wildtype(spec: str, record_id: str | None = None) -> tuple[str, str]:
-    from protlm.data.fasta import read_fasta
-
-    if not os.path.exists(spec):
-        if spec.isalpha():
-            return "wildtype", spec.upper()
-        raise InputError(f"{spec}: no such file (give a FASTA file or the wild-type sequence itself)")
-    records = list(read_fasta(spec))
-    if record_id is not None:
-        records = [r for r in records if r.id == record_id]
-        if not records:
-            raise InputError(f"{spec}: no record {record_id!r}")
-    elif len(records) > 1:
-        raise InputError(f"{spec}: {len(records)} records; choose the wild type with --wildtype-id")
-    return records[0].id, records[0].sequence
-
-
-def _where(filters: list[str]) -> list[tuple[str, str]]:
-    out = []
-    for f in filters:
-        if "=" not in f:
-            raise InputError(f"--where {f!r}: expected COL=VALUE")
-        col, value = f.split("=", 1)
-        out.append((col.strip(), value.strip()))
-    return out
-
-
-def read_variant_rows(args: argparse.Namespace, wildtype: str):
-    """(header, kept rows, variants) from the variants CSV; every error names the file and line."""
-    from protlm.data.fasta import open_text
-    from protlm.generation import parse_variant, variant_from_sequence
-
-    path = args.variants
-    with open_text(path) as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if not header:
-            raise InputError(f"{path}: empty CSV (no header row)")
-        header = [h.strip() for h in header]
-        lower = {h.lower(): i for i, h in enumerate(header)}
-
-        def column(name: str | None, candidates) -> int | None:
-            if name is not None:
-                if name not in header:
-                    raise InputError(f"{path}: no column {name!r} (columns: {', '.join(header)})")
-                return header.index(name)
-            return next((lower[c] for c in candidates if c in lower), None)
-
-        mut_col = column(args.mutation_column, MUTATION_COLUMNS if args.sequence_column is None else ())
-        seq_col = None if mut_col is not None else column(args.sequence_column, SEQUENCE_COLUMNS)
-        if mut_col is None and seq_col is None:
-            raise InputError(f"{path}: no mutation column ({', '.join(MUTATION_COLUMNS)}) or sequence column "
-                             f"({', '.join(SEQUENCE_COLUMNS)}); name it with --mutation-column/--sequence-column")
-        filters = [(column(c, ()), v, c) for c, v in _where(args.where)]
-        rows, variants = [], []
-        for line, row in enumerate(reader, 2):
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise InputError(f"{path}: line {line}: {len(row)} fields, header has {len(header)}")
-            if any(row[i].strip() != v for i, v, _ in filters):
-                continue
-            where = f"{path} line {line}"
-            if mut_col is not None:
-                variants.append(parse_variant(row[mut_col], wildtype, args.first_index, where=where))
-            else:
-                variants.append(variant_from_sequence(row[seq_col], wildtype, first_index=args.first_index,
-                                                      where=where))
-            rows.append(row)
-    if not rows:
-        raise InputError(f"{path}: no variant rows" + (f" match {' and '.join(args.where)}" if args.where else ""))
-    return header, rows, variants
-
-
 def run(args: argparse.Namespace) -> int:
     if args.pll:
         return run_pll(args)
@@ -130,7 +55,9 @@ def run(args: argparse.Namespace) -> int:
 
     wt_id, wildtype = read_wildtype(args.wildtype, args.wildtype_id)
     wildtype = check_wildtype(wildtype, record=f"{args.wildtype}: {wt_id}")
-    header, rows, variants = read_variant_rows(args, wildtype)
+    table = read_variant_csv(args.variants, wildtype, mutation_column=args.mutation_column,
+                             sequence_column=args.sequence_column, where=args.where, first_index=args.first_index)
+    header, rows, variants = table.header, table.rows, table.variants
     if args.model in BASELINES and not args.random_init:
         from protlm.generation import blosum62_scores
 
@@ -152,31 +79,11 @@ def run(args: argparse.Namespace) -> int:
                "wildtype_length": len(wildtype), "variants": args.variants, "where": args.where,
                "n": len(rows), "first_index": args.first_index}
     if args.target:
-        summary.update(correlate(header, rows, scores, args.target, args.variants))
+        summary.update(spearman(table, scores, args.target))
         print(f"spearman rho = {summary['spearman']:.4f} over {summary['n_target']} rows "
               f"(target column {args.target!r}, method {method})", file=sys.stderr)
     write_output(args.output, buf.getvalue(), summary)
     return 0
-
-
-def correlate(header, rows, scores, target: str, path: str) -> dict:
-    import numpy as np
-    from scipy.stats import spearmanr
-
-    if target not in header:
-        raise InputError(f"{path}: no target column {target!r} (columns: {', '.join(header)})")
-    i = header.index(target)
-    y, s = [], []
-    for row, score in zip(rows, scores):
-        try:
-            y.append(float(row[i]))
-        except ValueError:
-            continue  # a missing measurement; the row is still scored, just not correlated
-        s.append(score)
-    if len(y) < 3:
-        raise InputError(f"{path}: fewer than 3 numeric values in {target!r}; cannot correlate")
-    rho = spearmanr(np.asarray(s), np.asarray(y)).statistic
-    return {"target": target, "spearman": float(rho), "n_target": len(y)}
 
 
 PLL_PART = 64  # sequences per part of a resumable --pll job (each costs one forward pass per residue)
@@ -196,7 +103,7 @@ def run_pll(args: argparse.Namespace) -> int:
     if not args.output:
         sys.stdout.write(header + _pll_rows(load(args), records, args.token_budget))
         return 0
-    from protlm.cli.common import PartialOutput
+    from protlm.utils import PartialOutput
 
     model = os.path.abspath(args.model) if os.path.isdir(args.model) else args.model
     out = PartialOutput(args.output, [model, args.random_init, args.init_seed, args.dtype, records])

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from protlm.config import T5Config
-from protlm.errors import CheckpointError
+from protlm.config import PRESET_NAMES, T5Config, preset
+from protlm.errors import CheckpointError, ConfigError
 from protlm.model.t5 import T5
+from protlm.precision import Precision, choose
 from protlm.tokenizer.vocab import Tokenizer, load_tokenizer, protlm_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -32,7 +33,8 @@ class Pretrained:
     model: T5
     tokenizer: Tokenizer
     config: T5Config
-    source: str
+    source: str  # the checkpoint directory or Hub id, or "random-init <preset|directory|Hub id> seed=<n>"
+    precision: Precision | None = None  # the compute precision a dtype option resolved to, if one was given
 
     @property
     def family(self) -> str:
@@ -114,8 +116,9 @@ def infer_family(config: T5Config, tokenizer: Tokenizer | None) -> str:
     return "custom"
 
 
-def resolve_path(path_or_id: str, revision: str | None = None) -> str:
-    """A local directory as is; otherwise a Hugging Face Hub id, fetched through ``huggingface_hub``."""
+def resolve_path(path_or_id: str, revision: str | None = None, config_only: bool = False) -> str:
+    """A local directory as is; otherwise a Hugging Face Hub id, fetched through ``huggingface_hub`` (only its
+    ``config.json`` with ``config_only``)."""
     path = os.fspath(path_or_id)
     if os.path.isdir(path):
         return path
@@ -128,25 +131,54 @@ def resolve_path(path_or_id: str, revision: str | None = None) -> str:
     except ImportError:
         raise CheckpointError(f"{path}: not a local directory, and huggingface_hub is not installed") from None
     try:
-        return snapshot_download(path, revision=revision, allow_patterns=HUB_PATTERNS)
+        return snapshot_download(path, revision=revision,
+                                 allow_patterns=["config.json"] if config_only else HUB_PATTERNS)
     except Exception as err:
         raise CheckpointError(f"{path}: cannot fetch from the Hugging Face Hub ({type(err).__name__}: {err})") from None
 
 
 def load(
-    path_or_id: str,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
+    spec: "str | os.PathLike | T5Config",
+    *,
+    random_init: bool = False,
     encoder_only: bool | None = None,
+    dtype: "torch.dtype | str | Precision | None" = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
     revision: str | None = None,
 ) -> Pretrained:
-    """Load a checkpoint directory or Hub id.
+    """Resolve any model argument, the same way for every command and library caller.
 
-    ``encoder_only`` None follows the checkpoint (a ``T5EncoderModel`` gives an encoder); True loads only the
-    encoder of a full checkpoint. Every tensor is accounted for: missing, unexpected and mis-shaped tensors are
-    errors that name them.
+    - a checkpoint directory or Hub id: its weights;
+    - with ``random_init``: random weights (seed ``seed``) and protlm's vocabulary, in the shape of a preset name,
+      a :class:`T5Config`, or a checkpoint directory / Hub id (its random-init twin: only its config is read).
+
+    ``encoder_only`` None follows the checkpoint (a ``T5EncoderModel`` gives an encoder); True keeps only the
+    encoder. ``dtype`` is a torch dtype, or a precision name or ``auto`` resolved for ``device`` by
+    :func:`protlm.precision.choose` (the choice is kept in ``Pretrained.precision``); None keeps the stored
+    dtype. Every tensor of a checkpoint is accounted for: missing, unexpected and mis-shaped tensors are errors
+    that name them.
     """
-    directory = resolve_path(path_or_id, revision)
+    if random_init:
+        pre = _random(spec, seed, encoder_only, revision)
+    elif isinstance(spec, T5Config):
+        raise ConfigError("a T5Config has no weights; pass random_init=True for random ones")
+    else:
+        if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
+            raise ConfigError(f"{spec!r} is a preset, not a checkpoint; add --random-init (random_init=True) "
+                              "for randomly initialised weights")
+        pre = _from_checkpoint(resolve_path(spec, revision), encoder_only)
+        if not os.path.isdir(spec):  # a Hub id: name the model by its id, not by the download cache
+            pre.source = os.fspath(spec)
+    if isinstance(dtype, str):
+        dtype = choose(dtype, torch.device(device), "inference", option="--dtype")
+    if isinstance(dtype, Precision):
+        pre.precision, dtype = dtype, dtype.dtype
+    pre.model.to(device=device, dtype=dtype)
+    return pre
+
+
+def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
     config = T5Config.from_json(os.path.join(directory, "config.json"))
     tokenizer = load_tokenizer(directory, config.protlm_family)
     family = infer_family(config, tokenizer)
@@ -166,25 +198,139 @@ def load(
     file_has_decoder = any(k.startswith("decoder.") for k in state)
     if encoder_only is None:
         encoder_only = not file_has_decoder or config.n_decoder_layers == 0
-    with torch.device("meta"):
-        model = T5(config, encoder_only=encoder_only)
-    _assign(model, state, directory, drop_decoder=encoder_only and file_has_decoder)
-    model = model.to(device=device, dtype=dtype) if dtype is not None else model.to(device)
-    model.eval()
+    if encoder_only and file_has_decoder:
+        state = {k: v for k, v in state.items() if not (k.startswith("decoder.") or k == "lm_head.weight")}
+    model = build_model(config, encoder_only=encoder_only, state=state, source=directory).eval()
     return Pretrained(model, tokenizer, config, directory)
 
 
-def _assign(model: T5, state: dict[str, torch.Tensor], source: str, drop_decoder: bool) -> None:
+def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple[T5Config, bool]:
+    """(config, stored encoder-only) of a preset name, a checkpoint directory or a Hub id, without weights."""
+    if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
+        return preset(os.fspath(spec)), False
+    path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
+    config = T5Config.from_json(path)
+    with open(path, encoding="utf-8") as fh:
+        return config, "T5EncoderModel" in (json.load(fh).get("architectures") or [])
+
+
+def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) -> Pretrained:
+    """Random weights in the shape of a preset, a config, or a checkpoint (its twin)."""
+    if isinstance(spec, T5Config):
+        config, name, stored_encoder_only = spec, "config", False
+    else:
+        config, stored_encoder_only = read_config(spec, revision)
+        name = os.path.abspath(spec) if os.path.isdir(spec) else os.fspath(spec)
+    if config.vocab_size < 256:
+        # A random model has no vocabulary of its own; it gets protlm's 256-id one (published shapes with
+        # 128 or 144 ids are widened, which changes only the embedding and LM-head rows).
+        config = config.replace(vocab_size=256)
+    encoder_only = stored_encoder_only if encoder_only is None else encoder_only
+    model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
+    return Pretrained(model, protlm_tokenizer(), config, f"random-init {name} seed={seed}")
+
+
+def build_model(config: T5Config, *, encoder_only: bool = False, state: dict[str, torch.Tensor] | None = None,
+                source: str = "weights", device: str | torch.device = "cpu", seed: int | None = None) -> T5:
+    """The one way protlm makes a T5: the structure on the meta device, then real tensors.
+
+    With ``state`` every parameter is assigned from it (each tensor accounted for); without, the model is
+    materialised on ``device`` with T5's random init (see :func:`materialize`). Loading, training and truncation
+    all come through here, so tying and the leftover-meta check live in one place.
+    """
+    with torch.device("meta"):
+        model = T5(config, encoder_only=encoder_only)
+    if state is None:
+        materialize(model, device, seed)
+    else:
+        _assign(model, state, source)
+    return model
+
+
+def materialize(model: T5, device: str | torch.device, seed: int | None = None) -> None:
+    """Give a meta-built model real storage on ``device`` and T5's random init (seeded when ``seed`` is given).
+
+    The trainer calls this after sharding, so each process allocates only its shard; the numbers are drawn on
+    the CPU whatever ``device`` and the sharding (see :class:`UnshardedDraws`).
+    """
+    model.to_empty(device=device)
+    _retie(model)
+    if seed is not None:
+        torch.manual_seed(seed)
+    # Replay the draws that eager construction makes (each nn.Linear / nn.Embedding initialises itself), so a
+    # seed gives the same weights as ``T5(config)`` on the CPU: random-init baselines and their cached results
+    # stay what earlier versions computed.
+    with UnshardedDraws(model):
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+                module.reset_parameters()
+        model.reset_parameters()
+    _check_materialized(model, "random init")
+
+
+class UnshardedDraws(torch.overrides.TorchFunctionMode):
+    """Inside this context, an in-place init of a parameter of ``model`` (``normal_``, ``fill_``,
+    ``nn.init.kaiming_uniform_``...) runs on a whole CPU tensor of the parameter's full shape, and the parameter
+    (a plain tensor on any device, or an FSDP2 shard) takes its part of the result.
+
+    So the values are those of an unsharded model initialised on the CPU, on every device and for every
+    sharding, and the random stream advances exactly as it would there. DTensor's own random ops cannot give
+    this: on CPUs every shard would draw the same numbers, and on GPUs the numbers come from another generator.
+    The price is that every process draws every number (as eager construction did), one parameter at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module):
+        from torch.distributed.tensor import DTensor
+
+        super().__init__()
+        # a plain CPU parameter is its own whole tensor: it draws in place
+        self._params = {id(p) for p in model.parameters() if isinstance(p, DTensor) or p.device.type != "cpu"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        target = args[0] if args else kwargs.get("tensor")
+        if id(target) not in self._params or not getattr(func, "__name__", "").endswith("_"):
+            return func(*args, **kwargs)
+        full = torch.empty(target.shape, dtype=target.dtype, device="cpu")
+        if args:
+            func(full, *args[1:], **kwargs)
+        else:
+            func(**{**kwargs, "tensor": full})
+        with torch.no_grad():
+            _write_part(target, full)
+        return target
+
+
+def _write_part(param: torch.Tensor, full: torch.Tensor) -> None:
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):  # src_data_rank=None: every process cuts its own part, no communication
+        part = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(part.to_local())
+    else:
+        param.copy_(full)
+
+
+def _retie(model: T5) -> None:
+    # assign=True and to_empty() give each module a new parameter object; the tied LM head must share again
+    if model.lm_head is not None and model.config.tie_word_embeddings:
+        model.lm_head.weight = model.shared.weight
+
+
+def _check_materialized(model: T5, source: str) -> None:
+    leftover = [n for n, p in model.named_parameters() if p.is_meta]
+    if leftover:  # a parameter not covered by the map: a bug in protlm, not in the file
+        raise CheckpointError(f"{source}: parameters left uninitialised: {_names(leftover)}")
+
+
+def _assign(model: T5, state: dict[str, torch.Tensor], source: str) -> None:
     expected = canonical_state(model)
     aliases = key_aliases(model)
-    if drop_decoder:
-        state = {k: v for k, v in state.items() if not (k.startswith("decoder.") or k == "lm_head.weight")}
     unexpected = [k for k in state if k not in expected and k not in aliases]
-    if model.config.tie_word_embeddings and "lm_head.weight" in unexpected and drop_decoder:
-        unexpected.remove("lm_head.weight")
     if unexpected:
         raise CheckpointError(f"{source}: unexpected tensor(s) {_names(unexpected)} for this config")
     # an alias can stand in for its target (some files store only encoder.embed_tokens.weight)
+    state = dict(state)
     for alias, target in aliases.items():
         if target not in state and alias in state:
             state[target] = state[alias]
@@ -203,11 +349,8 @@ def _assign(model: T5, state: dict[str, torch.Tensor], source: str, drop_decoder
         if alias in state and tuple(state[alias].shape) != tuple(expected[target].shape):
             raise CheckpointError(f"{source}: tensor {alias} has shape {tuple(state[alias].shape)}, expected {tuple(expected[target].shape)}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
-    if model.lm_head is not None and model.config.tie_word_embeddings:
-        model.lm_head.weight = model.shared.weight
-    leftover = [n for n, p in model.named_parameters() if p.is_meta]
-    if leftover:  # a parameter not covered by the map: a bug in protlm, not in the file
-        raise CheckpointError(f"{source}: parameters left uninitialised: {_names(leftover)}")
+    _retie(model)
+    _check_materialized(model, source)
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -240,14 +383,5 @@ def save_pretrained(model: T5, directory: str | os.PathLike, tokenizer: Tokenize
 
 
 def random_init(name_or_config: str | T5Config, seed: int = 0, encoder_only: bool = False) -> Pretrained:
-    """A randomly initialised model of a preset (or config) with protlm's vocabulary, for tests and baselines."""
-    from protlm.config import preset
-
-    config = preset(name_or_config) if isinstance(name_or_config, str) else name_or_config
-    if config.vocab_size < 256:
-        # A random model has no vocabulary of its own; it gets protlm's 256-id one (published shapes with
-        # 128 or 144 ids are widened, which changes only the embedding and LM-head rows).
-        config = config.replace(vocab_size=256)
-    torch.manual_seed(seed)
-    model = T5(config, encoder_only=encoder_only).eval()
-    return Pretrained(model, protlm_tokenizer(), config, f"random-init {name_or_config if isinstance(name_or_config, str) else 'config'} seed={seed}")
+    """Random weights with protlm's vocabulary: ``load(name_or_config, random_init=True, ...)``."""
+    return load(name_or_config, random_init=True, seed=seed, encoder_only=encoder_only)

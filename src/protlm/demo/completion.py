@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
-import protlm
+from protlm.convert import load
+from protlm.generation import generate
 from protlm.data.fasta import read_fasta
 from protlm.demo.bundle import held_out_proteins_file
 
@@ -46,13 +47,13 @@ def held_out_proteins(n: int) -> list[tuple[str, str]]:
 
 
 def run_completion(final_dir: str, n: int) -> list[dict]:
-    pre = protlm.load(final_dir)
-    twin = protlm.random_init(pre.config, seed=0)
+    pre = load(final_dir)
+    twin = load(final_dir, random_init=True, seed=0)
     proteins = held_out_proteins(n)
     prefixes = {rid: seq[: len(seq) // 2] for rid, seq in proteins}
     budget = max(len(seq) - len(seq) // 2 for _, seq in proteins)
-    generated = {c.id: c.continuation for c in protlm.generate(pre, prefixes, strategy="greedy", max_new_tokens=budget)}
-    by_twin = {c.id: c.continuation for c in protlm.generate(twin, prefixes, strategy="greedy", max_new_tokens=budget)}
+    generated = {c.id: c.continuation for c in generate(pre, prefixes, strategy="greedy", max_new_tokens=budget)}
+    by_twin = {c.id: c.continuation for c in generate(twin, prefixes, strategy="greedy", max_new_tokens=budget)}
     rows = []
     for rid, seq in proteins:
         half = len(seq) // 2

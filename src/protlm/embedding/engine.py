@@ -21,6 +21,7 @@ import torch
 
 from protlm.embedding.batching import Unit, plan_batches, split
 from protlm.errors import ConfigError, InputError
+from protlm.model.t5 import FP16_LIMIT
 from protlm.precision import dtype_name
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
@@ -92,9 +93,8 @@ class Embedder:
         self.stats = EngineStats()
         self._overflow: torch.Tensor | None = None
         if dtype == torch.float16:
-            limit = torch.finfo(torch.float16).max - 1000  # the clamp value used in model.t5
             for blk in self.encoder.block:
-                blk.register_forward_hook(self._make_overflow_hook(limit))
+                blk.register_forward_hook(self._make_overflow_hook(FP16_LIMIT))
 
     @property
     def extra_tokens(self) -> int:

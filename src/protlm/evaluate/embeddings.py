@@ -25,6 +25,7 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from protlm.convert import load, read_config
 from protlm.errors import ConfigError, InputError
 from protlm.evaluate.datasets import Record
 from protlm.precision import choose
@@ -154,24 +155,12 @@ class ModelSource(Source):
         return _short_hash(json.dumps(self._config().to_dict(), sort_keys=True))
 
     def _config(self):
-        from protlm.config import PRESET_NAMES, T5Config, preset
-
-        src = self.random_init_of
-        if src in PRESET_NAMES and not os.path.exists(src):
-            return preset(src)
-        cfg_path = os.path.join(src, "config.json")
-        if not os.path.exists(cfg_path):
-            raise ConfigError(f"{src}: neither a preset nor a checkpoint directory with config.json")
-        return T5Config.from_json(cfg_path)
+        return read_config(self.random_init_of)[0]
 
     def pretrained(self):
-        import protlm
-
         if self._pre is None:
-            if self.random_init_of is not None:
-                self._pre = protlm.random_init(self._config(), seed=self.seed, encoder_only=True)
-            else:
-                self._pre = protlm.load(self.spec, encoder_only=True)
+            self._pre = load(self.random_init_of if self.baseline else self.spec, random_init=self.baseline,
+                             seed=self.seed, encoder_only=True)
         return self._pre
 
     def path_for(self, dataset: str) -> str:

@@ -205,12 +205,13 @@ class Block(nn.Module):
         return BlockOutput(h)
 
 
+# T5 activations grow past the fp16 range in deep stacks; clamping the residual stream here keeps fp16
+# inference finite (the embedder watches for streams that reach it).
+FP16_LIMIT = torch.finfo(torch.float16).max - 1000
+
+
 def _clamp_fp16(h: Tensor) -> Tensor:
-    # T5 activations grow past the fp16 range in deep stacks; clamping keeps fp16 inference finite.
-    if h.dtype == torch.float16:
-        limit = torch.finfo(torch.float16).max - 1000
-        h = h.clamp(-limit, limit)
-    return h
+    return h.clamp(-FP16_LIMIT, FP16_LIMIT) if h.dtype == torch.float16 else h
 
 
 # --- position bias -------------------------------------------------------------------------------------------
@@ -288,10 +289,6 @@ class Stack(nn.Module):
     def n_layers(self) -> int:
         return len(self.block)
 
-    def position_bias(self, q_len: int, k_len: int, offset: int = 0) -> Tensor:
-        """(1, H, q_len, k_len) fp32 bias for queries at positions offset..offset+q_len against keys 0..k_len."""
-        return self._bias(q_len, k_len, offset).float()
-
     def _bias(self, q_len: int, k_len: int, offset: int) -> Tensor:
         # (1, H, Lq, Lk), contiguous, in the table's dtype. The bias depends only on k - q, so it is looked up
         # once per distinct offset (Lq + Lk - 1 of them, not Lq * Lk: no (L, L) bucket tensors) and spread into
@@ -322,6 +319,12 @@ class Stack(nn.Module):
             if bool(pad.any()):
                 bias = bias.masked_fill(pad, neg)
         return bias
+
+    @staticmethod
+    def cross_mask(encoder_mask: Tensor, dtype: torch.dtype) -> Tensor:
+        """(B, 1, 1, Le) additive mask of the decoder's cross-attention: 0 on encoder tokens, -inf-like on padding."""
+        return torch.zeros(encoder_mask.shape, dtype=dtype, device=encoder_mask.device).masked_fill(
+            encoder_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
 
     def resolve_layers(self, layers) -> list[int]:
         """Normalise requested layer indices (negative counts from the end); out of range is an error."""
@@ -357,10 +360,7 @@ class Stack(nn.Module):
         offset = cache.length if cache is not None else 0
         # With a cache, attention_mask (if any) covers all keys so far: cached ones plus the new ones.
         mask = self.self_mask(attention_mask, q_len, offset + q_len, offset, dtype)
-        cross_mask = None
-        if self.is_decoder and encoder_mask is not None:
-            cross_mask = torch.zeros(encoder_mask.shape, dtype=dtype, device=h.device)
-            cross_mask = cross_mask.masked_fill(encoder_mask == 0, torch.finfo(dtype).min)[:, None, None, :]
+        cross_mask = self.cross_mask(encoder_mask, dtype) if self.is_decoder and encoder_mask is not None else None
         hidden: dict[int, Tensor] = {}
         if 0 in wanted:
             hidden[0] = h
