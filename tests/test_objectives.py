@@ -212,26 +212,28 @@ def test_sentinel_bound_holds_for_every_draw():
 
 # --- configuration errors ------------------------------------------------------------------------------------
 def test_config_from_dict_and_errors():
-    cfg = ObjectiveConfig.from_dict({"mask_rates": [0.1, 0.4], "completion_ratio": [0.3, 0.7], "mean_span": 3})
+    from protlm.settings import build, plain
+
+    cfg = build(ObjectiveConfig, {"mask_rates": [0.1, 0.4], "completion_ratio": [0.3, 0.7], "mean_span": 3}, "objective")
     assert cfg.mask_rates == (0.1, 0.4) and cfg.completion_ratio == (0.3, 0.7) and cfg.mean_span == 3.0
-    assert ObjectiveConfig.from_dict(cfg.to_dict()) == cfg
+    assert build(ObjectiveConfig, plain(cfg), "objective") == cfg
     assert ObjectiveConfig().probabilities == {"denoise": 0.5, "complete": 0.5}
-    with pytest.raises(ConfigError, match=r"objective: unknown objective key 'mask_rate' \(did you mean 'mask_rates'\?\)"):
-        ObjectiveConfig.from_dict({"mask_rate": [0.15]})
+    with pytest.raises(ConfigError, match=r"objective: unknown config key 'mask_rate' \(did you mean 'mask_rates'\?\)"):
+        build(ObjectiveConfig, {"mask_rate": [0.15]}, "objective")
     bad = [
-        ({"mask_rates": "0.15"}, "mask_rates must be a non-empty list"),
+        ({"mask_rates": "0.15"}, r"mask_rates must be tuple\[float, \.\.\.\], got '0.15'"),
         ({"mask_rates": [0.15, 1.5]}, r"mask_rates: each rate must be in \(0, 1\), got 1.5"),
-        ({"merge_adjacent": "yes"}, "merge_adjacent must be true or false"),
+        ({"merge_adjacent": "yes"}, "merge_adjacent must be bool"),
         ({"mean_span": 0.5}, "mean_span must be a number >= 1"),
         ({"task_probs": {"denoise": 1, "mlm": 1}}, "unknown task 'mlm'"),
-        ({"task_probs": {"denoise": "half"}}, "task_probs.denoise must be a non-negative number"),
+        ({"task_probs": {"denoise": "half"}}, "task_probs.denoise must be float"),
         ({"task_probs": {"denoise": 0, "complete": 0}}, "at least one task needs a positive weight"),
         ({"completion_ratio": [0.8, 0.2]}, "completion_ratio range must be"),
         ({"completion_ratio": 1}, r"completion_ratio must be in \(0, 1\)"),
     ]
     for data, message in bad:
         with pytest.raises(ConfigError, match=message):
-            ObjectiveConfig.from_dict(data, source="cfg.yaml:objective")
+            build(ObjectiveConfig, data, "cfg.yaml:objective")
 
 
 # --- figures on 10,000 real sequences ------------------------------------------------------------------------

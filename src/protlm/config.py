@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protlm.errors import ConfigError
+from protlm.settings import build
 
 FFN_KINDS = ("relu", "gated-gelu", "gated-silu", "gated-relu", "gelu", "silu")
 FAMILIES = ("ankh", "ankh3", "prot-t5", "custom")
@@ -111,32 +112,17 @@ class T5Config:
     def from_dict(cls, data: dict[str, Any], source: str = "config", strict: bool = True) -> "T5Config":
         """Build from a dict. Unknown keys are an error naming ``source``; known Hugging Face keys that do not
         affect the network are dropped when ``strict`` is False (reading a published config.json)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {}
-        if not strict and isinstance(data.get("scale_decoder_outputs"), bool):
-            # transformers 5.x writes tie_word_embeddings=True for every T5 and keeps the checkpoint's own
-            # setting (the d_model**-0.5 rescale of a tied head) in scale_decoder_outputs.
-            scale = data["scale_decoder_outputs"]
-            data = {k: v for k, v in data.items() if k != "scale_decoder_outputs"}
-            data["tie_word_embeddings"] = scale
-        for key, value in data.items():
-            if key in names:
-                kwargs[key] = value
-            elif not strict and key in _HF_PASSIVE_KEYS:
-                continue
-            else:
-                hint = _closest(key, names)
-                raise ConfigError(f"{source}: unknown config key {key!r}" + (f" (did you mean {hint!r}?)" if hint else ""))
-        ffn = kwargs.get("feed_forward_proj")
-        if isinstance(ffn, str) and ffn == "gated-gelu_new":
-            kwargs["feed_forward_proj"] = "gated-gelu"
-        field_types = {f.name: f.type for f in dataclasses.fields(cls)}
-        for key, value in kwargs.items():
-            _check_type(key, value, field_types[key], source)
-        try:
-            return cls(**kwargs)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+        if not strict:
+            if isinstance(data.get("scale_decoder_outputs"), bool):
+                # transformers 5.x writes tie_word_embeddings=True for every T5 and keeps the checkpoint's own
+                # setting (the d_model**-0.5 rescale of a tied head) in scale_decoder_outputs.
+                data = {**data, "tie_word_embeddings": data["scale_decoder_outputs"]}
+                del data["scale_decoder_outputs"]
+            fields = {f.name for f in dataclasses.fields(cls)}
+            data = {k: v for k, v in data.items() if k in fields or k not in _HF_PASSIVE_KEYS}
+        if data.get("feed_forward_proj") == "gated-gelu_new":
+            data = {**data, "feed_forward_proj": "gated-gelu"}
+        return build(cls, data, source)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "T5Config":
@@ -161,28 +147,6 @@ class T5Config:
 
     def replace(self, **changes: Any) -> "T5Config":
         return T5Config.from_dict({**self.to_dict(), **changes}, source="override")
-
-
-def _check_type(key: str, value: Any, annotation: Any, source: str) -> None:
-    ann = str(annotation)
-    ok = True
-    if ann.startswith("int"):
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (value is None and "None" in ann)
-    elif ann == "float":
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif ann == "bool":
-        ok = isinstance(value, bool)
-    elif ann == "str":
-        ok = isinstance(value, str)
-    if not ok:
-        raise ConfigError(f"{source}: {key} must be {ann}, got {value!r}")
-
-
-def _closest(key: str, names: set[str]) -> str | None:
-    import difflib
-
-    match = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.6)
-    return match[0] if match else None
 
 
 # --- presets -------------------------------------------------------------------------------------------------

@@ -151,8 +151,6 @@ def check_evaluation(recipe: AblationRecipe) -> tuple[list[str], dict[str, str],
         suite = load_suite(e.suite, e.set, e.data_root)
     except ProtlmError as err:
         raise ConfigError(f"{where}: {err}") from None
-    if e.prefix not in ("auto", "nlu", "s2s", "none"):
-        raise ConfigError(f"{where}.prefix must be one of auto, nlu, s2s, none; got {e.prefix!r}")
     skipped: dict[str, str] = {}
     if e.tasks:
         selected = []

@@ -10,17 +10,15 @@ directory, as in ``configs/tiny-cpu.yaml``.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Any
-
-import yaml
+from typing import Any, Literal
 
 from protlm.errors import ConfigError
+from protlm.settings import build, override, parse_sets, plain
+from protlm.train.config import TrainConfig, load_config
 from protlm.utils import read_yaml_mapping
-from protlm.train.config import TrainConfig, apply_override, from_dict, load_config
 
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # Keys the ablation sets itself; a variant or the base may not fix them differently per variant.
@@ -45,7 +43,7 @@ class EvaluationSpec:
     tasks: list[str] = field(default_factory=list)  # task names; empty = every task whose data is present
     set: list[str] = field(default_factory=list)  # suite overrides, as ``protlm evaluate --set``
     data_root: str | None = None  # the suite's data_root override (default: the suite's own / $PROTLM_DATA)
-    prefix: str = "auto"  # task token before each sequence when embedding (auto = [NLU] for Ankh3 models)
+    prefix: Literal["auto", "nlu", "s2s", "none"] = "auto"  # task token before each sequence when embedding (auto = [NLU] for Ankh3 models)
     device: str = "auto"  # "auto" (cuda when available) or a torch device
 
 
@@ -95,7 +93,7 @@ class AblationRecipe:
     depth: DepthSpec = field(default_factory=DepthSpec)
     stats: StatsSpec = field(default_factory=StatsSpec)
     threads: int = 1  # torch CPU threads for every stage (0 = torch's default)
-    source: str = "recipe"  # the file it came from (not a YAML key)
+    source: str = field(default="recipe", init=False)  # the file it came from (not a YAML key)
 
     @property
     def treatment(self) -> str:
@@ -106,44 +104,24 @@ class AblationRecipe:
         return self.stats.compare[1]
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.pop("source")
-        return d
+        return plain(self)
 
 
 def load_recipe(path: str, output_dir: str | None = None, overrides: list[str] | tuple[str, ...] = ()
                 ) -> AblationRecipe:
     """Read and check an ablation recipe (structure only; :func:`protlm.ablate.plan.check_plan` does the rest).
 
-    ``overrides`` are ``key=value`` edits of the YAML before it is checked (``token_budget=2e5``,
-    ``evaluation.tasks=[GB1]``, ``variants.A.set.objective.mask_rates=[0.2]``); values are parsed as YAML."""
-    data = read_yaml_mapping(path, "ablation recipe")
-    if "source" in data:
-        raise ConfigError(f"{path}: unknown config key 'source'")
-    for item in overrides:
-        _override(data, item)
-    recipe = from_dict(AblationRecipe, data, path + (" with --set" if overrides else ""))
+    ``overrides`` are ``--set key=value`` edits (``token_budget=2e5``, ``evaluation.tasks=[GB1]``,
+    ``variants.A.set.objective.mask_rates=[0.2]``), read by :func:`protlm.settings.parse_sets`."""
+    recipe = build(AblationRecipe, read_yaml_mapping(path, "ablation recipe"), path)
+    changes = parse_sets(overrides)
+    if changes:
+        recipe = override(recipe, changes, "--set")
     recipe.source = path
     if output_dir:
         recipe.output_dir = output_dir
     check_recipe(recipe)
     return recipe
-
-
-def _override(data: dict[str, Any], item: str) -> None:
-    key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
-        raise ConfigError(f"--set {item!r}: expected key=value")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
-    node, parts = data, key.strip().split(".")
-    while len(parts) > 1 and ".".join(parts) not in node:  # a dotted key inside a mapping (variants.A.set) is one key
-        node = node.setdefault(parts.pop(0), {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(key.split('.')[:-len(parts)])} is not a mapping")
-    node[".".join(parts)] = value
 
 
 def check_recipe(r: AblationRecipe) -> None:
@@ -194,19 +172,10 @@ def run_dir(recipe: AblationRecipe, variant: str, seed: int, stage: str) -> str:
 
 def variant_config(recipe: AblationRecipe, variant: str, seed: int) -> TrainConfig:
     """The resolved pretraining config of one (variant, seed)."""
-    import json
-
     where = f"{recipe.source}: variant {variant}"
-    cfg = load_config(recipe.base_config, recipe.base_set)
-    for key, value in recipe.variants[variant].set.items():
-        try:
-            cfg = apply_override(cfg, f"{key}={json.dumps(value)}")
-        except ConfigError as err:
-            raise ConfigError(f"{where}: {err}") from None
-    forced = {"output_dir": run_dir(recipe, variant, seed, "pretrain"), "run.seed": seed,
-              "run.token_budget": float(recipe.token_budget), "run.time_limit_minutes": 0.0}
-    for key, value in forced.items():
-        cfg = apply_override(cfg, f"{key}={json.dumps(value)}")
+    cfg = override(load_config(recipe.base_config, recipe.base_set), recipe.variants[variant].set, where)
+    cfg = override(cfg, {"output_dir": run_dir(recipe, variant, seed, "pretrain"), "run.seed": seed,
+                         "run.token_budget": float(recipe.token_budget), "run.time_limit_minutes": 0.0}, where)
     cfg.validate(where)
     return cfg
 

@@ -11,6 +11,7 @@ import os
 from importlib import resources
 
 from protlm.evaluate import Suite, load_suite
+from protlm.settings import override
 from protlm.train import TrainConfig, load_config
 
 RECIPE = "pretrain.yaml"
@@ -38,15 +39,14 @@ def pretrain_config(output_dir: str, minutes: float | None = None, threads: int 
                     overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """The bundled recipe with its data paths made absolute and the demo's output directory, time and threads."""
     cfg = load_config(bundled(RECIPE), overrides)
-    cfg.output_dir = output_dir
-    cfg.data.train = [_resolve(p) for p in cfg.data.train]
-    cfg.data.validation = [_resolve(p) for p in cfg.data.validation]
-    cfg.data.exclude_sequences = [_resolve(p) for p in cfg.data.exclude_sequences]
-    cfg.data.exclude_ids = [_resolve(p) for p in cfg.data.exclude_ids]
+    paths = ("train", "validation", "exclude_sequences", "exclude_ids")
+    changes = {"output_dir": os.fspath(output_dir),
+               **{f"data.{key}": [_resolve(p) for p in getattr(cfg.data, key)] for key in paths}}
     if minutes is not None:
-        cfg.run.time_limit_minutes = float(minutes)
+        changes["run.time_limit_minutes"] = float(minutes)
     if threads:
-        cfg.run.threads = threads
+        changes["run.threads"] = threads
+    cfg = override(cfg, changes, bundled(RECIPE))
     cfg.validate(bundled(RECIPE))
     return cfg
 

@@ -21,30 +21,24 @@ Top-level keys (see ``configs/eval/ankh3.yaml`` for a complete example):
 from __future__ import annotations
 
 import copy
-import dataclasses
-import difflib
 import os
 from dataclasses import dataclass, field
 from typing import Any
-
-import yaml
 
 from protlm.errors import ConfigError
 from protlm.evaluate.heads import HeadConfig
 from protlm.evaluate.tasks import TaskSpec
 from protlm.evaluate.training import TrainConfig
+from protlm.settings import apply, build, parse_sets
 from protlm.utils import read_yaml_mapping
-
-TOP_KEYS = ("name", "description", "data_root", "seeds", "head", "training", "quick", "datasets", "tasks")
-QUICK_KEYS = ("training", "max_train", "max_valid", "max_test", "max_folds", "seeds")
 
 
 @dataclass
 class DatasetSpec:
-    name: str
     format: str
     files: dict[str, str]  # key -> path (absolute after resolution)
     unavailable: str = ""  # why the data may be absent; such a dataset is skipped, not an error
+    name: str = field(default="", init=False)  # its key under ``datasets:``
 
     def missing_files(self) -> list[str]:
         return [p for p in self.files.values() if not os.path.exists(p)]
@@ -62,23 +56,26 @@ class QuickProfile:
 
 @dataclass
 class Suite:
-    name: str
-    data_root: str
-    seeds: list[int]
-    head: HeadConfig
-    training: dict[str, Any]  # suite-level TrainConfig fields (raw, so tasks can override single keys)
-    quick: QuickProfile
-    datasets: dict[str, DatasetSpec]
-    tasks: list[TaskSpec]
-    source: str = ""
+    """A suite file as read (the keys are the fields that are not ``init=False``)."""
+
+    name: str = "suite"
     description: str = ""
-    raw: dict[str, Any] = field(default_factory=dict)  # the resolved YAML (saved beside the results)
+    data_root: str | None = None  # absolute after reading
+    seeds: list[int] = field(default_factory=lambda: [7, 0, 42])
+    head: HeadConfig = field(default_factory=HeadConfig)
+    # suite-level TrainConfig fields, kept raw so that a task's training: can override single keys
+    training: dict[str, Any] = field(default_factory=dict)
+    quick: QuickProfile = field(default_factory=QuickProfile)
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    tasks: list[TaskSpec] = field(default_factory=list)
+    source: str = field(default="", init=False)
+    raw: dict[str, Any] = field(default_factory=dict, init=False)  # the resolved YAML (saved beside the results)
 
     def train_config(self, task: TaskSpec, quick: bool = False) -> TrainConfig:
         merged = {**self.training, **task.training}
         if quick:
             merged.update(self.quick.training)
-        return _build(TrainConfig, merged, f"{self.source}: task {task.name!r} training")
+        return build(TrainConfig, merged, self.source, f"tasks.{task.name}.training.")
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -87,103 +84,36 @@ class Suite:
         raise ConfigError(f"{self.source}: no task {name!r} (tasks: {', '.join(t.name for t in self.tasks)})")
 
 
-def _build(cls, data: dict[str, Any], where: str):
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f"{where}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    try:
-        return cls(**data)
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {err}") from None
-
-
-def apply_override(data: dict[str, Any], item: str) -> None:
-    """One ``key=value`` edit of the raw suite mapping; the value is YAML (``1e-3``, ``[7, 0]``, ``true``)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
-    key, raw = item.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
-    parts = key.strip().split(".")
-    node: Any = data
-    for i, part in enumerate(parts[:-1]):
-        if isinstance(node, list):  # tasks, addressed by name
-            match = [t for t in node if isinstance(t, dict) and t.get("name") == part]
-            if not match:
-                raise ConfigError(f"--set {key}: no task named {part!r}")
-            node = match[0]
-            continue
-        if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:i])!r} is not a section")
-        if part not in node:
-            # sections that default to empty may be created (e.g. a task's own training overrides)
-            if part in ("training", "files", "head", "quick"):
-                node[part] = {}
-            else:
-                hint = difflib.get_close_matches(part, [str(k) for k in node], n=1)
-                raise ConfigError(f"--set {key}: unknown key {part!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-        node = node[part]
-    if not isinstance(node, dict):
-        raise ConfigError(f"--set {key}: {'.'.join(parts[:-1])!r} is not a section")
-    node[parts[-1]] = value
-
-
 def load_suite(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = (), data_root: str | None = None) -> Suite:
+    """Read a suite file; ``overrides`` are ``--set key=value`` edits of its YAML (:mod:`protlm.settings`)."""
     source = os.fspath(path)
     data = read_yaml_mapping(source, "suite file")
-    for item in overrides:
-        apply_override(data, item)
+    apply(data, parse_sets(overrides), Suite)
     return parse_suite(data, source, data_root)
 
 
 def parse_suite(data: dict[str, Any], source: str = "<suite>", data_root: str | None = None) -> Suite:
-    for key in data:
-        if key not in TOP_KEYS:
-            hint = difflib.get_close_matches(str(key), TOP_KEYS, n=1)
-            raise ConfigError(f"{source}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else ""))
-    root = data_root or os.environ.get("PROTLM_DATA") or data.get("data_root") or "."
-    root = os.path.abspath(os.path.expanduser(root))
-    seeds = data.get("seeds", [7, 0, 42])
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got {seeds!r}")
-    head = _build(HeadConfig, data.get("head") or {}, f"{source}: head")
-    training = dict(data.get("training") or {})
-    _build(TrainConfig, training, f"{source}: training")  # check it now, not at the first task
-    quick = _build(QuickProfile, data.get("quick") or {}, f"{source}: quick")
-    datasets = {}
-    for name, spec in (data.get("datasets") or {}).items():
-        if not isinstance(spec, dict) or "format" not in spec or "files" not in spec:
-            raise ConfigError(f"{source}: dataset {name!r} needs 'format' and 'files'")
-        unknown = set(spec) - {"format", "files", "unavailable"}
-        if unknown:
-            raise ConfigError(f"{source}: dataset {name!r}: unknown key(s) {', '.join(sorted(unknown))}")
-        files = {str(k): os.path.join(root, os.path.expanduser(str(v))) for k, v in (spec["files"] or {}).items()}
-        datasets[name] = DatasetSpec(name, spec["format"], files, spec.get("unavailable", ""))
-    tasks = []
-    for i, t in enumerate(data.get("tasks") or []):
-        if not isinstance(t, dict) or "name" not in t:
-            raise ConfigError(f"{source}: task {i + 1} needs a name")
-        spec = _build(TaskSpec, t, f"{source}: task {t['name']!r}")
-        for ds in spec.datasets():
-            if ds not in datasets:
-                raise ConfigError(f"{source}: task {spec.name!r} uses unknown dataset {ds!r}")
-        _build(TrainConfig, {**training, **spec.training}, f"{source}: task {spec.name!r} training")
-        tasks.append(spec)
-    names = [t.name for t in tasks]
+    suite = build(Suite, data, source)
+    root = os.path.abspath(os.path.expanduser(data_root or os.environ.get("PROTLM_DATA") or suite.data_root or "."))
+    if not suite.seeds:
+        raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got []")
+    build(TrainConfig, suite.training, source, "training.")  # check it now, not at the first task
+    for name, spec in suite.datasets.items():
+        spec.name = name
+        spec.files = {k: os.path.join(root, os.path.expanduser(v)) for k, v in spec.files.items()}
+    for task in suite.tasks:
+        for ds in task.datasets():
+            if ds not in suite.datasets:
+                raise ConfigError(f"{source}: task {task.name!r} uses unknown dataset {ds!r}")
+        build(TrainConfig, {**suite.training, **task.training}, source, f"tasks.{task.name}.training.")
+    names = [t.name for t in suite.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: task names must be unique ({', '.join(names)})")
-    if not tasks:
+    if not suite.tasks:
         raise ConfigError(f"{source}: no tasks")
-    raw = copy.deepcopy(data)
-    raw["data_root"] = root
-    return Suite(str(data.get("name", "suite")), root, seeds, head, training, quick, datasets, tasks, source,
-                 str(data.get("description", "")), raw)
+    suite.data_root, suite.source = root, source
+    suite.raw = {**copy.deepcopy(data), "data_root": root}
+    return suite
 
 
 def table4_differences(cfg: TrainConfig, head: HeadConfig) -> list[str]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from protlm.errors import ConfigError
+from protlm.settings import plain
 
 TASKS = ("denoise", "complete")  # task id = index: 0 denoise ([NLU]), 1 complete ([S2S])
 TASK_IDS = {name: i for i, name in enumerate(TASKS)}
@@ -17,7 +16,8 @@ TASK_PREFIX = {"denoise": "nlu", "complete": "s2s"}  # key into Tokenizer.prefix
 
 @dataclass
 class ObjectiveConfig:
-    """What the pretraining examples look like. Every field can be set from YAML (``objective:`` section).
+    """What the pretraining examples look like. Every field can be set from YAML (``objective:`` section, read
+    by :func:`protlm.settings.build`, which checks the keys and types; the checks here are about the values).
 
     The defaults are Ankh3's recipe: 50/50 denoising and completion, a masking rate drawn per step from
     {0.15, 0.20, 0.30}, one sentinel per masked residue, and a 50% completion split.
@@ -39,35 +39,29 @@ class ObjectiveConfig:
         self.validate()
 
     def validate(self) -> None:
-        if not isinstance(self.task_probs, dict) or not self.task_probs:
-            raise ConfigError(f"objective.task_probs must be a mapping of task to weight, got {self.task_probs!r}")
+        """Checks of the values; keys and types are checked where the config is read (protlm.settings)."""
         for name, weight in self.task_probs.items():
             if name not in TASKS:
                 raise ConfigError(f"objective.task_probs: unknown task {name!r}; tasks are {', '.join(TASKS)}")
-            if not _is_number(weight) or weight < 0 or not math.isfinite(weight):
+            if weight < 0 or not math.isfinite(weight):
                 raise ConfigError(f"objective.task_probs.{name} must be a non-negative number, got {weight!r}")
         if sum(self.task_probs.values()) <= 0:
             raise ConfigError("objective.task_probs: at least one task needs a positive weight")
-        rates = self.mask_rates
-        if _is_number(rates):
-            rates = (rates,)
-        if not isinstance(rates, (list, tuple)) or not rates:
-            raise ConfigError(f"objective.mask_rates must be a non-empty list of rates, got {self.mask_rates!r}")
-        for rate in rates:
-            if not _is_number(rate) or not 0 < rate < 1:
+        if not self.mask_rates:
+            raise ConfigError("objective.mask_rates must be a non-empty list of rates")
+        for rate in self.mask_rates:
+            if not 0 < rate < 1:
                 raise ConfigError(f"objective.mask_rates: each rate must be in (0, 1), got {rate!r}")
-        self.mask_rates = tuple(float(r) for r in rates)
-        if not isinstance(self.merge_adjacent, bool):
-            raise ConfigError(f"objective.merge_adjacent must be true or false, got {self.merge_adjacent!r}")
-        if not _is_number(self.mean_span) or not self.mean_span >= 1 or not math.isfinite(self.mean_span):
+        self.mask_rates = tuple(float(r) for r in self.mask_rates)
+        if not self.mean_span >= 1 or not math.isfinite(self.mean_span):
             raise ConfigError(f"objective.mean_span must be a number >= 1, got {self.mean_span!r}")
         self.mean_span = float(self.mean_span)
         ratio = self.completion_ratio
         if isinstance(ratio, (list, tuple)):
-            if len(ratio) != 2 or not all(_is_number(r) for r in ratio) or not 0 < ratio[0] <= ratio[1] < 1:
+            if len(ratio) != 2 or not 0 < ratio[0] <= ratio[1] < 1:
                 raise ConfigError(f"objective.completion_ratio range must be [lo, hi] with 0 < lo <= hi < 1, got {ratio!r}")
             self.completion_ratio = (float(ratio[0]), float(ratio[1]))
-        elif not _is_number(ratio) or not 0 < ratio < 1:
+        elif not 0 < ratio < 1:
             raise ConfigError(f"objective.completion_ratio must be in (0, 1) or a [lo, hi] range, got {ratio!r}")
         else:
             self.completion_ratio = float(ratio)
@@ -79,30 +73,4 @@ class ObjectiveConfig:
         return {name: float(self.task_probs.get(name, 0.0)) / total for name in TASKS}
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["mask_rates"] = list(self.mask_rates)
-        if isinstance(self.completion_ratio, tuple):
-            d["completion_ratio"] = list(self.completion_ratio)
-        return d
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, source: str = "objective") -> "ObjectiveConfig":
-        """Build from a (YAML) mapping; an unknown key or a value of the wrong type is a ConfigError naming it."""
-        if data is None:
-            return cls()
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a mapping of objective settings, got {type(data).__name__}")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for key in data:
-            if key not in names:
-                hint = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-                raise ConfigError(f"{source}: unknown objective key {key!r}"
-                                  + (f" (did you mean {hint[0]!r}?)" if hint else f"; keys are {', '.join(names)}"))
-        try:
-            return cls(**data)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+        return plain(self)

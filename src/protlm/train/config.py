@@ -8,24 +8,18 @@ lives in checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import os
-import re
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from protlm.data.exclude import SharedSegments
 from protlm.errors import ConfigError
-from protlm.utils import read_yaml_mapping
 from protlm.objectives import ObjectiveConfig
 from protlm.precision import check
-
-_EXPONENT_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+from protlm.settings import build, override, parse_sets, plain
+from protlm.utils import read_yaml_mapping
 
 
 @dataclass
@@ -38,7 +32,7 @@ class ModelSection:
     # Init of an untied LM head when starting from random weights. "t5x": normal with std d_model**-0.5, as in
     # T5X/flaxformer (fan-in variance scaling), the code Ankh3 was trained with; "hf": the model's own init,
     # transformers' std 1.0, whose logits start ~sqrt(d_model) wide (initial loss in the tens of nats).
-    lm_head_init: str = "t5x"
+    lm_head_init: Literal["t5x", "hf"] = "t5x"
 
 
 @dataclass
@@ -60,7 +54,7 @@ class DataSection:
     exclude_kmer_count: int = 50
     max_length: int = 512  # encoder tokens per example, special tokens included; longer sequences are cropped
     min_length: int = 1  # residues; shorter sequences are dropped
-    policy: str = "skip"  # bad FASTA records: "skip" (count and warn) or "error"
+    policy: Literal["skip", "error"] = "skip"  # bad FASTA records: "skip" (count and warn) or "error"
     validation_sequences: int = 512  # at most this many validation sequences (the first ones, in file order)
     workers: int = 0  # DataLoader worker processes preparing batches; 0 prepares them in the training process
 
@@ -78,9 +72,9 @@ class DataSection:
 class OptimSection:
     """Optimizer and learning-rate schedule."""
 
-    name: str = "adafactor"  # "adafactor" (torch.optim.Adafactor, as in Ankh3) or "adamw"
+    name: Literal["adafactor", "adamw"] = "adafactor"  # "adafactor" (torch.optim.Adafactor, as in Ankh3) or "adamw"
     lr: float = 1e-2  # peak learning rate
-    schedule: str = "rsqrt"  # "rsqrt" (T5: constant in warmup, then lr*sqrt(warmup/step)), "cosine", "constant"
+    schedule: Literal["rsqrt", "cosine", "constant"] = "rsqrt"  # "rsqrt" (T5: constant in warmup, then lr*sqrt(warmup/step)), "cosine", "constant"
     warmup_steps: int = 10_000  # rsqrt: length of the constant phase; cosine: linear ramp from 0
     min_lr_ratio: float = 0.1  # cosine: final lr as a fraction of lr
     weight_decay: float = 0.0
@@ -102,8 +96,8 @@ class RunSection:
     # else fp32; see protlm.precision), "bf16" (autocast, fp32 weights and optimizer) or "fp32"
     precision: str = "auto"
     activation_checkpointing: bool = False  # recompute each block in backward to save memory
-    parallel: str = "auto"  # "auto" (ddp when several processes, else none), "none", "ddp", "fsdp"
-    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda"
+    parallel: Literal["auto", "none", "ddp", "fsdp"] = "auto"  # "auto" (ddp when several processes, else none), "none", "ddp", "fsdp"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # "auto" (cuda when available), "cpu", "cuda"
     seed: int = 0  # model init, data order and objective draws all derive from it
     threads: int = 0  # torch intra-op threads on CPU; 0 keeps torch's default
     # Stop early (validate, checkpoint, export) once this many minutes of training have passed; 0 = no limit.
@@ -163,18 +157,7 @@ class TrainConfig:
         def bad(key: str, why: str) -> ConfigError:
             return ConfigError(f"{source}: {key} {why}")
 
-        choices = {
-            "optim.name": (self.optim.name, ("adafactor", "adamw")),
-            "optim.schedule": (self.optim.schedule, ("rsqrt", "cosine", "constant")),
-            "run.parallel": (self.run.parallel, ("auto", "none", "ddp", "fsdp")),
-            "run.device": (self.run.device, ("auto", "cpu", "cuda")),
-            "data.policy": (self.data.policy, ("skip", "error")),
-            "model.lm_head_init": (self.model.lm_head_init, ("t5x", "hf")),
-        }
         check(self.run.precision, "training", f"{source}: run.precision")
-        for key, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise bad(key, f"must be one of {', '.join(allowed)}, got {value!r}")
         positive = {"run.steps": self.run.steps, "run.batch_size": self.run.batch_size,
                     "run.micro_batch_size": self.run.micro_batch_size, "data.max_length": self.data.max_length,
                     "log.every": self.log.every, "eval.batch_size": self.eval.batch_size,
@@ -210,7 +193,7 @@ class TrainConfig:
         return self.run.batch_size // per_step
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return plain(self)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=None)
@@ -218,141 +201,18 @@ class TrainConfig:
 
 # --- reading -------------------------------------------------------------------------------------------------
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML recipe (or start from the defaults) and apply ``key=value`` overrides in order."""
-    data: dict[str, Any] = {}
-    source = "defaults"
-    if path is not None:
-        source = os.fspath(path)
-        data = read_yaml_mapping(source, "config file")
-    cfg = from_dict(TrainConfig, data, source)
-    for item in overrides:
-        cfg = apply_override(cfg, item)
-    cfg.validate(source if not overrides else f"{source} with --set")
+    """Read a YAML recipe (or start from the defaults) and apply ``--set key=value`` overrides
+    (:func:`protlm.settings.parse_sets`)."""
+    source = "defaults" if path is None else os.fspath(path)
+    data = {} if path is None else read_yaml_mapping(source, "config file")
+    cfg = build(TrainConfig, data, source)
+    changes = parse_sets(overrides)
+    if changes:
+        cfg = override(cfg, changes, "--set")
+    cfg.validate(source + (" with --set" if changes else ""))
     return cfg
 
 
 def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
-    """``section.key=value``; the value is parsed as YAML (so ``1e-3``, ``true``, ``[a, b]`` work)."""
-    if "=" not in item:
-        raise ConfigError(f"--set {item!r}: expected key=value")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from None
-    data = cfg.to_dict()
-    node = data
-    parts = key.split(".")
-    for i, part in enumerate(parts[:-1]):
-        if not isinstance(node, dict) or part not in node or not isinstance(node[part], dict):
-            raise ConfigError(f"--set: unknown config key {'.'.join(parts[: i + 1])!r}")
-        node = node[part]
-    last = parts[-1]
-    # model.overrides is a free mapping (its keys are checked by T5Config); everything else must exist
-    if last not in node and parts[:-1] != ["model", "overrides"]:
-        hint = difflib.get_close_matches(last, list(node), n=1)
-        raise ConfigError(f"--set: unknown config key {key!r}" + (f" (did you mean {'.'.join(parts[:-1] + hint)!r}?)" if hint else ""))
-    node[last] = value
-    return from_dict(TrainConfig, data, "--set")
-
-
-def from_dict(cls: type, data: Any, source: str, prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from nested dicts, checking every key and type."""
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    kwargs = {}
-    for key, value in data.items():
-        if key not in names:
-            hint = difflib.get_close_matches(str(key), names, n=1)
-            raise ConfigError(f"{source}: unknown config key {prefix + str(key)!r}"
-                              + (f" (did you mean {prefix + hint[0]!r}?)" if hint else ""))
-        kwargs[key] = _convert(value, hints[key], source, prefix + key)
-    try:
-        return cls(**kwargs)
-    except ConfigError as err:  # a section's own check; its message names its keys
-        raise ConfigError(f"{source}: {err}") from None
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: {where}: {err}") from None
-
-
-def _convert(value: Any, annotation: Any, source: str, key: str) -> Any:
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if dataclasses.is_dataclass(annotation):
-        return from_dict(annotation, value, source, key + ".")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(value, arg, source, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise _type_error(source, key, annotation, value)
-    if annotation is Any:
-        return value
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(source, key, annotation, value)
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(source, key, annotation, value)
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        # YAML 1.1 reads exponent notation without a dot (1e-3) as a string; it is a number in every other
-        # reader a user knows, so it is accepted here (and only this form).
-        if isinstance(value, str) and _EXPONENT_FLOAT.match(value.strip()):
-            return float(value)
-        raise _type_error(source, key, annotation, value)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(source, key, annotation, value)
-    if origin in (list, tuple):
-        if isinstance(value, str) and origin is list:
-            value = [value]  # a single path where a list is expected
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(source, key, annotation, value)
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_convert(v, args[0], source, f"{key}[{i}]") for i, v in enumerate(value))
-        if origin is tuple and args:
-            if len(value) != len(args):
-                raise _type_error(source, key, annotation, value)
-            return tuple(_convert(v, a, source, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-        inner = args[0] if args else Any
-        out = [_convert(v, inner, source, f"{key}[{i}]") for i, v in enumerate(value)]
-        return out if origin is list else tuple(out)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(source, key, annotation, value)
-        kt, vt = args if args else (Any, Any)
-        return {_convert(k, kt, source, f"{key}.{k}"): _convert(v, vt, source, f"{key}.{k}") for k, v in value.items()}
-    raise ConfigError(f"{source}: {key}: unsupported field type {annotation!r} (a protlm bug)")
-
-
-def _type_error(source: str, key: str, annotation: Any, value: Any) -> ConfigError:
-    name = getattr(annotation, "__name__", None) if typing.get_origin(annotation) is None else None
-    return ConfigError(f"{source}: {key} must be {name or _type_name(annotation)}, got {value!r}")
-
-
-def _type_name(annotation: Any) -> str:
-    return str(annotation).replace("typing.", "")
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists so YAML stays readable and a dump reads back."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    """One ``--set key=value`` string applied to ``cfg`` (the typed API is :func:`protlm.settings.override`)."""
+    return override(cfg, parse_sets([item]), "--set")
