@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--prefix", action="append", choices=["auto", "nlu", "s2s", "none"],
                    help="task token before the sequence (default: by model family, [NLU] for Ankh3); repeat "
                         "(--prefix nlu --prefix s2s) for a column per prefix, as in Table 5")
-    p.add_argument("--embed-dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+    p.add_argument("--embed-dtype", default="auto",
                    help="dtype of the embedding forward pass (default: auto, bf16 where this device runs it fast, "
                         "else fp32); int8: dynamic int8 on CPU, approximate, a column of its own")
     p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")

@@ -26,10 +26,9 @@ from protlm.precision import dtype_name
 
 _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
-# Padded-token budget per batch when the user gives none. On a 2-core AVX-512 CPU (4-layer d768 encoder, 40 real
-# proteins, one thread, CPU time), 256-512 tokens ran 7-10% faster than 1,024-1,536 and 2-5% faster than one
-# protein at a time, in fp32 and bf16: small batches keep a layer's activations in cache and still pack short
-# proteins together. GPUs need large batches to fill.
+# Padded-token budget per batch when the user gives none. On CPUs small batches keep a layer's activations in
+# cache and still pack short proteins together (measured in docs/benchmarks.md, "The CPU batch budget"); GPUs
+# need large batches to fill.
 DEFAULT_MAX_TOKENS = {"cpu": 512, "cuda": 16384}
 DEFAULT_WINDOW = 4000  # residues; longer proteins go through overlapping windows
 DEFAULT_OVERLAP = None  # residues shared by neighbouring windows; None: window // 4 (1000 for the default window,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +33,8 @@ from torch import Tensor, nn
 
 from protlm.errors import ConfigError
 
-KINDS = ("residue_classification", "protein_classification", "protein_regression", "contact")
+Kind = Literal["residue_classification", "protein_classification", "protein_regression", "contact"]
+KINDS = get_args(Kind)
 Segments = tuple[tuple[int, int], ...]  # packed layout: (start, length) of each protein in the one row
 
 

@@ -14,15 +14,15 @@ validation set and the rest train.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
 from protlm.errors import ConfigError, InputError
 from protlm.evaluate.datasets import Record
-from protlm.evaluate.heads import KINDS
+from protlm.evaluate.heads import Kind
 
-PROTOCOLS = ("standard", "leave_one_out")
+Protocol = Literal["standard", "leave_one_out"]
 # Metric names each kind can report; the first listed for a task selects the model on validation.
 KIND_METRICS = {
     "residue_classification": ("accuracy",),
@@ -57,13 +57,13 @@ class TaskSpec:
     """One benchmark task, as written in a suite file (``tasks:`` list)."""
 
     name: str  # row label in the report ("SSP-3")
-    kind: str  # one of heads.KINDS
+    kind: Kind
     label: str  # key in Record.labels
     train: str = ""  # split reference, e.g. "flip_ss3/train" (standard protocol)
     valid: Any = None  # split reference, or {"holdout": fraction}
     test: dict[str, str] = field(default_factory=dict)  # report name -> split reference
     data: str = ""  # leave_one_out: the split reference holding all records
-    protocol: str = "standard"
+    protocol: Protocol = "standard"
     loo_valid: int = 2  # leave_one_out: validation records per fold
     test_name: str = ""  # leave_one_out: report name of the pooled test folds
     classes: list[str] | None = None  # classification: label values, in class-id order
@@ -79,10 +79,6 @@ class TaskSpec:
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
-        if self.kind not in KINDS:
-            raise ConfigError(f"{where}: kind {self.kind!r} is not one of {', '.join(KINDS)}")
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"{where}: protocol {self.protocol!r} is not one of {', '.join(PROTOCOLS)}")
         if self.kind.endswith("classification") and not self.classes:
             raise ConfigError(f"{where}: a classification task needs 'classes'")
         if self.protocol == "standard" and (not self.train or self.valid is None or not self.test):

@@ -211,8 +211,3 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         cfg = override(cfg, changes, "--set")
     cfg.validate(source + (" with --set" if changes else ""))
     return cfg
-
-
-def apply_override(cfg: TrainConfig, item: str) -> TrainConfig:
-    """One ``--set key=value`` string applied to ``cfg`` (the typed API is :func:`protlm.settings.override`)."""
-    return override(cfg, parse_sets([item]), "--set")
