@@ -6,7 +6,7 @@ import os
 import protlm
 
 LAYERS = {
-    "errors": 1, "utils": 1, "config": 1,
+    "errors": 1, "utils": 1, "config": 1, "stages": 1,
     "tokenizer": 2, "model": 2,
     "data": 3, "objectives": 3, "distributed": 3,
     "train": 4, "convert": 4, "embedding": 4, "evaluate": 4, "generation": 4,
@@ -41,6 +41,27 @@ def test_imports_point_down():
             for target, line in _module_imports(path):
                 if target in LAYERS and LAYERS[target] > LAYERS[top]:
                     problems.append(f"{rel}:{line} imports protlm.{target} (layer {LAYERS[target]} > {LAYERS[top]})")
+    assert not problems, "\n".join(problems)
+
+
+def test_library_code_imports_submodules_not_the_package():
+    # protlm/__init__.py is the users' facade over every layer; library code going through it hides which layer it
+    # reaches (protlm.load is convert, layer 4). The version string is the one name that belongs to no layer.
+    problems = []
+    for dirpath, _, files in os.walk(ROOT):
+        for name in files:
+            if not name.endswith(".py") or (dirpath == ROOT and name == "__init__.py"):
+                continue
+            path = os.path.join(dirpath, name)
+            for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+                if isinstance(node, ast.Import) and any(a.name == "protlm" for a in node.names):
+                    what = "import protlm"
+                elif (isinstance(node, ast.ImportFrom) and node.module == "protlm" and node.level == 0
+                      and any(a.name != "__version__" for a in node.names)):
+                    what = f"from protlm import {', '.join(a.name for a in node.names)}"
+                else:
+                    continue
+                problems.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}: {what} (import the submodule)")
     assert not problems, "\n".join(problems)
 
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by every layer: atomic file writes, reading a YAML mapping with clear errors."""
+"""Small helpers shared by every layer: atomic file writes, reading a YAML mapping with clear errors, headless
+matplotlib figures."""
 
 from __future__ import annotations
 
@@ -41,6 +42,24 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend: protlm only writes figures to files, often where no display exists."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | os.PathLike, **savefig: Any) -> str:
+    """Write ``fig`` to ``path`` atomically and close it (pyplot keeps every open figure alive until then)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, **savefig)
+    pyplot().close(fig)
+    return os.fspath(path)
 
 
 def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dict[str, Any]:

@@ -15,7 +15,8 @@ import numpy as np
 from protlm.ablate.plan import Plan
 from protlm.ablate.stats import PairedDifference, paired_bootstrap
 from protlm.evaluate.metrics import mean_std
-from protlm.utils import atomic_path, atomic_write_text
+from protlm.train.metrics import read_metrics
+from protlm.utils import atomic_write_text, pyplot, save_figure
 
 TOKEN_RULE = ("A token is one non-padding position of the encoder input or of the decoder input, summed over both "
               "and over processes; every run stops at the first optimizer step that reaches the budget.")
@@ -33,13 +34,6 @@ def _mean_std(values: list[float]) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
-def _read_jsonl(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
 
 
 def _n_parameters(plan: Plan) -> int:
@@ -118,18 +112,14 @@ def _flat(per_seed: dict[int, dict[int, float]]) -> list[float]:
 
 # --- curves --------------------------------------------------------------------------------------------------
 def plot_curves(plan: Plan, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     r = plan.recipe
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     styles = ["-", "--", ":", "-."]
     for vi, v in enumerate(r.variants):
         for si, s in enumerate(r.pretrain_seeds):
-            recs = _read_jsonl(os.path.join(plan.configs[(v, s)].output_dir, "metrics.jsonl"))
+            recs = read_metrics(os.path.join(plan.configs[(v, s)].output_dir, "metrics.jsonl"))
             train = [x for x in recs if "train/all/loss" in x and "train/tokens_seen" in x]
             if not train:
                 continue
@@ -152,9 +142,7 @@ def plot_curves(plan: Plan, path: str) -> None:
             ax.legend(fontsize=7)
     fig.suptitle(f"ablation {r.name}: pretraining curves")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, format="png", dpi=110)
 
 
 # --- depth ---------------------------------------------------------------------------------------------------
@@ -323,8 +311,8 @@ def write_report(plan: Plan, state, evals, depth: dict, log=print) -> dict[str, 
               "validation), so the curves show each run's progress, not a ranking of the variants.", ""]
     trows, pretrain = [], {}
     for (v, s), cfg in plan.configs.items():
-        rec = state.get(f"pretrain/{v}/seed{s}")
-        recs = _read_jsonl(os.path.join(cfg.output_dir, "metrics.jsonl"))
+        rec = state.stage(f"pretrain/{v}/seed{s}")
+        recs = read_metrics(os.path.join(cfg.output_dir, "metrics.jsonl"))
         last_train = next((x for x in reversed(recs) if "train/all/loss" in x), {})
         last_val = next((x for x in reversed(recs) if x.get("val/denoise/loss") is not None), {})
         pretrain[f"{v}-seed{s}"] = {"steps": rec.get("steps"), "tokens": rec.get("tokens"),

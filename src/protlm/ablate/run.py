@@ -29,6 +29,7 @@ import yaml
 from protlm.ablate.plan import Plan, check_plan
 from protlm.ablate.recipe import AblationRecipe, run_dir
 from protlm.errors import CheckpointError, ConfigError
+from protlm.stages import StageLog
 from protlm.utils import atomic_write_text
 
 STATE_FORMAT = "protlm.ablation/1"
@@ -43,18 +44,16 @@ class EvalCells:
     tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> {kind, metrics, values, per_protein}
 
 
-class State:
-    """``DIR/state.json``: stage key -> record; written atomically after every change."""
+class State(StageLog):
+    """``DIR/state.json``: stage key -> record (``status``, ``seconds``, the stage's facts)."""
+
+    RUNNING = {"status": "running"}
+    DONE = {"status": "done"}
 
     def __init__(self, path: str, pretrain_hash: str):
-        self.path = path
-        self.data: dict[str, Any] = {"format": STATE_FORMAT, "pretrain_hash": pretrain_hash, "stages": {}}
-        if os.path.exists(path):
-            try:
-                with open(path, encoding="utf-8") as fh:
-                    old = json.load(fh)
-            except (OSError, json.JSONDecodeError) as err:
-                raise CheckpointError(f"{path}: cannot read the ablation state ({err})") from None
+        super().__init__(path, {"format": STATE_FORMAT, "pretrain_hash": pretrain_hash})
+        old = self.read("ablation state")
+        if old is not None:
             if old.get("format") != STATE_FORMAT:
                 raise CheckpointError(f"{path}: not a {STATE_FORMAT} state file")
             if old.get("pretrain_hash") != pretrain_hash and any(k.startswith("pretrain/") for k in old["stages"]):
@@ -62,16 +61,8 @@ class State:
                                   "the recipe's; use another output_dir (or --out) or delete the directory")
             self.data["stages"] = old.get("stages", {})
 
-    def get(self, key: str) -> dict[str, Any]:
-        return self.data["stages"].get(key, {})
-
     def done(self, key: str, stage_hash: str | None = None) -> bool:
-        rec = self.get(key)
-        return rec.get("status") == "done" and (stage_hash is None or rec.get("hash") == stage_hash)
-
-    def update(self, key: str, **values: Any) -> None:
-        self.data["stages"].setdefault(key, {}).update(values)
-        atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=True) + "\n")
+        return super().done(key) and (stage_hash is None or self.stage(key).get("hash") == stage_hash)
 
 
 def _hash(obj: Any) -> str:
@@ -132,19 +123,6 @@ def run_ablation(recipe: AblationRecipe, progress: bool = True, log: Callable[[s
 
 
 # --- stages --------------------------------------------------------------------------------------------------
-def _timed(state: State, key: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Run one stage, adding its wall time to the record even when it is interrupted (so resumed stages report
-    their total)."""
-    before = float(state.get(key).get("seconds", 0.0))
-    state.update(key, status="running")
-    start = time.perf_counter()
-    try:
-        values = fn()
-    finally:
-        state.update(key, seconds=before + time.perf_counter() - start)
-    state.update(key, status="done", **values)
-
-
 def _pretrain(plan: Plan, state: State, variant: str, seed: int, progress: bool, log) -> None:
     from protlm.train import Trainer
 
@@ -164,7 +142,7 @@ def _pretrain(plan: Plan, state: State, variant: str, seed: int, progress: bool,
                               f"tokens, short of token_budget {cfg.run.token_budget:.4g}; raise run.steps")
         return {"steps": result.step, "tokens": result.tokens_seen, "final": result.final_dir}
 
-    _timed(state, key, go)
+    state.run(key, go)
 
 
 def _evaluate(plan: Plan, state: State, variant: str, seed: int, progress: bool, log) -> EvalCells:
@@ -201,7 +179,7 @@ def _evaluate(plan: Plan, state: State, variant: str, seed: int, progress: bool,
         atomic_write_text(cells_path, json.dumps({"variant": variant, "seed": seed, "tasks": cells.tasks}) + "\n")
         return {"hash": stage_hash}
 
-    _timed(state, key, go)
+    state.run(key, go)
     return cells
 
 
@@ -219,26 +197,20 @@ def _depth(plan: Plan, state: State, variant: str, seed: int, progress: bool, lo
     json_path = os.path.join(out, "depth.json")
     stage_hash = _hash({k: v for k, v in r.to_dict()["depth"].items() if k != "seeds"})
     if not (state.done(key, stage_hash) and os.path.exists(json_path)):
-        import protlm
         from protlm.ablate.plan import _default_probe_data
-        from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
+        from protlm.analysis import DepthOptions, run_depth_analysis
+        from protlm.convert import load
 
         log(f"[depth {variant} seed {seed}] {out}")
 
         def go() -> dict[str, Any]:
-            pre = protlm.load(os.path.join(plan.configs[(variant, seed)].output_dir, "final"))
+            pre = load(os.path.join(plan.configs[(variant, seed)].output_dir, "final"))
             options = DepthOptions(analyses=tuple(d.analyses) or None, max_length=d.max_length,
                                    probe_task=d.probe_task, probe_data=d.probe_data or _default_probe_data(r),
                                    probe_train=d.probe_train, probe_test=d.probe_test)
-            os.makedirs(out, exist_ok=True)
-            state_path = os.path.join(out, ".depth-state.pt")
-            report = analyze_depth(pre, d.input, options, max_proteins=d.max_proteins, progress=progress,
-                                   state_path=state_path)
-            write_depth_outputs(report, out, pre)
-            if os.path.exists(state_path):
-                os.unlink(state_path)
+            run_depth_analysis(pre, d.input, out, options, max_proteins=d.max_proteins, progress=progress)
             return {"hash": stage_hash}
 
-        _timed(state, key, go)
+        state.run(key, go)
     with open(json_path, encoding="utf-8") as fh:
         return json.load(fh)

@@ -6,27 +6,13 @@ import os
 
 import numpy as np
 
-from protlm.utils import atomic_path
+from protlm.utils import pyplot, save_figure
 
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+PNG = dict(format="png", dpi=110, bbox_inches="tight")
 
 
 def _arr(values) -> np.ndarray:
     return np.array([np.nan if v is None else v for v in values], dtype=float)
-
-
-def _save(fig, path: str) -> str:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
 
 
 def _auto_scale(ax, values: np.ndarray) -> None:
@@ -51,7 +37,7 @@ def plot_contribution(report, path: str) -> str | None:
     stacks = [r for r in _stacks(report) if r.contribution is not None]
     if not stacks:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(stacks), 2, figsize=(11, 3.8 * len(stacks)), squeeze=False, constrained_layout=True)
     for row, rep in zip(axes, stacks):
         co = rep.contribution
@@ -76,14 +62,14 @@ def plot_contribution(report, path: str) -> str | None:
             ax.grid(alpha=0.3)
         row[0].legend(fontsize=8)
     fig.suptitle(f"Contribution to the residual stream — {report.model['source']}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, **PNG)
 
 
 def plot_skip(report, path: str) -> str | None:
     stacks = [r for r in _stacks(report) if r.skip is not None and r.skip.skipped]
     if not stacks:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.colors import LogNorm, Normalize
 
     fig, axes = plt.subplots(len(stacks), 2, figsize=(13, 4.6 * len(stacks)), squeeze=False,
@@ -130,14 +116,14 @@ def plot_skip(report, path: str) -> str | None:
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
     fig.suptitle(f"Layer skipping — {report.model['source']}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, **PNG)
 
 
 def plot_early_exit(report, path: str) -> str | None:
     stacks = [r for r in _stacks(report) if r.early_exit is not None]
     if not stacks:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(stacks), figsize=(6.5 * len(stacks), 4.2), squeeze=False, constrained_layout=True)
     for ax, rep in zip(axes[0], stacks):
         ee = rep.early_exit
@@ -161,14 +147,14 @@ def plot_early_exit(report, path: str) -> str | None:
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=7, loc="upper center",
                   bbox_to_anchor=(0.5, -0.15), ncol=3, frameon=False)
     fig.suptitle(f"Early exit — {report.model['source']}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, **PNG)
 
 
 def plot_probe(report, path: str) -> str | None:
     pr = report.encoder.probe
     if pr is None:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4), constrained_layout=True)
     ax.plot(pr.layers, pr.score, "o-", label=f"{pr.task} Q3 (linear probe)")
     ax.axhline(pr.majority_baseline, color="grey", ls=":", label="majority class")
@@ -180,14 +166,14 @@ def plot_probe(report, path: str) -> str | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title(f"Per-layer probe — {report.model['source']}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, **PNG)
 
 
 def plot_cka(report, path: str) -> str | None:
     stacks = [r for r in _stacks(report) if r.similarity is not None]
     if not stacks:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(stacks), figsize=(5.5 * len(stacks), 4.6), squeeze=False, constrained_layout=True)
     for ax, rep in zip(axes[0], stacks):
         sim = rep.similarity
@@ -205,7 +191,7 @@ def plot_cka(report, path: str) -> str | None:
         ax.set_title(f"{rep.stack}: linear CKA ({sim.n_tokens} tokens)")
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.suptitle(f"Cross-layer similarity — {report.model['source']}", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path, **PNG)
 
 
 def write_plots(report, out_dir: str) -> dict[str, str]:

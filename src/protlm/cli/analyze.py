@@ -51,8 +51,7 @@ def add_parser(sub) -> None:
 
 
 def run_depth(args: argparse.Namespace) -> int:
-    from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
-    from protlm.analysis.write import resolve_truncation
+    from protlm.analysis import DepthOptions, run_depth_analysis
     from protlm.cli.common import load_model
     from protlm.errors import ConfigError, InputError
 
@@ -69,16 +68,8 @@ def run_depth(args: argparse.Namespace) -> int:
         flip_threshold=args.flip_threshold,
     )
     pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device, seed=args.seed)
-    if args.truncate_at not in (None, "auto"):  # a bad cut point fails before the (long) analysis
-        from protlm.analysis.truncate import check_cut
-
-        check_cut(pre.model.encoder.n_layers, resolve_truncation(None, args.truncate_at))
-    state = os.path.join(args.out, ".depth-state.pt")  # finished batches; a re-run of the same command resumes
-    report = analyze_depth(pre, args.input, options, max_proteins=args.max_proteins, progress=not args.quiet,
-                           state_path=state)
-    written = write_depth_outputs(report, args.out, pre, args.truncate_at)
-    if os.path.exists(state):
-        os.unlink(state)
+    report, written = run_depth_analysis(pre, args.input, args.out, options, max_proteins=args.max_proteins,
+                                         progress=not args.quiet, truncate_at=args.truncate_at)
     print(report.summary)
     print()
     for name, path in written.items():

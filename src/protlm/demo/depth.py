@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import os
 
-import protlm
-from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
+from protlm.analysis import DepthOptions, run_depth_analysis
+from protlm.convert import load
 from protlm.demo.bundle import PROBE_DATA, bundled, held_out_proteins_file
 
 
@@ -23,13 +23,8 @@ def depth_options(quick: bool) -> tuple[DepthOptions, int]:
 def run_depth(final_dir: str, out_dir: str, quick: bool, progress: bool) -> dict:
     """Writes depth.json, depth.md and PNGs into ``out_dir``; returns the facts the report quotes."""
     options, n = depth_options(quick)
-    pre = protlm.load(final_dir)
-    state = os.path.join(out_dir, ".depth-state.pt")
-    os.makedirs(out_dir, exist_ok=True)
-    report = analyze_depth(pre, held_out_proteins_file(), options, max_proteins=n, progress=progress, state_path=state)
-    written = write_depth_outputs(report, out_dir, pre)
-    if os.path.exists(state):
-        os.unlink(state)
+    report, written = run_depth_analysis(load(final_dir), held_out_proteins_file(), out_dir, options, max_proteins=n,
+                                         progress=progress)
     pngs = {k: os.path.relpath(v, out_dir) for k, v in written.items() if v.endswith(".png")}
     return {"summary": report.summary, "plots": pngs, "markdown": os.path.relpath(written["markdown"], out_dir),
             "proteins": n}

@@ -120,15 +120,3 @@ class TimeBar:
                 if row:
                     bar.set_postfix_str(f"step {row['step']}, loss {row['train/all/loss']:.3f}", refresh=False)
                 bar.refresh()
-
-
-def read_metrics(pre_dir: str) -> list[dict]:
-    path = os.path.join(pre_dir, "metrics.jsonl")
-    rows = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                line = line.strip()
-                if line:
-                    rows.append(json.loads(line))
-    return rows

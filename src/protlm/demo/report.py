@@ -9,8 +9,8 @@ import os
 import yaml
 
 from protlm.demo.evaluation import Verdict
-from protlm.demo.pretrain import read_metrics
 from protlm.train.config import DataSection
+from protlm.train.metrics import read_metrics
 from protlm.utils import atomic_write_text
 
 TASK_ORDER = ("denoise", "complete")
@@ -65,7 +65,7 @@ def _pretrain_section(state: dict, out_dir: str) -> list[str]:
     if info.get("cpu"):
         lines.append(f"It ran on {info['cpu']} in {info.get('precision', 'an unrecorded precision')}: a time "
                      "budget buys fewer steps on a slower machine, so compare runs by their step counts.")
-    rows = [r for r in read_metrics(pre_dir) if any(k.startswith("val/") for k in r)]
+    rows = [r for r in read_metrics(os.path.join(pre_dir, "metrics.jsonl")) if any(k.startswith("val/") for k in r)]
     if rows:
         first, last = rows[0], rows[-1]
         n_val = cfg.get("data", {}).get("validation_sequences", "the")

@@ -108,21 +108,11 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
             return info
         say(f"[{index}/{len(STAGES)}] {title} ...")
         t0 = time.perf_counter()
-        try:
-            with disk_errors(os.path.join(out, name)):
-                facts = fn() or {}
-        except BaseException:
-            try:  # keep the time spent, so the report's stage times are honest after a resume
-                state.add_seconds(name, time.perf_counter() - t0)
-            except ProtlmError:
-                pass
-            raise
-        elapsed = time.perf_counter() - t0
-        state.update(name, done=True, **facts)
-        state.add_seconds(name, elapsed)
+        with disk_errors(os.path.join(out, name)):
+            info = state.run(name, fn)
         result.ran.append(name)
-        say(f"[{index}/{len(STAGES)}] {title}: finished in {elapsed / 60:.1f} min")
-        return state.stage(name)
+        say(f"[{index}/{len(STAGES)}] {title}: finished in {(time.perf_counter() - t0) / 60:.1f} min")
+        return info
 
     titles = dict(STAGES)
     if state.done("pretrain") and abs(float(state.stage("pretrain").get("minutes", minutes)) - minutes) > 1e-9:

@@ -1,6 +1,5 @@
-"""The demo's progress record, ``DIR/demo-state.json``: which stages are finished, what each cost, and the few
-facts later stages need. It is rewritten atomically after every change, so a kill never corrupts it.
-"""
+"""The demo's stage log, ``DIR/demo-state.json`` (see :mod:`protlm.stages`), and the one-line error for a full
+disk in any stage."""
 
 from __future__ import annotations
 
@@ -9,51 +8,32 @@ import errno
 import json
 import os
 import time
-from typing import Any, Iterator
+from typing import Iterator
 
 from protlm.errors import ConfigError, ProtlmError
+from protlm.stages import StageLog
 from protlm.utils import atomic_write_text
 
 STATE_FILE = "demo-state.json"
 VERSION = 1
 
 
-class DemoState:
+class DemoState(StageLog):
     """``stages[name]`` holds ``done`` (bool), ``seconds`` (wall-clock summed over runs) and stage facts."""
 
     def __init__(self, out_dir: str, profile: str):
-        self.path = os.path.join(out_dir, STATE_FILE)
-        self.data: dict[str, Any] = {"version": VERSION, "profile": profile, "stages": {}}
-        if os.path.exists(self.path):
-            try:
-                with open(self.path, encoding="utf-8") as fh:
-                    saved = json.load(fh)
-            except (OSError, json.JSONDecodeError) as err:
-                raise ConfigError(f"{self.path}: unreadable demo state ({err}); delete it to start over") from None
+        super().__init__(os.path.join(out_dir, STATE_FILE), {"version": VERSION, "profile": profile})
+        saved = self.read("demo state")
+        if saved is not None:
             if saved.get("profile") != profile:
                 raise ConfigError(f"{out_dir}: holds a demo run of the {saved.get('profile')!r} profile, not "
                                   f"{profile!r}; choose another output directory (-o)")
             self.data = saved
 
-    def stage(self, name: str) -> dict[str, Any]:
-        return self.data["stages"].setdefault(name, {"done": False, "seconds": 0.0})
-
-    def done(self, name: str) -> bool:
-        return bool(self.stage(name).get("done"))
-
-    def update(self, name: str, **facts: Any) -> None:
-        self.stage(name).update(facts)
-        self.save()
-
-    def add_seconds(self, name: str, seconds: float) -> None:
-        info = self.stage(name)
-        info["seconds"] = float(info.get("seconds", 0.0)) + seconds
-        self.save()
-
     def save(self) -> None:
         self.data["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         with disk_errors(self.path):
-            atomic_write_text(self.path, json.dumps(self.data, indent=1, sort_keys=False) + "\n")
+            atomic_write_text(self.path, json.dumps(self.data, indent=1) + "\n")
 
 
 def _disk_full_error(err: BaseException | None, depth: int = 0) -> BaseException | None:

@@ -123,13 +123,9 @@ def _reduce(x: np.ndarray, method: str, seed: int, perplexity: float) -> tuple[n
 
 def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_name: str = "") -> str:
     """Scatter plot of a projection, one colour per label (a colour bar when the labels are many numbers)."""
-    import matplotlib
+    from protlm.utils import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from protlm.utils import atomic_path
-
+    plt = pyplot()
     output = os.fspath(output)
     ext = os.path.splitext(output)[1].lstrip(".").lower() or "png"
     n = len(proj.ids)
@@ -163,10 +159,7 @@ def plot(proj: Projection, output: str | os.PathLike, title: str = "", label_nam
     ax.set_ylabel(f"{axis}2")
     ax.set_title((title + "\n" if title else "") + f"{n} proteins; {proj.note}", fontsize=10)
     fig.tight_layout()
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, format=ext, bbox_inches="tight")
-    plt.close(fig)
-    return output
+    return save_figure(fig, output, format=ext, bbox_inches="tight")
 
 
 def write_coords(proj: Projection, output: str | os.PathLike) -> str:

@@ -140,18 +140,8 @@ class MetricsLog:
     def _truncate(self, step: int) -> None:
         from protlm.utils import atomic_write_text
 
-        if not os.path.exists(self.path):
-            return
-        kept = []
-        with open(self.path, encoding="utf-8") as fh:
-            for line in fh:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by the kill
-                    continue
-                if rec.get("step", 0) <= step:
-                    kept.append(json.dumps(rec))
-        atomic_write_text(self.path, "".join(k + "\n" for k in kept))
+        kept = [rec for rec in read_metrics(self.path) if rec.get("step", 0) <= step]
+        atomic_write_text(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
 
     def write(self, step: int, values: dict[str, float]) -> None:
         rec = {"step": step, **{k: _finite(v) for k, v in values.items()}}
@@ -166,6 +156,21 @@ class MetricsLog:
         self.fh.close()
         if self.tb is not None:
             self.tb.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a ``metrics.jsonl`` file in order; none when it does not exist yet. A line that is not JSON
+    (blank, or cut short when a run was killed mid-write) is skipped."""
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
 
 
 def _finite(v):

@@ -7,35 +7,19 @@ by knowing only the composition of proteins.
 
 from __future__ import annotations
 
-import json
 import os
 
 from protlm.objectives import TASKS
-from protlm.utils import atomic_path
+from protlm.train.metrics import read_metrics
+from protlm.utils import pyplot, save_figure
 
 COLORS = {"denoise": "tab:blue", "complete": "tab:orange", "all": "tab:gray"}
 LABELS = {"denoise": "denoise [NLU]", "complete": "complete [S2S]", "all": "all"}
 
 
-def read_records(path: str) -> list[dict]:
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
-
-
 def plot_curves(metrics_path: str, png_path: str, title: str | None = None) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = read_records(metrics_path)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    records = read_metrics(metrics_path)
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for task in TASKS:
         pts = [(r["step"], r[f"train/{task}/loss"]) for r in records if r.get(f"train/{task}/loss") is not None]
         if pts:
@@ -63,10 +47,7 @@ def plot_curves(metrics_path: str, png_path: str, title: str | None = None) -> s
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    with atomic_path(png_path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return png_path
+    return save_figure(fig, png_path, dpi=110, format="png")
 
 
 if __name__ == "__main__":  # python -m protlm.train.plot RUN_DIR
