@@ -234,25 +234,25 @@ def test_token_budget_must_not_be_negative(tmp_path):
 
 # --- per-protein rows and the bootstrap ----------------------------------------------------------------------
 def _examples(kind, n, rng):
-    from protlm.evaluate.tasks import Example
+    from protlm.evaluate.tasks import TaskExample
 
     out, preds = [], []
     for i in range(n):
         L = int(rng.integers(8, 30))
         if kind == "residue_classification":
             t = rng.integers(-1, 3, size=L)
-            out.append(Example(f"p{i}", "ds", L, t))
+            out.append(TaskExample(f"p{i}", "ds", L, t))
             preds.append(rng.integers(0, 3, size=L))
         elif kind == "protein_classification":
-            out.append(Example(f"p{i}", "ds", L, int(rng.integers(0, 3))))
+            out.append(TaskExample(f"p{i}", "ds", L, int(rng.integers(0, 3))))
             preds.append(int(rng.integers(0, 3)))
         elif kind == "protein_regression":
-            out.append(Example(f"p{i}", "ds", L, float(rng.normal())))
+            out.append(TaskExample(f"p{i}", "ds", L, float(rng.normal())))
             preds.append(float(rng.normal()))
         else:
             c = (rng.random((L, L)) < 0.2).astype(np.int8)
             c = np.triu(c) + np.triu(c, 1).T
-            out.append(Example(f"p{i}", "ds", L, c))
+            out.append(TaskExample(f"p{i}", "ds", L, c))
             preds.append(rng.random((L, L)))
     return out, preds
 

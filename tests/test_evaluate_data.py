@@ -12,7 +12,7 @@ from protlm.evaluate.datasets import (load_dataset, load_flip_csv, load_flip_ss,
                                       read_proteinnet, read_ss_csv, read_tape_fluorescence)
 from protlm.evaluate.embeddings import OneHotSource, Prepared, gather_features, one_hot
 from protlm.evaluate.structure import parse_dssp, read_pdb_residues, ss8_to_ss3, structure_contacts
-from protlm.evaluate.tasks import Example, TaskSpec, holdout, resolve_split
+from protlm.evaluate.tasks import TaskExample, TaskSpec, holdout, resolve_split
 
 EVAL = os.path.join(os.path.dirname(__file__), "data", "eval")
 
@@ -207,7 +207,7 @@ def test_one_hot_baseline():
 
 
 def test_holdout_is_fixed_and_disjoint():
-    exs = [Example(str(i), "d", 5, 0) for i in range(50)]
+    exs = [TaskExample(str(i), "d", 5, 0) for i in range(50)]
     tr1, va1 = holdout(exs, 0.1)
     tr2, va2 = holdout(exs, 0.1)
     assert [e.id for e in va1] == [e.id for e in va2] and len(va1) == 5 and len(tr1) == 45

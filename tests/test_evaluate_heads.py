@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from protlm.evaluate.heads import ConvBertHead, HeadConfig, dropout, keep_mask, masked_mean
-from protlm.evaluate.tasks import Example, TaskSpec
-from protlm.evaluate.training import TrainConfig, _collate, _collate_packed, _packs, train_head
+from protlm.evaluate.tasks import TaskExample, TaskSpec
+from protlm.evaluate.training import HeadTrainConfig, _collate, _collate_packed, _packs, train_head
 
 
 # Small models on a shared CPU: a second thread only adds synchronisation (several times slower here).
@@ -153,13 +153,13 @@ def test_a_packed_row_needs_gaps_wide_enough_for_the_convolution():
 
 
 def test_packs_fill_the_budget_with_residues_and_gaps():
-    exs = [Example(str(i), "d", n, None) for i, n in enumerate([3, 5, 5, 8, 20])]
+    exs = [TaskExample(str(i), "d", n, None) for i, n in enumerate([3, 5, 5, 8, 20])]
     assert [[e.length for e in b] for b in _packs(exs, 19, gap=3)] == [[3, 5, 5], [8], [20]]  # 20 > budget: alone
     assert [[e.length for e in b] for b in _packs(exs, 18, gap=3)] == [[3, 5], [5, 8], [20]]
 
 
 def test_collate_packed_places_each_protein_at_its_segment():
-    exs = [Example("a", "d", 2, np.array([1, 2])), Example("b", "d", 3, np.array([0, -1, 2]))]
+    exs = [TaskExample("a", "d", 2, np.array([1, 2])), TaskExample("b", "d", 3, np.array([0, -1, 2]))]
     feats = {"a": np.ones((2, 4), np.float32), "b": np.full((3, 4), 2.0, np.float32)}
     x, mask, y, segments = _collate_packed(exs, lambda e: feats[e.id], "residue_classification",
                                            torch.device("cpu"), gap=3)
@@ -193,7 +193,7 @@ def _one_hot_examples(n, length, kind, rng):
             target = (tokens % 3).astype(np.int64)  # a per-residue rule of the input
         else:
             target = float((tokens == 0).mean())  # fraction of token 0: needs the pooled mean
-        out[f"p{i}"] = (Example(f"p{i}", "toy", L, target), feats)
+        out[f"p{i}"] = (TaskExample(f"p{i}", "toy", L, target), feats)
     return out
 
 
@@ -206,7 +206,7 @@ def test_training_learns_a_simple_rule(kind, metric, floor):
     feats = {k: f for k, (_, f) in data.items()}
     task = TaskSpec(name="toy", kind=kind, label="x", train="toy/train", valid="toy/valid", test={"t": "toy"},
                     classes=["a", "b", "c"] if kind == "residue_classification" else None)
-    cfg = TrainConfig(lr=1e-2, warmup_steps=5, epochs=6, grad_accum=8, precision="fp32")
+    cfg = HeadTrainConfig(lr=1e-2, warmup_steps=5, epochs=6, grad_accum=8, precision="fp32")
     res = train_head(task, exs[:120], exs[120:140], {"t": exs[140:]}, lambda e: feats[e.id], 6, seed=7, cfg=cfg,
                      head_cfg=HeadConfig())
     assert res.test["t"][metric] > floor
@@ -220,7 +220,7 @@ def test_training_is_reproducible_for_a_seed_and_differs_between_seeds():
     exs = [e for e, _ in data.values()]
     feats = {k: f for k, (_, f) in data.items()}
     task = TaskSpec(name="toy", kind="protein_regression", label="x", train="t", valid="v", test={"t": "t"})
-    cfg = TrainConfig(warmup_steps=2, epochs=2, grad_accum=4, precision="fp32")
+    cfg = HeadTrainConfig(warmup_steps=2, epochs=2, grad_accum=4, precision="fp32")
     run = lambda seed: train_head(task, exs[:30], exs[30:35], {"t": exs[35:]}, lambda e: feats[e.id], 6, seed, cfg,
                                   HeadConfig()).history[-1].train_loss
     assert run(7) == run(7)
@@ -228,7 +228,7 @@ def test_training_is_reproducible_for_a_seed_and_differs_between_seeds():
 
 
 def test_collate_pads_targets_with_minus_one():
-    exs = [Example("a", "d", 2, np.array([1, 2])), Example("b", "d", 3, np.array([0, -1, 2]))]
+    exs = [TaskExample("a", "d", 2, np.array([1, 2])), TaskExample("b", "d", 3, np.array([0, -1, 2]))]
     x, mask, y = _collate(exs, lambda e: np.ones((e.length, 4), np.float32), "residue_classification",
                           torch.device("cpu"))
     assert x.shape == (2, 3, 4) and x[0, 2].abs().sum() == 0
@@ -249,11 +249,11 @@ def test_cpu_training_attention_path_matches_sdpa():
 
 
 def test_long_proteins_are_cropped_to_both_ends_for_per_protein_tasks():
-    from protlm.evaluate.datasets import Record
+    from protlm.evaluate.datasets import LabelledRecord
 
     task = TaskSpec(name="loc", kind="protein_classification", label="loc", classes=["a"], train="d", valid="v",
                     test={"t": "d"}, max_length=6)
-    ex = task.encode(Record("p", "ACDEFGHIKL", {"loc": "a"}), "d")
+    ex = task.encode(LabelledRecord("p", "ACDEFGHIKL", {"loc": "a"}), "d")
     assert ex.keep.tolist() == [0, 1, 2, 7, 8, 9] and ex.seen == 6 and ex.length == 10
     feats = np.arange(10, dtype=np.float32)[:, None].repeat(4, 1)
     x, mask, _ = _collate([ex], lambda e: feats, "protein_classification", torch.device("cpu"))

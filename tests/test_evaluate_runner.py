@@ -236,9 +236,9 @@ def test_unit_cost_counts_residues_attention_and_folds():
     from types import SimpleNamespace as NS
 
     from protlm.evaluate.runner import unit_cost
-    from protlm.evaluate.tasks import Example
+    from protlm.evaluate.tasks import TaskExample
 
-    ex = lambda n: Example("p", "d", n, None)
+    ex = lambda n: TaskExample("p", "d", n, None)
     cfg = NS(epochs=2)
     per_residue = NS(kind="residue_classification")
     one_fold = NS(folds=[NS(train=[ex(256), ex(512)])])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protlm.evaluate import ModelSource, OneHotSource, Suite, run_suite, write_report
-from protlm.evaluate.datasets import Record, load_dataset
+from protlm.evaluate.datasets import LabelledRecord, load_dataset
 from protlm.evaluate.runner import build_task_data
 
 VERDICT_TASK = "SSP-3"
@@ -28,10 +28,10 @@ def model_sources(final_dir: str, cache_dir: str, threads: int | None, device: s
             ModelSource(final_dir, name="pretrained", **common)]
 
 
-def evaluation_records(suite: Suite, quick: bool) -> dict[str, list[Record]]:
+def evaluation_records(suite: Suite, quick: bool) -> dict[str, list[LabelledRecord]]:
     """Every protein the suite's tasks will look up, by dataset (the quick profile's subsets when quick)."""
-    loaded: dict[str, dict[str, list[Record]]] = {}
-    out: dict[str, dict[str, Record]] = {}
+    loaded: dict[str, dict[str, list[LabelledRecord]]] = {}
+    out: dict[str, dict[str, LabelledRecord]] = {}
     for task in suite.tasks:
         for ds in task.datasets():
             if ds not in loaded:

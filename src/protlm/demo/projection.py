@@ -13,10 +13,10 @@ import numpy as np
 
 from protlm.embedding import embed_files
 from protlm.embedding.project import plot, project
-from protlm.evaluate.datasets import Record
+from protlm.evaluate.datasets import LabelledRecord
 
 
-def structural_class(record: Record) -> str:
+def structural_class(record: LabelledRecord) -> str:
     ss = np.frombuffer(record.labels["ss3"].encode("ascii"), dtype=np.uint8)
     if record.mask is not None:
         ss = ss[record.mask]
@@ -32,7 +32,7 @@ def structural_class(record: Record) -> str:
     return "other"
 
 
-def run_projection(sources, records: list[Record], out_dir: str, threads: int | None, progress: bool,
+def run_projection(sources, records: list[LabelledRecord], out_dir: str, threads: int | None, progress: bool,
                    log) -> dict[str, str]:
     """One PNG per model column; returns column name -> PNG path."""
     os.makedirs(out_dir, exist_ok=True)

@@ -11,15 +11,15 @@
 - :mod:`~protlm.evaluate.structure`: contacts and DSSP labels from PDB files.
 """
 
-from protlm.evaluate.embeddings import DirectorySource, ModelSource, OneHotSource, Source
+from protlm.evaluate.embeddings import DirectorySource, ModelSource, OneHotSource, FeatureSource
 from protlm.evaluate.heads import KINDS, ConvBertHead, HeadConfig
 from protlm.evaluate.report import write_report
 from protlm.evaluate.runner import SuiteRun, export_fasta, run_suite
 from protlm.evaluate.suite import Suite, load_suite, parse_suite
-from protlm.evaluate.training import TrainConfig, train_head
+from protlm.evaluate.training import HeadTrainConfig, train_head
 
 __all__ = [
-    "ConvBertHead", "HeadConfig", "KINDS", "TrainConfig", "train_head", "Suite", "load_suite", "parse_suite",
-    "run_suite", "SuiteRun", "export_fasta", "write_report", "Source", "OneHotSource", "DirectorySource",
+    "ConvBertHead", "HeadConfig", "KINDS", "HeadTrainConfig", "train_head", "Suite", "load_suite", "parse_suite",
+    "run_suite", "SuiteRun", "export_fasta", "write_report", "FeatureSource", "OneHotSource", "DirectorySource",
     "ModelSource",
 ]

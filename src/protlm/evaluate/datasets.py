@@ -1,6 +1,6 @@
 """Readers for the benchmark files in the formats users have them in.
 
-Every reader returns ``{split: [Record, ...]}``. A record keeps its raw labels by name (``ss3``, ``ss8``,
+Every reader returns ``{split: [LabelledRecord, ...]}``. A record keeps its raw labels by name (``ss3``, ``ss8``,
 ``fitness``, ``location``, ``membrane``, ``contacts``); turning labels into class ids, and complaining about
 unknown classes, is the task's job (see ``tasks.py``). Files that carry no split information give one split
 called ``all``. Readers check what the format promises (labels as long as the sequence, known residue letters)
@@ -50,7 +50,7 @@ from protlm.errors import InputError
 
 
 @dataclass
-class Record:
+class LabelledRecord:
     id: str
     sequence: str
     labels: dict[str, Any] = field(default_factory=dict)  # raw annotations by name
@@ -112,7 +112,7 @@ def _flags(text: str, where: str, what: str) -> np.ndarray:
 
 
 # --- secondary structure --------------------------------------------------------------------------------------
-def read_ss_csv(path: str) -> list[Record]:
+def read_ss_csv(path: str) -> list[LabelledRecord]:
     out = []
     for n, row in _csv_rows(path):
         if n == 2:
@@ -130,17 +130,17 @@ def read_ss_csv(path: str) -> list[Record]:
         if row.get("disorder"):
             mask = _flags(row["disorder"], where, "disorder")
             _check_length("disorder", mask.size, len(seq), where)
-        out.append(Record(rid, seq, labels, mask, None, where))
+        out.append(LabelledRecord(rid, seq, labels, mask, None, where))
     if not out:
         raise InputError(f"{path}: no rows")
     return out
 
 
-def load_ss_csv(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_ss_csv(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     return {split: read_ss_csv(path) for split, path in files.items()}
 
 
-def load_flip_ss(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_flip_ss(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     for key in ("sequences", "labels"):
         if key not in files:
             raise InputError(f"flip_ss dataset needs a {key!r} file (has {', '.join(files) or 'none'})")
@@ -149,7 +149,7 @@ def load_flip_ss(files: dict[str, str]) -> dict[str, list[Record]]:
     if files.get("mask"):
         for r in _raw_fasta(files["mask"]):
             masks[r[0]] = r[2]
-    splits: dict[str, list[Record]] = {"train": [], "valid": [], "test": []}
+    splits: dict[str, list[LabelledRecord]] = {"train": [], "valid": [], "test": []}
     for rid, header, text, line in _raw_fasta(files["labels"]):
         where = f"{files['labels']}: record {rid!r} (line {line})"
         tags = dict(t.split("=", 1) for t in header.split()[1:] if "=" in t)
@@ -164,7 +164,7 @@ def load_flip_ss(files: dict[str, str]) -> dict[str, list[Record]]:
             mask = _flags(masks[rid], f"{files['mask']}: record {rid!r}", "mask")
             _check_length("mask", mask.size, len(seq), f"{files['mask']}: record {rid!r}")
         split = "test" if tags["SET"] == "test" else "valid" if tags.get("VALIDATION") == "True" else "train"
-        splits[split].append(Record(rid, seq, {"ss3": text}, mask, None, where))
+        splits[split].append(LabelledRecord(rid, seq, {"ss3": text}, mask, None, where))
     return splits
 
 
@@ -191,11 +191,11 @@ def _raw_fasta(path: str):
 
 
 # --- fitness / fluorescence -----------------------------------------------------------------------------------
-def load_flip_csv(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_flip_csv(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     path = files.get("path")
     if not path:
         raise InputError(f"flip_csv dataset needs a 'path' file (has {', '.join(files) or 'none'})")
-    splits: dict[str, list[Record]] = {"train": [], "valid": [], "test": []}
+    splits: dict[str, list[LabelledRecord]] = {"train": [], "valid": [], "test": []}
     for n, row in _csv_rows(path):
         if n == 2:
             _require_columns(path, row, ("sequence", "target", "set"))
@@ -210,11 +210,11 @@ def load_flip_csv(files: dict[str, str]) -> dict[str, list[Record]]:
         if s not in ("train", "test"):
             raise InputError(f"{where}: set {s!r} is not train or test")
         split = "test" if s == "test" else "valid" if str(row.get("validation")).lower() == "true" else "train"
-        splits[split].append(Record(rid, seq, {"fitness": target}, None, None, where))
+        splits[split].append(LabelledRecord(rid, seq, {"fitness": target}, None, None, where))
     return splits
 
 
-def read_tape_fluorescence(path: str) -> list[Record]:
+def read_tape_fluorescence(path: str) -> list[LabelledRecord]:
     """TAPE's fluorescence JSON: a list of objects with ``primary`` and ``log_fluorescence`` (a number or a
     one-element list); ``id`` is used when present."""
     try:
@@ -235,16 +235,16 @@ def read_tape_fluorescence(path: str) -> list[Record]:
         if not isinstance(value, (int, float)):
             raise InputError(f"{where}: log_fluorescence {value!r} is not a number")
         rid = str(item.get("id", sequence_id(seq)))
-        out.append(Record(rid, seq, {"fitness": float(value)}, None, None, f"{path}: record {rid!r}"))
+        out.append(LabelledRecord(rid, seq, {"fitness": float(value)}, None, None, f"{path}: record {rid!r}"))
     return out
 
 
-def load_tape_fluorescence(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_tape_fluorescence(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     return {split: read_tape_fluorescence(path) for split, path in files.items()}
 
 
 # --- localisation -----------------------------------------------------------------------------------------------
-def read_deeploc_fasta(path: str) -> list[Record]:
+def read_deeploc_fasta(path: str) -> list[LabelledRecord]:
     out = []
     for rec in read_fasta(path):
         where = f"{path}: record {rec.id!r}"
@@ -252,11 +252,11 @@ def read_deeploc_fasta(path: str) -> list[Record]:
         if len(parts) < 2 or "-" not in parts[1]:
             raise InputError(f"{where}: header needs 'Location-M|S|U' after the accession, got {rec.description!r}")
         loc, mem = parts[1].rsplit("-", 1)
-        out.append(Record(rec.id, rec.sequence, {"location": loc, "membrane": mem}, None, None, where))
+        out.append(LabelledRecord(rec.id, rec.sequence, {"location": loc, "membrane": mem}, None, None, where))
     return out
 
 
-def read_deeploc_csv(path: str) -> list[Record]:
+def read_deeploc_csv(path: str) -> list[LabelledRecord]:
     out = []
     for n, row in _csv_rows(path):
         if n == 2:
@@ -264,20 +264,20 @@ def read_deeploc_csv(path: str) -> list[Record]:
         rid = f"{_stem(path)}#{n - 2}"
         where = f"{path}: record {rid!r} (line {n})"
         seq = _check_sequence(row["input"] or "", where)
-        out.append(Record(rid, seq, {"location": row["loc"], "membrane": row["membrane"]}, None, None, where))
+        out.append(LabelledRecord(rid, seq, {"location": row["loc"], "membrane": row["membrane"]}, None, None, where))
     return out
 
 
-def load_deeploc_fasta(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_deeploc_fasta(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     return {split: read_deeploc_fasta(path) for split, path in files.items()}
 
 
-def load_deeploc_csv(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_deeploc_csv(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     return {split: read_deeploc_csv(path) for split, path in files.items()}
 
 
 # --- contacts ---------------------------------------------------------------------------------------------------
-def read_proteinnet(path: str) -> list[Record]:
+def read_proteinnet(path: str) -> list[LabelledRecord]:
     """ProteinNet text records. Coordinates are picometres, 3 rows (x, y, z) of 3L values (N, Cα, C per residue);
     contacts use a virtual Cβ from the backbone (Cα for glycine); residues marked '-' have unknown contacts."""
     from protlm.evaluate.structure import contact_map, virtual_cb
@@ -316,7 +316,7 @@ def read_proteinnet(path: str) -> list[Record]:
             if mask is not None:
                 atom[~mask] = np.nan
             labels["contacts"] = contact_map(atom)
-        out.append(Record(rid, seq, labels, mask, None, where))
+        out.append(LabelledRecord(rid, seq, labels, mask, None, where))
 
     with open_text(path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -335,11 +335,11 @@ def read_proteinnet(path: str) -> list[Record]:
     return out
 
 
-def load_proteinnet(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_proteinnet(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     return {split: read_proteinnet(path) for split, path in files.items()}
 
 
-def load_pdb_contacts(files: dict[str, str]) -> dict[str, list[Record]]:
+def load_pdb_contacts(files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     """One record per PDB file of a directory (``*.pdb``, ``*.pdb.gz``, ``*.ent(.gz)``), id = file name stem."""
     from protlm.evaluate.structure import read_pdb_residues, structure_contacts
 
@@ -355,13 +355,13 @@ def load_pdb_contacts(files: dict[str, str]) -> dict[str, list[Record]]:
             residues = read_pdb_residues(p)
             rid = os.path.basename(p).split(".")[0]
             seq = "".join(r.aa for r in residues)
-            recs.append(Record(rid, seq, {"contacts": structure_contacts(residues)}, None,
+            recs.append(LabelledRecord(rid, seq, {"contacts": structure_contacts(residues)}, None,
                                np.array([r.number for r in residues]), f"{p}: record {rid!r}"))
         out[split] = recs
     return out
 
 
-FORMATS: dict[str, Callable[[dict[str, str]], dict[str, list[Record]]]] = {
+FORMATS: dict[str, Callable[[dict[str, str]], dict[str, list[LabelledRecord]]]] = {
     "ss_csv": load_ss_csv,
     "flip_ss": load_flip_ss,
     "flip_csv": load_flip_csv,
@@ -373,7 +373,7 @@ FORMATS: dict[str, Callable[[dict[str, str]], dict[str, list[Record]]]] = {
 }
 
 
-def load_dataset(name: str, fmt: str, files: dict[str, str]) -> dict[str, list[Record]]:
+def load_dataset(name: str, fmt: str, files: dict[str, str]) -> dict[str, list[LabelledRecord]]:
     """Read one dataset entry; every file must exist. Duplicate ids within a split are an error unless they
     carry the same sequence (variant sets list a sequence once per split file)."""
     if fmt not in FORMATS:

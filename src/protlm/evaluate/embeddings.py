@@ -27,7 +27,7 @@ import torch
 
 from protlm.convert import load, read_config
 from protlm.errors import ConfigError, InputError
-from protlm.evaluate.datasets import Record
+from protlm.evaluate.datasets import LabelledRecord
 from protlm.precision import choose
 
 STANDARD = "ACDEFGHIKLMNPQRSTVWY"
@@ -45,7 +45,7 @@ def one_hot(sequence: str) -> np.ndarray:
 
 
 class _OneHotMap(Mapping):
-    def __init__(self, records: list[Record]):
+    def __init__(self, records: list[LabelledRecord]):
         self._seqs = {r.id: r.sequence for r in records}
 
     def __getitem__(self, key: str) -> np.ndarray:
@@ -69,30 +69,30 @@ class Prepared:
     cpu_seconds: float = 0.0  # the same in CPU time of this process
 
 
-class Source:
+class FeatureSource:
     """Base class: ``name`` is the report column, ``key`` names results and caches on disk."""
 
     name: str = ""
     key: str = ""
     baseline: bool = False
 
-    def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
+    def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
         raise NotImplementedError
 
     def describe(self) -> dict:
         return {"name": self.name, "key": self.key}
 
 
-class OneHotSource(Source):
+class OneHotSource(FeatureSource):
     name = "one-hot"
     key = "one-hot"
     baseline = True
 
-    def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
+    def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
         return Prepared(_OneHotMap(records), "one-hot (computed from the sequences)")
 
 
-class DirectorySource(Source):
+class DirectorySource(FeatureSource):
     """Precomputed per-residue embeddings: ``<dir>/<dataset>.h5``."""
 
     def __init__(self, directory: str, name: str | None = None, layer: int | None = None):
@@ -103,7 +103,7 @@ class DirectorySource(Source):
         self.key = "dir-" + _safe(self.name) + "-" + _short_hash(os.path.abspath(self.directory))
         self.layer = layer
 
-    def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
+    def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
         from protlm.embedding.store import EmbeddingStore
 
         path = os.path.join(self.directory, f"{dataset}.h5")
@@ -116,7 +116,7 @@ class DirectorySource(Source):
         return {**super().describe(), "directory": os.path.abspath(self.directory), "layer": self.layer}
 
 
-class ModelSource(Source):
+class ModelSource(FeatureSource):
     """A model that protlm embeds with; results are cached per (model, dataset, layer, prefix)."""
 
     def __init__(self, spec: str, *, random_init_of: str | None = None, name: str | None = None, layer: int = -1,
@@ -166,7 +166,7 @@ class ModelSource(Source):
     def path_for(self, dataset: str) -> str:
         return os.path.join(self.cache_dir, self.key, f"{dataset}.layer{self.layer}.{self.prefix}.h5")
 
-    def prepare(self, dataset: str, records: list[Record], progress: bool = True) -> Prepared:
+    def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
         from protlm.embedding import embed_files
         from protlm.embedding.store import EmbeddingStore
 

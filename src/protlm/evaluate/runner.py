@@ -27,13 +27,13 @@ import numpy as np
 import yaml
 
 from protlm.errors import ConfigError, InputError
-from protlm.evaluate.datasets import Record, load_dataset
-from protlm.evaluate.embeddings import Source, gather_features
+from protlm.evaluate.datasets import LabelledRecord, load_dataset
+from protlm.evaluate.embeddings import FeatureSource, gather_features
 from protlm.evaluate.metrics import mean_std
 from protlm.evaluate.pool import UnitPool
 from protlm.evaluate.suite import Suite, table4_differences
-from protlm.evaluate.tasks import Example, TaskSpec, holdout, resolve_split, subsample
-from protlm.evaluate.training import RunResult, TrainConfig, train_head
+from protlm.evaluate.tasks import TaskExample, TaskSpec, holdout, resolve_split, subsample
+from protlm.evaluate.training import RunResult, HeadTrainConfig, train_head
 from protlm.utils import atomic_write_text
 
 
@@ -42,17 +42,17 @@ class Fold:
     """One training run's data: the standard protocol has one fold, leave-one-out one per record."""
 
     index: int | None
-    train: list[Example]
-    valid: list[Example]
-    tests: dict[str, list[Example]]
+    train: list[TaskExample]
+    valid: list[TaskExample]
+    tests: dict[str, list[TaskExample]]
 
 
 @dataclass
 class TaskData:
     task: TaskSpec
     folds: list[Fold]
-    records: dict[tuple[str, str], Record]  # (dataset, id) -> record, for embedding
-    splits: dict[str, list[Example]]  # every split the task uses, by role ("train", "valid", "test:<name>")
+    records: dict[tuple[str, str], LabelledRecord]  # (dataset, id) -> record, for embedding
+    splits: dict[str, list[TaskExample]]  # every split the task uses, by role ("train", "valid", "test:<name>")
 
 
 @dataclass
@@ -82,7 +82,7 @@ class Cell:
 @dataclass
 class SuiteRun:
     suite: Suite
-    sources: list[Source]
+    sources: list[FeatureSource]
     quick: bool
     cells: list[Cell] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # task -> why (data not reachable)
@@ -92,16 +92,16 @@ class SuiteRun:
     seconds: float = 0.0
 
 
-def _ids_hash(examples: list[Example]) -> str:
+def _ids_hash(examples: list[TaskExample]) -> str:
     return hashlib.sha1("\n".join(f"{e.dataset}/{e.id}" for e in examples).encode()).hexdigest()[:16]
 
 
-def build_task_data(suite: Suite, task: TaskSpec, loaded: dict[str, dict[str, list[Record]]], quick: bool) -> TaskData:
+def build_task_data(suite: Suite, task: TaskSpec, loaded: dict[str, dict[str, list[LabelledRecord]]], quick: bool) -> TaskData:
     """Encode the task's records and cut them into folds (quick profile: fixed subsets)."""
     files = {name: ds.files for name, ds in suite.datasets.items()}
-    records: dict[tuple[str, str], Record] = {}
+    records: dict[tuple[str, str], LabelledRecord] = {}
 
-    def examples(ref: str) -> list[Example]:
+    def examples(ref: str) -> list[TaskExample]:
         ds = ref.partition("/")[0]
         out = []
         for rec in resolve_split(ref, loaded, task.name, files):
@@ -143,13 +143,13 @@ def build_task_data(suite: Suite, task: TaskSpec, loaded: dict[str, dict[str, li
     return TaskData(task, [Fold(None, train, valid, tests)], records, splits)
 
 
-def unit_path(out_dir: str, source: Source, task: str, seed: int, fold: int | None) -> str:
+def unit_path(out_dir: str, source: FeatureSource, task: str, seed: int, fold: int | None) -> str:
     name = f"seed{seed}" + (f".fold{fold}" if fold is not None else "") + ".json"
     safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
     return os.path.join(out_dir, "units", source.key, safe_task, name)
 
 
-def unit_hash(suite: Suite, task: TaskSpec, cfg: TrainConfig, source: Source, seed: int, fold: Fold) -> str:
+def unit_hash(suite: Suite, task: TaskSpec, cfg: HeadTrainConfig, source: FeatureSource, seed: int, fold: Fold) -> str:
     blob = json.dumps({
         "task": dataclasses.asdict(task), "training": dataclasses.asdict(cfg), "head": dataclasses.asdict(suite.head),
         "source": source.describe(), "seed": seed, "fold": fold.index,
@@ -161,7 +161,7 @@ def unit_hash(suite: Suite, task: TaskSpec, cfg: TrainConfig, source: Source, se
 
 def run_suite(
     suite: Suite,
-    sources: list[Source],
+    sources: list[FeatureSource],
     out_dir: str,
     quick: bool = False,
     tasks: list[str] | None = None,
@@ -186,7 +186,7 @@ def run_suite(
         {**suite.raw, "run": {"quick": quick, "tasks": [t.name for t in selected], "seeds": seeds,
                               "sources": [s.describe() for s in sources], "device": device,
                               "allow_missing": allow_missing}}, sort_keys=False))
-    loaded: dict[str, dict[str, list[Record]]] = {}
+    loaded: dict[str, dict[str, list[LabelledRecord]]] = {}
     t_start = time.perf_counter()
     if jobs > 1 and not str(device).startswith("cpu"):
         raise ConfigError(f"--jobs {jobs} forks CPU processes, and a forked process cannot use {device}; "
@@ -247,7 +247,7 @@ def run_suite(
     return run
 
 
-def unit_cost(task: TaskSpec, cfg: TrainConfig, data: TaskData) -> float:
+def unit_cost(task: TaskSpec, cfg: HeadTrainConfig, data: TaskData) -> float:
     """A rough relative training cost of one unit of ``task``: residues trained per unit, with attention's
     quadratic term, and contact pair features weighted as measured (a contact residue costs ~8x)."""
     per_fold = [sum(e.seen + e.seen**2 / 256 for e in fold.train) for fold in data.folds] or [0.0]
@@ -263,7 +263,7 @@ class _PendingCell:
     started: float
 
 
-def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, source: Source, seeds: list[int],
+def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: HeadTrainConfig, source: FeatureSource, seeds: list[int],
                 out_dir: str, allow_missing: bool, device: str, progress: bool, log,
                 pool: "UnitPool | None") -> _PendingCell:
     """Embed what the (source, task) needs and train its missing units, or hand them to ``pool``."""
@@ -279,7 +279,7 @@ def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: TrainConfig, 
     cell.resumed_units = sum(done is not None for *_, done in plan)
     if all(done is not None for *_, done in plan):
         return _PendingCell(cell, task, data, plan, t0)
-    by_ds: dict[str, list[Record]] = {}
+    by_ds: dict[str, list[LabelledRecord]] = {}
     for (ds, _), rec in data.records.items():
         by_ds.setdefault(ds, []).append(rec)
     stores = {}

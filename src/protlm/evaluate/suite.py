@@ -7,7 +7,7 @@ Top-level keys (see ``configs/eval/ankh3.yaml`` for a complete example):
   relative ``data_root`` is taken from the current directory);
 - ``seeds``: one head is trained per seed; results are mean ± std over them;
 - ``head``: :class:`~protlm.evaluate.heads.HeadConfig` fields;
-- ``training``: :class:`~protlm.evaluate.training.TrainConfig` fields (a task's ``training:`` overrides them);
+- ``training``: :class:`~protlm.evaluate.training.HeadTrainConfig` fields (a task's ``training:`` overrides them);
 - ``quick``: the smoke-test profile (``--quick``): ``training`` overrides plus ``max_train`` / ``max_valid`` /
   ``max_test`` (proteins per split, a fixed random subset) and ``max_folds`` (leave-one-out folds);
 - ``datasets``: name -> ``{format, files: {key: path}, unavailable: "why"}``; a dataset whose files are all
@@ -28,7 +28,7 @@ from typing import Any
 from protlm.errors import ConfigError
 from protlm.evaluate.heads import HeadConfig
 from protlm.evaluate.tasks import TaskSpec
-from protlm.evaluate.training import TrainConfig
+from protlm.evaluate.training import HeadTrainConfig
 from protlm.settings import apply, build, parse_sets
 from protlm.utils import read_yaml_mapping
 
@@ -63,7 +63,7 @@ class Suite:
     data_root: str | None = None  # absolute after reading
     seeds: list[int] = field(default_factory=lambda: [7, 0, 42])
     head: HeadConfig = field(default_factory=HeadConfig)
-    # suite-level TrainConfig fields, kept raw so that a task's training: can override single keys
+    # suite-level HeadTrainConfig fields, kept raw so that a task's training: can override single keys
     training: dict[str, Any] = field(default_factory=dict)
     quick: QuickProfile = field(default_factory=QuickProfile)
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
@@ -71,11 +71,11 @@ class Suite:
     source: str = field(default="", init=False)
     raw: dict[str, Any] = field(default_factory=dict, init=False)  # the resolved YAML (saved beside the results)
 
-    def train_config(self, task: TaskSpec, quick: bool = False) -> TrainConfig:
+    def train_config(self, task: TaskSpec, quick: bool = False) -> HeadTrainConfig:
         merged = {**self.training, **task.training}
         if quick:
             merged.update(self.quick.training)
-        return build(TrainConfig, merged, self.source, f"tasks.{task.name}.training.")
+        return build(HeadTrainConfig, merged, self.source, f"tasks.{task.name}.training.")
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -97,7 +97,7 @@ def parse_suite(data: dict[str, Any], source: str = "<suite>", data_root: str | 
     root = os.path.abspath(os.path.expanduser(data_root or os.environ.get("PROTLM_DATA") or suite.data_root or "."))
     if not suite.seeds:
         raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got []")
-    build(TrainConfig, suite.training, source, "training.")  # check it now, not at the first task
+    build(HeadTrainConfig, suite.training, source, "training.")  # check it now, not at the first task
     for name, spec in suite.datasets.items():
         spec.name = name
         spec.files = {k: os.path.join(root, os.path.expanduser(v)) for k, v in spec.files.items()}
@@ -105,7 +105,7 @@ def parse_suite(data: dict[str, Any], source: str = "<suite>", data_root: str | 
         for ds in task.datasets():
             if ds not in suite.datasets:
                 raise ConfigError(f"{source}: task {task.name!r} uses unknown dataset {ds!r}")
-        build(TrainConfig, {**suite.training, **task.training}, source, f"tasks.{task.name}.training.")
+        build(HeadTrainConfig, {**suite.training, **task.training}, source, f"tasks.{task.name}.training.")
     names = [t.name for t in suite.tasks]
     if len(set(names)) != len(names):
         raise ConfigError(f"{source}: task names must be unique ({', '.join(names)})")
@@ -116,9 +116,9 @@ def parse_suite(data: dict[str, Any], source: str = "<suite>", data_root: str | 
     return suite
 
 
-def table4_differences(cfg: TrainConfig, head: HeadConfig) -> list[str]:
+def table4_differences(cfg: HeadTrainConfig, head: HeadConfig) -> list[str]:
     """Settings that differ from the paper's Table 4 (for the report's deviation list)."""
-    ref_t, ref_h = TrainConfig(), HeadConfig()
+    ref_t, ref_h = HeadTrainConfig(), HeadConfig()
     out = []
     for key in ("lr", "warmup_steps", "epochs", "batch_size", "grad_accum", "weight_decay"):
         if getattr(cfg, key) != getattr(ref_t, key):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import numpy as np
 
 from protlm.errors import ConfigError, InputError
-from protlm.evaluate.datasets import Record
+from protlm.evaluate.datasets import LabelledRecord
 from protlm.evaluate.heads import Kind
 
 Protocol = Literal["standard", "leave_one_out"]
@@ -35,7 +35,7 @@ HOLDOUT_SEED = 0  # fixes which records a holdout validation split takes
 
 
 @dataclass
-class Example:
+class TaskExample:
     """One protein as the trainer sees it; its features come from the embeddings of ``dataset``."""
 
     id: str
@@ -58,7 +58,7 @@ class TaskSpec:
 
     name: str  # row label in the report ("SSP-3")
     kind: Kind
-    label: str  # key in Record.labels
+    label: str  # key in LabelledRecord.labels
     train: str = ""  # split reference, e.g. "flip_ss3/train" (standard protocol)
     valid: Any = None  # split reference, or {"holdout": fraction}
     test: dict[str, str] = field(default_factory=dict)  # report name -> split reference
@@ -106,8 +106,8 @@ class TaskSpec:
         return sorted({split_ref(r)[0] for r in refs})
 
     # --- labels -> numbers ------------------------------------------------------------------------------------
-    def encode(self, rec: Record, dataset: str) -> Example | None:
-        """The record as an Example, or None when its label is excluded (e.g. membrane 'U')."""
+    def encode(self, rec: LabelledRecord, dataset: str) -> TaskExample | None:
+        """The record as an TaskExample, or None when its label is excluded (e.g. membrane 'U')."""
         if self.label not in rec.labels:
             raise InputError(f"{rec.where}: no {self.label!r} labels (this file provides: "
                              f"{', '.join(rec.labels) or 'none'}) for task {self.name!r}")
@@ -124,7 +124,7 @@ class TaskSpec:
                 target[i] = index[c]
             if rec.mask is not None:
                 target[~rec.mask] = -1
-            return Example(rec.id, dataset, L, target, None, rec.where)
+            return TaskExample(rec.id, dataset, L, target, None, rec.where)
         keep = None
         if self.max_length is not None and L > self.max_length:
             head = self.max_length // 2
@@ -136,9 +136,9 @@ class TaskSpec:
             if value not in self.classes:
                 raise InputError(f"{rec.where}: unknown {self.label} class {raw!r} (task {self.name!r} knows "
                                  f"{', '.join(self.classes)}{'; excluded: ' + ', '.join(self.exclude_labels) if self.exclude_labels else ''})")
-            return Example(rec.id, dataset, L, self.classes.index(value), None, rec.where, keep)
+            return TaskExample(rec.id, dataset, L, self.classes.index(value), None, rec.where, keep)
         if self.kind == "protein_regression":
-            return Example(rec.id, dataset, L, float(raw), None, rec.where, keep)
+            return TaskExample(rec.id, dataset, L, float(raw), None, rec.where, keep)
         contacts = np.asarray(raw, dtype=np.int8)
         if contacts.shape != (L, L):
             raise InputError(f"{rec.where}: contact map is {contacts.shape}, expected ({L}, {L})")
@@ -148,7 +148,7 @@ class TaskSpec:
         if rec.mask is not None:
             contacts[~rec.mask, :] = -1
             contacts[:, ~rec.mask] = -1
-        return Example(rec.id, dataset, L, contacts, pos, rec.where)
+        return TaskExample(rec.id, dataset, L, contacts, pos, rec.where)
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -157,8 +157,8 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return ds, (split or None)
 
 
-def resolve_split(ref: str, splits: dict[str, dict[str, list[Record]]], task: str,
-                  files: dict[str, dict[str, str]]) -> list[Record]:
+def resolve_split(ref: str, splits: dict[str, dict[str, list[LabelledRecord]]], task: str,
+                  files: dict[str, dict[str, str]]) -> list[LabelledRecord]:
     """The records a reference names; a missing or empty split is an error naming the dataset's files."""
     ds, split = split_ref(ref)
     if ds not in splits:
@@ -176,7 +176,7 @@ def resolve_split(ref: str, splits: dict[str, dict[str, list[Record]]], task: st
     return have[split]
 
 
-def holdout(examples: list[Example], fraction: float) -> tuple[list[Example], list[Example]]:
+def holdout(examples: list[TaskExample], fraction: float) -> tuple[list[TaskExample], list[TaskExample]]:
     """(train, valid): a fixed random ``fraction`` of the examples is validation, whatever the seed or model."""
     if not 0 < fraction < 1:
         raise ConfigError(f"holdout fraction must be between 0 and 1, got {fraction}")
@@ -186,7 +186,7 @@ def holdout(examples: list[Example], fraction: float) -> tuple[list[Example], li
     return ([e for i, e in enumerate(examples) if i not in valid_idx], [e for i, e in enumerate(examples) if i in valid_idx])
 
 
-def subsample(examples: list[Example], limit: int | None) -> list[Example]:
+def subsample(examples: list[TaskExample], limit: int | None) -> list[TaskExample]:
     """At most ``limit`` examples, a fixed random choice in the original order (quick profile)."""
     if limit is None or len(examples) <= limit:
         return examples

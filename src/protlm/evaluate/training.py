@@ -29,7 +29,7 @@ import torch
 from protlm.errors import ConfigError
 from protlm.evaluate import metrics as M
 from protlm.evaluate.heads import ConvBertHead, HeadConfig
-from protlm.evaluate.tasks import Example, TaskSpec
+from protlm.evaluate.tasks import TaskExample, TaskSpec
 from protlm.precision import canonical, choose
 
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -71,7 +71,7 @@ def _warn_once(msg: str) -> None:
 
 
 @dataclass
-class TrainConfig:
+class HeadTrainConfig:
     """Head training settings; defaults are Ankh3's Table 4 where it gives them."""
 
     lr: float = 1e-2  # peak learning rate (Table 4)
@@ -134,10 +134,10 @@ class RunResult:
         return asdict(self)
 
 
-Features = Callable[[Example], np.ndarray]  # (L, D) per-residue embedding of an example
+Features = Callable[[TaskExample], np.ndarray]  # (L, D) per-residue embedding of an example
 
 
-def _collate(batch: list[Example], features: Features, kind: str, device: torch.device,
+def _collate(batch: list[TaskExample], features: Features, kind: str, device: torch.device,
              target_shift: float = 0.0, target_scale: float = 1.0):
     L = max(e.seen for e in batch)
     first = features(batch[0])
@@ -164,11 +164,11 @@ def _collate(batch: list[Example], features: Features, kind: str, device: torch.
     return x.to(device), mask.to(device), y.to(device)
 
 
-def _packs(examples: list[Example], token_budget: int, gap: int) -> list[list[Example]]:
+def _packs(examples: list[TaskExample], token_budget: int, gap: int) -> list[list[TaskExample]]:
     """Consecutive examples grouped so that each group's residues plus the gaps between them fit the budget
     (a protein longer than the budget goes alone)."""
-    out: list[list[Example]] = []
-    cur: list[Example] = []
+    out: list[list[TaskExample]] = []
+    cur: list[TaskExample] = []
     used = 0
     for ex in examples:
         need = ex.seen + (gap if cur else 0)
@@ -182,7 +182,7 @@ def _packs(examples: list[Example], token_budget: int, gap: int) -> list[list[Ex
     return out
 
 
-def _collate_packed(batch: list[Example], features: Features, kind: str, device: torch.device, gap: int,
+def _collate_packed(batch: list[TaskExample], features: Features, kind: str, device: torch.device, gap: int,
                     target_shift: float = 0.0, target_scale: float = 1.0):
     """One packed row (1, N, D) of ``batch`` with ``gap`` masked positions between proteins, its mask, targets
     ((1, N) per residue with -1 at gaps, (S,) per protein) and the proteins' (start, length) segments."""
@@ -212,7 +212,7 @@ def _collate_packed(batch: list[Example], features: Features, kind: str, device:
     return x.to(device), mask.to(device), y.to(device), tuple(segments)
 
 
-def _passes(head: ConvBertHead, examples: list[Example], features: Features, budget: int, device: torch.device,
+def _passes(head: ConvBertHead, examples: list[TaskExample], features: Features, budget: int, device: torch.device,
             shift: float = 0.0, scale: float = 1.0):
     """(x, mask, y, segments, batch) for each forward pass over ``examples``: packed rows of at most ``budget``
     residues, or one padded protein per pass for contacts (segments None)."""
@@ -242,7 +242,7 @@ class _Schedule:
 
 
 @torch.no_grad()
-def predict(head: ConvBertHead, examples: list[Example], features: Features, cfg: TrainConfig,
+def predict(head: ConvBertHead, examples: list[TaskExample], features: Features, cfg: HeadTrainConfig,
             device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
     """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
     head.eval()
@@ -262,7 +262,7 @@ def predict(head: ConvBertHead, examples: list[Example], features: Features, cfg
     return out
 
 
-def score(task: TaskSpec, examples: list[Example], preds: list[Any]) -> dict[str, float]:
+def score(task: TaskSpec, examples: list[TaskExample], preds: list[Any]) -> dict[str, float]:
     """The task's metrics for predictions of ``examples``."""
     kind = task.kind
     if kind == "residue_classification":
@@ -277,7 +277,7 @@ def score(task: TaskSpec, examples: list[Example], preds: list[Any]) -> dict[str
     return {m: found[m] for m in task.metrics}
 
 
-def per_protein_rows(task: TaskSpec, examples: list[Example], preds: list[Any]) -> list[dict[str, Any]]:
+def per_protein_rows(task: TaskSpec, examples: list[TaskExample], preds: list[Any]) -> list[dict[str, Any]]:
     """One row per test protein, holding just enough to recompute the task's metrics over any subset of the
     proteins with :func:`score_rows` (pooled residue accuracy needs counts, Spearman the raw pairs)."""
     rows = []
@@ -313,13 +313,13 @@ def score_rows(kind: str, metric: str, rows: list[dict[str, Any]]) -> float:
 
 def train_head(
     task: TaskSpec,
-    train: list[Example],
-    valid: list[Example],
-    tests: dict[str, list[Example]],
+    train: list[TaskExample],
+    valid: list[TaskExample],
+    tests: dict[str, list[TaskExample]],
     features: Features,
     in_dim: int,
     seed: int,
-    cfg: TrainConfig,
+    cfg: HeadTrainConfig,
     head_cfg: HeadConfig,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
