@@ -15,7 +15,7 @@ from protlm.analysis import DepthOptions, analyze_depth, truncate_encoder
 from protlm.analysis.inputs import batches, denoise_example, prepare_proteins, read_proteins
 from protlm.analysis.metrics import linear_cka_matrix, row_mean
 from protlm.analysis.probe import LayerProbes, _Moments, _ridge_solutions, _sse, load_probe_task
-from protlm.analysis.runner import StackRunner
+from protlm.analysis.blocks import StackRunner
 from protlm.analysis.summary import _dispensable_tail
 from protlm.errors import ConfigError
 from protlm.tokenizer.vocab import protlm_tokenizer

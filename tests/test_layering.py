@@ -6,7 +6,7 @@ import os
 import protlm
 
 LAYERS = {
-    "errors": 1, "utils": 1, "config": 1, "stages": 1,
+    "errors": 1, "utils": 1, "config": 1, "stages": 1, "settings": 1, "precision": 1,
     "tokenizer": 2, "model": 2,
     "data": 3, "objectives": 3, "distributed": 3,
     "train": 4, "convert": 4, "embedding": 4, "evaluate": 4, "generation": 4,

@@ -9,10 +9,10 @@
 - :mod:`~protlm.ablate.report`: the Table-5-shaped report, curves and verdict.
 """
 
-from protlm.ablate.plan import Plan, check_plan
+from protlm.ablate.plan import AblationPlan, check_plan
 from protlm.ablate.recipe import AblationRecipe, load_recipe, variant_config
 from protlm.ablate.run import run_ablation
 from protlm.ablate.stats import PairedDifference, paired_bootstrap
 
-__all__ = ["AblationRecipe", "load_recipe", "variant_config", "Plan", "check_plan", "run_ablation",
+__all__ = ["AblationRecipe", "load_recipe", "variant_config", "AblationPlan", "check_plan", "run_ablation",
            "PairedDifference", "paired_bootstrap"]

@@ -36,7 +36,7 @@ class BudgetEstimate:
 
 
 @dataclass
-class Plan:
+class AblationPlan:
     recipe: AblationRecipe
     configs: dict[tuple[str, int], TrainConfig]  # (variant, seed) -> resolved pretraining config
     budget: dict[str, BudgetEstimate]  # variant -> estimate
@@ -57,13 +57,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def check_plan(recipe: AblationRecipe, log=print) -> Plan:
+def check_plan(recipe: AblationRecipe, log=print) -> AblationPlan:
     configs = {(v, s): variant_config(recipe, v, s) for v in recipe.variants for s in recipe.pretrain_seeds}
     check_matched(recipe, configs)
     budget = estimate_budget(recipe, configs, log)
     tasks, skipped, eval_seeds = check_evaluation(recipe)
     depth_seeds = check_depth(recipe)
-    return Plan(recipe, configs, budget, tasks, skipped, eval_seeds, depth_seeds)
+    return AblationPlan(recipe, configs, budget, tasks, skipped, eval_seeds, depth_seeds)
 
 
 # --- 1. matched variants -------------------------------------------------------------------------------------

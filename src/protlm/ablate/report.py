@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from protlm.ablate.plan import Plan
+from protlm.ablate.plan import AblationPlan
 from protlm.ablate.stats import PairedDifference, paired_bootstrap
 from protlm.evaluate.metrics import mean_std
 from protlm.train.metrics import read_metrics
@@ -36,7 +36,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
-def _n_parameters(plan: Plan) -> int:
+def _n_parameters(plan: AblationPlan) -> int:
     import torch
 
     from protlm.model.t5 import T5
@@ -69,7 +69,7 @@ class Comparison:
     diff: PairedDifference
 
 
-def collect(plan: Plan, evals) -> tuple[list[ResultRow], list[Comparison]]:
+def collect(plan: AblationPlan, evals) -> tuple[list[ResultRow], list[Comparison]]:
     """Rows of (task, test, metric) with every value per variant, and the paired differences."""
     r = plan.recipe
     by_model = {(e.variant, e.seed): e for e in evals}
@@ -111,7 +111,7 @@ def _flat(per_seed: dict[int, dict[int, float]]) -> list[float]:
 
 
 # --- curves --------------------------------------------------------------------------------------------------
-def plot_curves(plan: Plan, path: str) -> None:
+def plot_curves(plan: AblationPlan, path: str) -> None:
     plt = pyplot()
     r = plan.recipe
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -146,7 +146,7 @@ def plot_curves(plan: Plan, path: str) -> None:
 
 
 # --- depth ---------------------------------------------------------------------------------------------------
-def depth_section(plan: Plan, depth: dict[tuple[str, int], dict]) -> list[str]:
+def depth_section(plan: AblationPlan, depth: dict[tuple[str, int], dict]) -> list[str]:
     r = plan.recipe
     if not depth:
         return []
@@ -196,7 +196,7 @@ def depth_section(plan: Plan, depth: dict[tuple[str, int], dict]) -> list[str]:
 
 
 # --- verdict -------------------------------------------------------------------------------------------------
-def verdict(plan: Plan, diffs: list[Comparison], n_params: int) -> str:
+def verdict(plan: AblationPlan, diffs: list[Comparison], n_params: int) -> str:
     r = plan.recipe
     t, ref = r.treatment, r.reference
     conf = f"{r.stats.confidence:.0%}"
@@ -248,7 +248,7 @@ def verdict(plan: Plan, diffs: list[Comparison], n_params: int) -> str:
 
 
 # --- the page ------------------------------------------------------------------------------------------------
-def write_report(plan: Plan, state, evals, depth: dict, log=print) -> dict[str, Any]:
+def write_report(plan: AblationPlan, state, evals, depth: dict, log=print) -> dict[str, Any]:
     r = plan.recipe
     out = r.output_dir
     rows, diffs = collect(plan, evals)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from protlm.ablate.plan import Plan, check_plan
+from protlm.ablate.plan import AblationPlan, check_plan
 from protlm.ablate.recipe import AblationRecipe, run_dir
 from protlm.errors import CheckpointError, ConfigError
 from protlm.stages import StageLog
@@ -69,7 +69,7 @@ def _hash(obj: Any) -> str:
     return hashlib.sha1(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def pretrain_hash(plan: Plan) -> str:
+def pretrain_hash(plan: AblationPlan) -> str:
     """What decides the pretrained weights (logging settings excluded)."""
     configs = {f"{v}/{s}": {k: c for k, c in cfg.to_dict().items() if k != "log"}
                for (v, s), cfg in sorted(plan.configs.items())}
@@ -123,7 +123,7 @@ def run_ablation(recipe: AblationRecipe, progress: bool = True, log: Callable[[s
 
 
 # --- stages --------------------------------------------------------------------------------------------------
-def _pretrain(plan: Plan, state: State, variant: str, seed: int, progress: bool, log) -> None:
+def _pretrain(plan: AblationPlan, state: State, variant: str, seed: int, progress: bool, log) -> None:
     from protlm.train import Trainer
 
     key = f"pretrain/{variant}/seed{seed}"
@@ -145,7 +145,7 @@ def _pretrain(plan: Plan, state: State, variant: str, seed: int, progress: bool,
     state.run(key, go)
 
 
-def _evaluate(plan: Plan, state: State, variant: str, seed: int, progress: bool, log) -> EvalCells:
+def _evaluate(plan: AblationPlan, state: State, variant: str, seed: int, progress: bool, log) -> EvalCells:
     from protlm.evaluate import ModelSource, load_suite, run_suite, write_report
 
     r = plan.recipe
@@ -189,7 +189,7 @@ def _read_cells(path: str, variant: str, seed: int) -> EvalCells:
     return EvalCells(variant, seed, data["tasks"])
 
 
-def _depth(plan: Plan, state: State, variant: str, seed: int, progress: bool, log) -> dict[str, Any]:
+def _depth(plan: AblationPlan, state: State, variant: str, seed: int, progress: bool, log) -> dict[str, Any]:
     r = plan.recipe
     d = r.depth
     key = f"depth/{variant}/seed{seed}"

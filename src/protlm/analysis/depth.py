@@ -15,7 +15,7 @@ of Depth Persist?" (Siji et al., 2026; seeds/002) and of the LLM studies it exte
 5. similarity: linear CKA between every pair of layers.
 
 Representations for probes and CKA are final_layer_norm(h_l): what a model truncated after block l outputs.
-Everything runs block by block through :class:`~protlm.analysis.runner.StackRunner` under inference mode, one
+Everything runs block by block through :class:`~protlm.analysis.blocks.StackRunner` under inference mode, one
 token-budget batch at a time, so memory stays bounded by the batch, never by the number of proteins.
 """
 
@@ -35,7 +35,7 @@ from torch import Tensor
 from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_proteins
 from protlm.analysis.metrics import PerProtein, Summary, compare_outputs, linear_cka_matrix, row_mean, update_stats
 from protlm.analysis.probe import LayerProbes, ProbeTask, load_probe_task
-from protlm.analysis.runner import StackMasks, StackRunner
+from protlm.analysis.blocks import StackMasks, StackRunner
 from protlm.embedding.run import PREFIX_BY_FAMILY
 from protlm.errors import ConfigError
 
@@ -68,7 +68,7 @@ class DepthOptions:
 
 
 @dataclass
-class Plan:
+class DepthPlan:
     """What will be computed, resolved against the model (errors for impossible requests are raised here)."""
 
     analyses: tuple[str, ...]
@@ -78,7 +78,7 @@ class Plan:
     decoder_layers: list[int]
 
 
-def resolve_plan(model, options: DepthOptions) -> Plan:
+def resolve_plan(model, options: DepthOptions) -> DepthPlan:
     has_decoder = model.decoder is not None
     if options.decoder and not has_decoder:
         raise ConfigError("this model is encoder-only; decoder analyses need an encoder-decoder checkpoint")
@@ -108,7 +108,7 @@ def resolve_plan(model, options: DepthOptions) -> Plan:
         raise ConfigError(f"flip threshold must be in (0, 1), got {options.flip_threshold}")
     if options.cka_tokens < 2:
         raise ConfigError(f"--cka-tokens must be at least 2, got {options.cka_tokens}")
-    return Plan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers)
+    return DepthPlan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers)
 
 
 # --- result records ------------------------------------------------------------------------------------------
@@ -234,7 +234,7 @@ class _Baseline:
 class _Analyser:
     """Runs the analyses batch by batch and keeps the per-protein numbers; ``stack_report`` summarises them."""
 
-    def __init__(self, model, plan: Plan, options: DepthOptions, n_proteins: int, cka_rates: dict[str, float]):
+    def __init__(self, model, plan: DepthPlan, options: DepthOptions, n_proteins: int, cka_rates: dict[str, float]):
         self.model = model
         self.plan = plan
         self.opt = options
@@ -522,7 +522,7 @@ class _Checkpoint:
         self.last = time.perf_counter()
 
 
-def _fingerprint(pretrained, input_path: str, proteins, options: DepthOptions, plan: Plan) -> str:
+def _fingerprint(pretrained, input_path: str, proteins, options: DepthOptions, plan: DepthPlan) -> str:
     import hashlib
     import json
 
