@@ -1,12 +1,16 @@
-"""Small helpers shared by every layer: atomic file writes, reading a YAML mapping with clear errors, headless
-matplotlib figures."""
+"""Small helpers shared by every layer: atomic file writes, resumable text outputs, reading a YAML mapping with
+clear errors, headless matplotlib figures."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import tempfile
 from typing import Any, Iterator
+
+from protlm.errors import InputError
 
 
 @contextlib.contextmanager
@@ -90,3 +94,50 @@ def read_yaml_mapping(path: str | os.PathLike, what: str = "config file") -> dic
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level of this {what}")
     return data
+
+
+class PartialOutput:
+    """A text output written part by part, so that a killed job continues where it stopped.
+
+    Finished parts are appended to ``OUTPUT.partial`` (flushed to disk), and ``OUTPUT.partial.json`` records
+    the job's fingerprint, the number of items done and the file size at that point. A re-run of the same job
+    truncates anything written after the last finished part and continues; a different job (other model,
+    settings or input) is refused rather than mixed in. ``finish`` renames the partial file to ``OUTPUT``.
+    """
+
+    def __init__(self, path: str, fingerprint: object):
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise InputError(f"{path}: the directory {directory} does not exist")
+        self.path, self.partial, self.state_path = path, path + ".partial", path + ".partial.json"
+        self.job = hashlib.sha256(json.dumps(fingerprint, default=str).encode()).hexdigest()[:16]
+        self.done = 0
+        if os.path.exists(self.state_path) and os.path.exists(self.partial):
+            with open(self.state_path, encoding="utf-8") as fh:
+                state = json.load(fh)
+            if state.get("job") != self.job:
+                raise InputError(f"{self.partial}: left by a different job (other model, settings or input); "
+                                 f"delete it and {self.state_path} to start over")
+            self.done = state["done"]
+            with open(self.partial, "r+b") as fh:
+                fh.truncate(state["bytes"])
+        else:
+            open(self.partial, "wb").close()
+
+    def append(self, text: str, items: int) -> None:
+        """Add a finished part of ``items`` items."""
+        try:
+            with open(self.partial, "ab") as fh:
+                fh.write(text.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+                size = fh.tell()
+            self.done += items
+            atomic_write_text(self.state_path, json.dumps({"job": self.job, "done": self.done, "bytes": size}))
+        except OSError as err:
+            raise InputError(f"{self.partial}: could not write ({err.strerror}); the {self.done} items done are "
+                             "kept, re-run to continue") from None
+
+    def finish(self) -> None:
+        os.replace(self.partial, self.path)
+        os.unlink(self.state_path)

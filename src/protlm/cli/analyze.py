@@ -16,7 +16,7 @@ def add_parser(sub) -> None:
     d.add_argument("model", help="checkpoint directory or Hub id (a preset name with --random-init)")
     d.add_argument("input", help="FASTA (optionally .gz) or CSV of proteins")
     d.add_argument("-o", "--out", required=True, help="output directory")
-    d.add_argument("--random-init", action="store_true", help="MODEL is a preset name; analyse a random-init model")
+    d.add_argument("--random-init", action="store_true", help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (its twin)")
     d.add_argument("--seed", type=int, default=0, help="seed for random init, masking, cropping and sampling (default 0)")
     d.add_argument("--max-proteins", type=int, default=None, help="use the first N records of INPUT")
     d.add_argument("--max-length", type=int, default=512, help="crop longer proteins to a random window (default 512)")
