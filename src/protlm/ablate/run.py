@@ -29,6 +29,7 @@ import yaml
 from protlm.ablate.plan import AblationPlan, check_plan
 from protlm.ablate.recipe import AblationRecipe, run_dir
 from protlm.errors import CheckpointError, ConfigError
+from protlm.settings import override
 from protlm.stages import StageLog
 from protlm.utils import atomic_write_text
 
@@ -132,7 +133,7 @@ def _pretrain(plan: AblationPlan, state: State, variant: str, seed: int, progres
     if state.done(key) and os.path.exists(os.path.join(final, "config.json")):
         return
     if not progress:
-        cfg.log.progress = False
+        cfg = override(cfg, {"log.progress": False})
     log(f"[pretrain {variant} seed {seed}] {cfg.output_dir}")
 
     def go() -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from protlm.demo.bundle import pretrain_config
 from protlm.demo.state import DemoState
 from protlm.precision import describe_cpu
+from protlm.settings import override
 from protlm.train import Trainer
 from protlm.train.checkpoint import latest_checkpoint
 
@@ -58,7 +59,7 @@ def run_pretrain(state: DemoState, out_dir: str, minutes: float, threads: int | 
     cfg = pretrain_config(pre_dir, remaining, threads)
     # With a time limit, the trainer's bar would count steps towards run.steps, a loose upper bound; a clock
     # reads better. Without one, the trainer's own bar is right.
-    cfg.log.progress = progress and minutes <= 0
+    cfg = override(cfg, {"log.progress": progress and minutes <= 0})
     state.update("pretrain", credited_seconds=seconds, credited_step=step, session_start=time.time(),
                  minutes=minutes)
     trainer = Trainer(cfg, resume=True)
