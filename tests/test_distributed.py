@@ -76,3 +76,41 @@ def test_fsdp_resume_from_sharded_checkpoint(tmp_path):
     assert train_losses(resumed) == train_losses(straight)
     a, b = _final_weights(straight), _final_weights(resumed)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+_INIT_SCRIPT = """
+import sys, torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from protlm.distributed import parallelize
+from protlm.model.t5 import T5
+from protlm.train import Trainer, load_config
+
+trainer = Trainer(load_config(sys.argv[1], sys.argv[2:]))
+_, model, mcfg, init = trainer._build_tokenizer_and_model()
+net = parallelize(model, trainer.strategy, trainer.env, materialize=init)
+assert type(model.shared.weight).__name__ == "DTensor"
+assert all(p.to_local().numel() < p.numel() for p in model.parameters() if p.ndim == 2)
+state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+if trainer.env.is_main:
+    torch.manual_seed(trainer.cfg.run.seed)
+    ref = T5(mcfg)
+    with torch.no_grad():
+        ref.lm_head.weight.normal_(0.0, mcfg.initializer_factor * mcfg.d_model ** -0.5)
+    bad = [k for k, v in ref.state_dict().items() if not torch.equal(v, state[k])]
+    assert not bad, bad
+torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_fsdp_shards_hold_their_part_of_the_unsharded_init(tmp_path):
+    """The model is built on the meta device and each process materialises only its shards; together they
+    are exactly the eager CPU init of one process (not the same numbers in every shard)."""
+    script = tmp_path / "init.py"
+    script.write_text(_INIT_SCRIPT)
+    path = write_config(tmp_path, tmp_path / "out", **SETTINGS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), path,
+           "run.parallel=fsdp"]
+    result = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]

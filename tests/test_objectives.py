@@ -289,3 +289,13 @@ def test_mixer_needs_an_ankh3_vocabulary():
         TaskMixer(ObjectiveConfig(), ankh_like)
     with pytest.raises(ConfigError, match=r"the tokenizer \(ankh-like\) has no \[S2S\] token"):
         complete(np.array([3, 4, 5]), None, 0.5, ankh_like)
+
+
+def test_collate_makes_the_teacher_forcing_decoder_input():
+    """T5's shift right: the start token, then the target shifted by one, padding where the target is -100."""
+    a = denoise_with_mask(residues("MKT"), mask_of(3, 1), TOK)  # target <0> K </s>
+    b = complete(residues("MKTAY"), None, 0.5, TOK)  # target T A Y </s>
+    assert collate([a, b], TOK)["decoder_input_ids"].tolist() == [[TOK.pad_id] + ids("<0>", "K", "</s>"),
+                                                                  [TOK.pad_id] + ids("T", "A", "Y")]
+    assert collate([b, a], TOK, decoder_start_id=7)["decoder_input_ids"].tolist() == [[7] + ids("T", "A", "Y"),
+                                                                                       [7] + ids("<0>", "K", "</s>")]

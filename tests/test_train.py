@@ -258,6 +258,33 @@ def test_resume_refuses_a_different_model(finished_run, tmp_path):
         Trainer(cfg, resume=True).run()
 
 
+@pytest.mark.parametrize("head,tied", [("t5x", False), ("hf", False), ("t5x", True)])
+def test_fresh_model_starts_from_the_eager_init(tmp_path, head, tied):
+    """A fresh model is built on the meta device and gets its weights once placed; they are still those of
+    ``torch.manual_seed(run.seed); T5(config)`` (then the T5X LM-head draw), so earlier runs stay reproducible."""
+    from protlm.distributed import parallelize
+    from protlm.model.t5 import T5
+    from tests.train_helpers import ODD_MODEL
+
+    path = write_config(tmp_path, tmp_path / "out", run={"seed": 7},
+                        model={"lm_head_init": head, "overrides": {**ODD_MODEL, "tie_word_embeddings": tied}})
+    trainer = Trainer(load_config(path))
+    _, model, mcfg, init = trainer._build_tokenizer_and_model()
+    assert all(p.is_meta for p in model.parameters())
+    parallelize(model, trainer.strategy, trainer.env, materialize=init)
+    after = torch.rand(4)
+    torch.manual_seed(7)
+    ref = T5(mcfg)
+    if head == "t5x" and not tied:
+        with torch.no_grad():
+            ref.lm_head.weight.normal_(0.0, mcfg.initializer_factor * mcfg.d_model ** -0.5)
+    assert torch.equal(after, torch.rand(4))  # the random stream is where eager construction leaves it
+    got, want = model.state_dict(), ref.state_dict()
+    assert sorted(got) == sorted(want)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (model.lm_head.weight is model.shared.weight) == tied
+
+
 def test_learning_happens(tmp_path):
     """Sixty steps on real sequences take training and validation loss well down from the uniform start
     (ln 256 = 5.55 nats, given the T5X head init)."""

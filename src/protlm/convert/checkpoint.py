@@ -280,11 +280,9 @@ class UnshardedDraws(torch.overrides.TorchFunctionMode):
     """
 
     def __init__(self, model: torch.nn.Module):
-        from torch.distributed.tensor import DTensor
-
         super().__init__()
         # a plain CPU parameter is its own whole tensor: it draws in place
-        self._params = {id(p) for p in model.parameters() if isinstance(p, DTensor) or p.device.type != "cpu"}
+        self._params = {id(p) for p in model.parameters() if _is_dtensor(p) or p.device.type != "cpu"}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -301,10 +299,18 @@ class UnshardedDraws(torch.overrides.TorchFunctionMode):
         return target
 
 
-def _write_part(param: torch.Tensor, full: torch.Tensor) -> None:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+def _is_dtensor(t: torch.Tensor) -> bool:
+    if not torch.distributed.is_available():  # some builds have no torch.distributed
+        return False
+    from torch.distributed.tensor import DTensor
 
-    if isinstance(param, DTensor):  # src_data_rank=None: every process cuts its own part, no communication
+    return isinstance(t, DTensor)
+
+
+def _write_part(param: torch.Tensor, full: torch.Tensor) -> None:
+    if _is_dtensor(param):  # src_data_rank=None: every process cuts its own part, no communication
+        from torch.distributed.tensor import distribute_tensor
+
         part = distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         param.to_local().copy_(part.to_local())
     else:

@@ -2,6 +2,7 @@
 
 from protlm.distributed.parallel import (
     DistEnv,
+    all_gather_object,
     all_reduce_sum,
     apply_activation_checkpointing,
     barrier,
@@ -16,6 +17,6 @@ from protlm.distributed.parallel import (
 )
 
 __all__ = [
-    "DistEnv", "all_reduce_sum", "apply_activation_checkpointing", "barrier", "blocks", "broadcast_object",
+    "DistEnv", "all_gather_object", "all_reduce_sum", "apply_activation_checkpointing", "barrier", "blocks", "broadcast_object",
     "gradient_sync", "init_distributed", "parallelize", "resolve_strategy", "shutdown", "unwrap",
 ]

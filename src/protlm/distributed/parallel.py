@@ -6,7 +6,8 @@ The model code never knows it is distributed. :func:`parallelize` takes a plain 
   then holds the shared embedding, the LM head and the final norms), as torchtitan does. The first block of
   each stack is the exception: it owns the relative position-bias table, which the stack reads before any
   block runs, so it stays in the root's group (gathered for the whole forward; 2 blocks of 72 in Ankh3);
-and optionally recomputes each block in backward (activation checkpointing) first.
+and optionally recomputes each block in backward (activation checkpointing) first. A model built on the meta
+device gets its storage and weights after sharding, so no process ever holds the whole model.
 
 One code path serves 1 CPU process and many GPUs on many nodes: run under ``torchrun`` and the environment
 (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``...) says which process this is.
@@ -18,6 +19,7 @@ import contextlib
 import datetime
 import functools
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -46,11 +48,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistEnv:
+def init_distributed(device: str = "auto", timeout_minutes: int = 30, backend: str | None = None) -> DistEnv:
     """Join the process group described by torchrun's environment (a single process needs none).
 
     ``device`` "auto" picks this process's GPU (``LOCAL_RANK``) when CUDA is available, else the CPU. The
-    backend is NCCL on GPUs and gloo on CPUs.
+    backend is NCCL on GPUs and gloo on CPUs, unless ``backend`` names one.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -65,9 +67,9 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> DistEnv
     else:
         dev = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        backend = "nccl" if dev.type == "cuda" else "gloo"
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=dev if dev.type == "cuda" else None)
+                                device_id=dev if backend == "nccl" else None)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistEnv(rank, world_size, local_rank, dev)
@@ -97,6 +99,15 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (``[obj]`` for one process)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 # --- model wrapping ------------------------------------------------------------------------------------------
@@ -138,32 +149,43 @@ def resolve_strategy(strategy: str, env: DistEnv) -> str:
     return strategy
 
 
-def parallelize(model: nn.Module, strategy: str, env: DistEnv, activation_checkpointing: bool = False) -> nn.Module:
-    """Move ``model`` to ``env.device`` and apply recomputation and the data-parallel ``strategy``.
+def parallelize(model: nn.Module, strategy: str, env: DistEnv, activation_checkpointing: bool = False,
+                materialize: Callable[[nn.Module], None] | None = None) -> nn.Module:
+    """Place ``model`` on ``env.device`` and apply recomputation and the data-parallel ``strategy``.
+
+    A model built on the meta device comes with ``materialize``, which gives it storage on ``env.device`` and
+    its initial weights. It runs after FSDP2 has sharded the model, so each process allocates only its shards
+    (torchtitan's order); DDP and a single process need the whole model, so there it runs before wrapping.
 
     Returns the module to call for training: the DDP wrapper, or ``model`` itself (FSDP2 and "none" modify it
     in place). Use :func:`unwrap` to reach the T5 underneath.
     """
     if activation_checkpointing:
         apply_activation_checkpointing(model)
-    model.to(env.device)
     strategy = resolve_strategy(strategy, env)
-    if strategy == "none":
+    if strategy not in ("none", "ddp", "fsdp"):
+        raise ConfigError(f"run.parallel must be one of auto, none, ddp, fsdp; got {strategy!r}")
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        if materialize is None:
+            model.to(env.device)
+        for blk in blocks(model):
+            if not _owns_position_bias(blk):
+                fully_shard(blk)
+        fully_shard(model)
+        if materialize is not None:
+            materialize(model)
         return model
+    if materialize is not None:
+        materialize(model)
+    model.to(env.device)
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [env.device.index] if env.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
-    if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        for blk in blocks(model):
-            if not _owns_position_bias(blk):
-                fully_shard(blk)
-        fully_shard(model)
-        return model
-    raise ConfigError(f"run.parallel must be one of auto, none, ddp, fsdp; got {strategy!r}")
+    return model
 
 
 def _owns_position_bias(block: nn.Module) -> bool:

@@ -26,8 +26,10 @@ from protlm.embedding.engine import (
     DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder, resolve_overlap,
 )
 from protlm.embedding.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
+from protlm.convert import load
+from protlm.distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from protlm.errors import ConfigError, InputError
-from protlm.precision import Precision, choose
+from protlm.precision import Precision, canonical, choose
 
 KINDS = ("per_residue", "per_protein")
 PREFIX_BY_FAMILY = {"ankh3": "nlu", "ankh": "none", "prot-t5": "none", "custom": "none"}
@@ -158,14 +160,16 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
         raise ConfigError("nothing to write: give a per-residue and/or a per-protein output path")
     if len(set(map(os.path.abspath, outputs.values()))) < len(outputs):
         raise ConfigError("the per-residue and per-protein outputs must be different files")
-    if store_dtype not in ("float32", "float16"):
-        raise ConfigError(f"store dtype must be float32 or float16, got {store_dtype!r}")
+    # HDF5 has no bfloat16: arrays are stored in fp32 or fp16 (the attribute keeps numpy's name)
+    store_dtype = {"fp32": "float32", "fp16": "float16"}[canonical(store_dtype, "--store-dtype", ("fp32", "fp16"))]
     records, stats = _read_records(sequences, opts.bad_records)
-    rank, world, local_rank = _dist_env()
-    if world > 1:
-        _init_process_group()
+    # The process group carries only small control messages (the done-list, a barrier, counts), so gloo serves
+    # CPUs and GPUs alike and the compute device is chosen here, not by the group; the long timeout lets fast
+    # processes wait at the final barrier for slow ones.
+    env = init_distributed("cpu", timeout_minutes=48 * 60, backend="gloo")
+    rank, world = env.rank, env.world_size
     if world > 1 and (opts.device == "cuda" or (opts.device is None and torch.cuda.is_available())):
-        opts.device = f"cuda:{local_rank}"  # one GPU per process
+        opts.device = f"cuda:{env.local_rank}"  # one GPU per process
     precision = embed_precision(opts)
     pre, copy_model = _load_model(model, random_init, seed, precision)
     run = _Run(pre, opts, copy_model, precision)
@@ -174,7 +178,7 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
 
     if rank == 0:
         print(f"protlm embed: {run.precision.describe()}", file=sys.stderr)
-    attrs = dict(model=_model_name(model, pre, random_init, seed), layers=run.layers, prefix=run.prefix,
+    attrs = dict(model=_model_name(pre), layers=run.layers, prefix=run.prefix,
                  dtype=run.precision.name, precision=run.precision.describe(), window=opts.window, overlap=run.embedder.overlap,
                  family=pre.config.protlm_family, store_dtype=store_dtype, protlm_version=_version())
     writers = {k: EmbeddingWriter(p, {**attrs, "kind": k}, rank, checkpoint_seconds, store_dtype)
@@ -183,7 +187,7 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
                            skip_reasons=dict(stats.reasons or {}), repaired_records=stats.repaired,
                            dtype=run.precision.name)
     try:
-        done = _stored(writers, records, shas, outputs, rank, world)
+        done = _stored(writers, records, shas, outputs, rank)
         keys = _dataset_keys([oid for oid, _ in records], done)
         needs = {i: [k for k in outputs if records[i][0] not in done[k]] for i in range(len(records))}
         summary.already_done = sum(1 for n in needs.values() if not n)
@@ -216,17 +220,18 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
             bar.close()
             for w in writers.values():  # keep every finished protein, also on Ctrl-C or an error
                 w.flush()
-        _barrier(world)
+        barrier()
         if rank == 0:
             for w in writers.values():
                 w.merge()
                 summary.notes += w.notes
         stats = run.embedder.stats
-        totals = _sum_over_ranks(dict(embedded=written, unique=len(mine), residues=sum(u.length for b in batches for u in b),
-                                      fp16_fallbacks=stats.fp16_fallbacks, oom_splits=stats.oom_splits,
-                                      padded_tokens=stats.padded_tokens, real_tokens=stats.real_tokens), world)
-        for k, v in totals.items():
-            setattr(summary, k, v)
+        counts = dict(embedded=written, unique=len(mine), residues=sum(u.length for b in batches for u in b),
+                      fp16_fallbacks=stats.fp16_fallbacks, oom_splits=stats.oom_splits,
+                      padded_tokens=stats.padded_tokens, real_tokens=stats.real_tokens)
+        gathered = all_gather_object(counts)
+        for k in counts:
+            setattr(summary, k, sum(c[k] for c in gathered))
     finally:
         for w in writers.values():
             w.close(remove_parts=True)
@@ -234,7 +239,7 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
     return summary
 
 
-def _stored(writers: dict[str, EmbeddingWriter], records, shas, outputs, rank: int, world: int):
+def _stored(writers: dict[str, EmbeddingWriter], records, shas, outputs, rank: int):
     """What the outputs already hold (process 0 reads, everyone gets the same answer); ids whose sequence
     changed since are an error."""
     done = None
@@ -242,7 +247,7 @@ def _stored(writers: dict[str, EmbeddingWriter], records, shas, outputs, rank: i
         for w in writers.values():
             w.start()
         done = {k: w.done() for k, w in writers.items()}
-    done = _broadcast(done, world)
+    done = broadcast_object(done)
     for k, stored in done.items():
         for i, (oid, _) in enumerate(records):
             if oid in stored and stored[oid][1] and stored[oid][1] != shas[i]:
@@ -355,22 +360,12 @@ def _read_records_unchecked(sequences, policy: str) -> tuple[list[tuple[str, str
 
 def _load_model(model, random_init: bool, seed: int, precision: Precision):
     """(Pretrained, whether it belongs to the caller and must be copied before casting)."""
-    import protlm
-    from protlm.config import PRESET_NAMES
-
     if not isinstance(model, (str, os.PathLike)):
         if not hasattr(model, "model") or not hasattr(model, "tokenizer"):
-            raise ConfigError(f"model must be a checkpoint path, Hub id, preset or protlm.load() result, "
+            raise ConfigError(f"model must be a checkpoint path, Hub id, preset or load() result, "
                               f"got {type(model).__name__}")
         return model, True
-    spec = os.fspath(model)
-    if random_init:
-        if spec not in PRESET_NAMES:
-            raise ConfigError(f"--random-init needs a preset name ({', '.join(PRESET_NAMES)}), got {spec!r}")
-        return protlm.random_init(spec, seed=seed, encoder_only=True), False
-    if spec in PRESET_NAMES and not os.path.exists(spec):
-        raise ConfigError(f"{spec!r} is a preset, not a checkpoint; add --random-init for randomly initialised weights")
-    return protlm.load(spec, dtype=precision.dtype, encoder_only=True), False
+    return load(model, random_init=random_init, seed=seed, encoder_only=True, dtype=precision.dtype), False
 
 
 def embed_precision(opts: EmbedOptions) -> Precision:
@@ -379,12 +374,7 @@ def embed_precision(opts: EmbedOptions) -> Precision:
     return choose(opts.dtype, device, "inference", option="--dtype", allowed=("auto", "fp32", "bf16", "fp16", "int8"))
 
 
-def _model_name(model, pre, random_init: bool, seed: int) -> str:
-    if isinstance(model, (str, os.PathLike)):
-        spec = os.fspath(model)
-        if random_init:
-            return f"random-init {spec} seed={seed}"
-        return os.path.abspath(spec) if os.path.isdir(spec) else spec
+def _model_name(pre) -> str:
     return os.path.abspath(pre.source) if os.path.isdir(str(pre.source)) else str(pre.source)
 
 
@@ -437,51 +427,3 @@ class _Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
-
-
-# --- torchrun --------------------------------------------------------------------------------------------------
-def _dist_env() -> tuple[int, int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0))
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
-
-
-def _init_process_group() -> None:
-    import datetime
-
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        # Only small control messages travel (the done-list, a barrier, counts), so gloo serves CPUs and GPUs;
-        # the long timeout lets fast processes wait at the final barrier for slow ones.
-        dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
-
-
-def _broadcast(obj, world: int):
-    if world == 1:
-        return obj
-    import torch.distributed as dist
-
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
-def _sum_over_ranks(counts: dict[str, int], world: int) -> dict[str, int]:
-    if world == 1:
-        return counts
-    import torch.distributed as dist
-
-    gathered = [None] * world
-    dist.all_gather_object(gathered, counts)
-    return {k: sum(g[k] for g in gathered) for k in counts}
-

@@ -45,11 +45,12 @@ class PretrainBatches(torch.utils.data.IterableDataset):
     """Endless micro-batches: dicts from :func:`collate` plus ``step``, ``micro_batch`` and ``mask_rate``.
 
     ``batch_size`` is sequences per micro-batch on this rank (the stream's rank and world_size say which);
-    ``accumulation`` micro-batches make one optimizer step. Iterate with :meth:`loader`.
+    ``accumulation`` micro-batches make one optimizer step; ``decoder_start_id`` is the model's decoder start
+    token (see :func:`collate`). Iterate with :meth:`loader`.
     """
 
     def __init__(self, stream: SequenceStream, mixer: TaskMixer, batch_size: int, accumulation: int = 1,
-                 seed: int | None = None):
+                 seed: int | None = None, decoder_start_id: int | None = None):
         super().__init__()
         for name, value in (("batch_size", batch_size), ("accumulation", accumulation)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -60,6 +61,7 @@ class PretrainBatches(torch.utils.data.IterableDataset):
         self.stream, self.mixer = stream, mixer
         self.batch_size, self.accumulation = batch_size, accumulation
         self.seed = stream.seed if seed is None else int(seed)
+        self.decoder_start_id = decoder_start_id
         self.consumed = 0  # micro-batches the trainer has received (the same on every rank)
         self._resume_block = Position()  # a block at or before the first unconsumed position
         self._latest: dict[int, dict] = {}  # worker -> stream position after its last consumed batch
@@ -88,7 +90,7 @@ class PretrainBatches(torch.utils.data.IterableDataset):
             step = m // self.accumulation
             params = self.mixer.step_params(step_generator(self.seed, step))
             examples = [self.mixer(item.residues, rng.at(item.position), params) for item in chunk]
-            batch = collate(examples, self.mixer.tok)
+            batch = collate(examples, self.mixer.tok, self.decoder_start_id)
             batch["step"] = step
             batch["micro_batch"] = m
             batch["mask_rate"] = params.mask_rate

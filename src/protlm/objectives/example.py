@@ -33,12 +33,14 @@ def prefix_id(tok: Tokenizer, key: str) -> int:
                           "an Ankh3-layout vocabulary") from None
 
 
-def collate(examples: list[Example], tok: Tokenizer) -> dict[str, torch.Tensor]:
+def collate(examples: list[Example], tok: Tokenizer, decoder_start_id: int | None = None) -> dict[str, torch.Tensor]:
     """Pad a list of examples into model inputs.
 
     Returns ``input_ids`` and ``attention_mask`` (B, Le), ``labels`` (B, Ld) padded with -100 so padding is no
-    loss term, ``decoder_attention_mask`` (B, Ld) 1 on real target tokens, and ``task`` (B,) long with 0 for
-    denoising and 1 for completion (for per-task loss and accuracy).
+    loss term, ``decoder_attention_mask`` (B, Ld) 1 on real target tokens, ``decoder_input_ids`` (B, Ld) for
+    teacher forcing (``decoder_start_id``, then the labels shifted right, padding where they are -100; as
+    ``T5.shift_right``), and ``task`` (B,) long with 0 for denoising and 1 for completion (for per-task loss and
+    accuracy). ``decoder_start_id`` None is the pad id, T5's start token.
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -53,10 +55,14 @@ def collate(examples: list[Example], tok: Tokenizer) -> dict[str, torch.Tensor]:
     # Masks from lengths in one broadcast comparison each, not per row.
     attention_mask = np.arange(input_ids.shape[1]) < enc_len[:, None]
     decoder_attention_mask = np.arange(labels.shape[1]) < dec_len[:, None]
+    decoder_input_ids = np.empty_like(labels)
+    decoder_input_ids[:, 0] = tok.pad_id if decoder_start_id is None else decoder_start_id
+    decoder_input_ids[:, 1:] = np.where(labels[:, :-1] == IGNORE_INDEX, tok.pad_id, labels[:, :-1])
     return {
         "input_ids": torch.from_numpy(input_ids),
         "attention_mask": torch.from_numpy(attention_mask.astype(np.int64)),
         "labels": torch.from_numpy(labels),
         "decoder_attention_mask": torch.from_numpy(decoder_attention_mask.astype(np.int64)),
+        "decoder_input_ids": torch.from_numpy(decoder_input_ids),
         "task": torch.tensor([TASK_IDS[e.task] for e in examples], dtype=torch.long),
     }

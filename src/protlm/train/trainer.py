@@ -11,12 +11,13 @@ then follow the same loss curve as 1 process with the same global batch (the dis
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import json
 import math
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,10 +25,11 @@ import numpy as np
 import torch
 
 from protlm.config import T5Config, preset
+from protlm.convert import UnshardedDraws, build_model, load, materialize, save_pretrained
 from protlm.data.exclude import Exclusion
 from protlm.data.stream import SequenceStream
 from protlm.distributed import (DistEnv, all_reduce_sum, barrier, broadcast_object, gradient_sync, init_distributed,
-                                parallelize, resolve_strategy, unwrap)
+                                parallelize, resolve_strategy)
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.t5 import T5
 from protlm.objectives import IGNORE_INDEX, TASKS, PretrainBatches, TaskMixer, collate, fixed_examples
@@ -111,29 +113,43 @@ class Trainer:
             self._log(f"no checkpoint in {self.out}; starting from step 0")
         return found
 
-    def _build_tokenizer_and_model(self) -> tuple[Tokenizer, T5, T5Config]:
-        cfg = self.cfg
-        torch.manual_seed(cfg.run.seed)  # the same initial weights on every process
-        if cfg.model.init_from:
-            from protlm.convert import load
+    def _build_tokenizer_and_model(self) -> tuple[Tokenizer, T5, T5Config, Callable[[T5], None] | None]:
+        """The vocabulary, the model and its config, and for a fresh model the function that gives it weights.
 
+        A fresh model is built on the meta device: :func:`parallelize` calls :meth:`_init_weights` once the
+        model is placed (after sharding with FSDP2), so no process holds more than its part of it.
+        """
+        cfg = self.cfg
+        if cfg.model.init_from:
             pre = load(cfg.model.init_from)
             if pre.model.encoder_only:
                 raise ConfigError(f"model.init_from: {cfg.model.init_from} is encoder-only; pretraining needs a decoder")
             if cfg.model.overrides:
                 raise ConfigError("model.overrides cannot change the shape of a model loaded with model.init_from")
-            tok, model, mcfg = pre.tokenizer, pre.model, pre.config
-        else:
-            tok = protlm_tokenizer()
-            mcfg = build_model_config(cfg, tok)
+            return pre.tokenizer, pre.model.train(), pre.config, None
+        tok = protlm_tokenizer()
+        mcfg = build_model_config(cfg, tok)
+        with torch.device("meta"):
             model = T5(mcfg)
-            if cfg.model.lm_head_init == "t5x" and model.lm_head is not None and not mcfg.tie_word_embeddings:
-                with torch.no_grad():
-                    model.lm_head.weight.normal_(0.0, mcfg.initializer_factor * mcfg.d_model ** -0.5)
-        model.train()
-        return tok, model, mcfg
+        return tok, model.train(), mcfg, self._init_weights
 
-    def _build_data(self, tok: Tokenizer) -> tuple[PretrainBatches, TaskMixer]:
+    def _init_weights(self, model: T5) -> None:
+        """Storage on this process's device and the seeded initial weights, the same on every process and for
+        every sharding: those of ``torch.manual_seed(run.seed); T5(config)`` on the CPU, then the T5X LM head."""
+        materialize(model, self.env.device, self.cfg.run.seed)
+        mcfg = model.config
+        if self.cfg.model.lm_head_init == "t5x" and model.lm_head is not None and not mcfg.tie_word_embeddings:
+            with torch.no_grad(), UnshardedDraws(model):
+                model.lm_head.weight.normal_(0.0, mcfg.initializer_factor * mcfg.d_model ** -0.5)
+
+    def _stream(self, tok: Tokenizer, paths: list[str], seed: int, **options) -> SequenceStream:
+        """Sequences of ``paths`` under the run's length limits and bad-record policy."""
+        data = self.cfg.data
+        return SequenceStream(paths, tok, max_length=data.max_length, min_length=data.min_length, seed=seed,
+                              policy=data.policy, **options)
+
+    def _build_data(self, tok: Tokenizer, mcfg: T5Config) -> tuple[PretrainBatches, dict[str, list[dict]]]:
+        """This process's training micro-batches, and its share of the fixed validation batches per task."""
         cfg, env = self.cfg, self.env
         self.exclusion = None
         sequence_files = list(cfg.data.exclude_sequences)
@@ -141,32 +157,29 @@ class Trainer:
             sequence_files += [p for p in cfg.data.validation if p not in sequence_files]
         if sequence_files or cfg.data.exclude_ids:
             self.exclusion = Exclusion.from_files(cfg.data.exclude_ids, sequence_files, cfg.data.near_copies())
-        stream = SequenceStream(cfg.data.train, tok, max_length=cfg.data.max_length, min_length=cfg.data.min_length,
-                                seed=cfg.run.seed, rank=env.rank, world_size=env.world_size, exclude=self.exclusion,
-                                policy=cfg.data.policy)
+        stream = self._stream(tok, cfg.data.train, cfg.run.seed, rank=env.rank, world_size=env.world_size,
+                              exclude=self.exclusion)
         mixer = TaskMixer(cfg.objective, tok, max_length=cfg.data.max_length)
         batches = PretrainBatches(stream, mixer, batch_size=cfg.run.micro_batch_size, accumulation=self.accum,
-                                  seed=cfg.run.seed)
-        return batches, mixer
+                                  seed=cfg.run.seed, decoder_start_id=mcfg.decoder_start_token_id)
+        return batches, self._build_validation(tok, mixer, mcfg.decoder_start_token_id)
 
-    def _build_validation(self, tok: Tokenizer, mixer: TaskMixer) -> dict[str, list[dict]]:
+    def _build_validation(self, tok: Tokenizer, mixer: TaskMixer, start: int) -> dict[str, list[dict]]:
         """Fixed validation batches per task (this process's share), built once for the whole run."""
         cfg, env = self.cfg, self.env
         if not cfg.data.validation or cfg.eval.every == 0:
             return {}
         out = {}
         for task in mixer.tasks:
-            stream = SequenceStream(cfg.data.validation, tok, max_length=cfg.data.max_length,
-                                    min_length=cfg.data.min_length, seed=cfg.eval.seed, shuffle=False, epochs=1,
-                                    policy=cfg.data.policy)
+            stream = self._stream(tok, cfg.data.validation, cfg.eval.seed, shuffle=False, epochs=1)
             examples = fixed_examples(stream, mixer, task, seed=cfg.eval.seed, limit=cfg.data.validation_sequences)
             mine = examples[env.rank::env.world_size]
             # length-sorted batches waste less on padding; the order does not change the sums
             mine.sort(key=lambda e: len(e.input_ids))
-            out[task] = [collate(mine[i:i + cfg.eval.batch_size], tok)
+            out[task] = [collate(mine[i:i + cfg.eval.batch_size], tok, start)
                          for i in range(0, len(mine), cfg.eval.batch_size)]
             if examples:  # a process whose share is empty still has to join every forward (see _validate)
-                self._val_spare[task] = collate(examples[:1], tok)
+                self._val_spare[task] = collate(examples[:1], tok, start)
         return out
 
     def _residue_baselines(self, tok: Tokenizer, val: dict[str, list[dict]]) -> dict[str, float]:
@@ -183,8 +196,7 @@ class Trainer:
         if not val:
             return {}
         counts = np.ones(tok.vocab_size, dtype=np.float64)
-        stream = SequenceStream(cfg.data.train, tok, max_length=cfg.data.max_length, min_length=cfg.data.min_length,
-                                seed=cfg.run.seed, epochs=1, policy=cfg.data.policy, exclude=self.exclusion)
+        stream = self._stream(tok, cfg.data.train, cfg.run.seed, epochs=1, exclude=self.exclusion)
         for i, residues in enumerate(stream):
             counts += np.bincount(residues, minlength=tok.vocab_size)
             if i + 1 >= cfg.eval.baseline_sequences:
@@ -210,41 +222,18 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, env = self.cfg, self.env
         found = self._prepare_output()
-        tok, model, mcfg = self._build_tokenizer_and_model()
-        batches, mixer = self._build_data(tok)
-        val = self._build_validation(tok, mixer)
+        tok, model, mcfg, init = self._build_tokenizer_and_model()
+        batches, val = self._build_data(tok, mcfg)
         baseline = self._residue_baselines(tok, val)
         n_params = sum(p.numel() for p in model.parameters())
-        net = parallelize(model, self.strategy, env, cfg.run.activation_checkpointing)
+        net = parallelize(model, self.strategy, env, cfg.run.activation_checkpointing, materialize=init)
         optimizer = build_optimizer(net, cfg.optim, foreach=False if self.strategy == "fsdp" else None)
-
-        step = 0
-        self._tokens_seen = 0.0
-        if found is not None:
-            step = self._resume_from(found.path, mcfg, net, optimizer, batches)
-        # Dropout draws differ between processes (each sees different data); restored exactly on resume.
-        if found is None:
-            torch.manual_seed(cfg.run.seed + 1 + env.rank)
-        if env.is_main:
-            atomic_write_text(os.path.join(self.out, "config.yaml"), cfg.to_yaml())
-            atomic_write_text(os.path.join(self.out, "model_config.json"),
-                              __import__("json").dumps(mcfg.to_hf_dict(), indent=1) + "\n")
+        step = self._start(found, mcfg, net, optimizer, batches)
+        peak = self._announce(mcfg, step, n_params, baseline)
         metrics = MetricsLog(self.out, cfg.log.tensorboard, None if found is None else step) if env.is_main else None
-        peak, peak_source = peak_flops(env.device, self.precision.name, cfg.log.peak_tflops)
-        self._log(self.precision.describe())
-        self._log(f"{n_params / 1e6:.2f}M parameters, {self.strategy} on {env.world_size} process(es) "
-                  f"({env.device.type}), global batch {cfg.run.batch_size} = {cfg.run.micro_batch_size} x "
-                  f"{self.accum} accumulation x {env.world_size}; steps {step}->{cfg.run.steps}; "
-                  f"MFU peak {format_flops(peak)} in {self.precision.name} ({peak_source})")
-        if baseline:
-            self._log("baselines on validation residues (unigram / the protein's own composition): "
-                      + ", ".join(f"{t} {baseline[f'val/{t}/unigram_loss']:.4f} / "
-                                  f"{baseline[f'val/{t}/composition_loss']:.4f}"
-                                  for t in TASKS if f"val/{t}/unigram_loss" in baseline))
 
         residue_ids = torch.as_tensor(tok.residue_id_array, device=env.device)
         autocast = self._autocast()
-        world = env.world_size
         data = batches.loader(num_workers=cfg.data.workers)
         bar = self._progress(step)
         window = Throughput()
@@ -252,7 +241,6 @@ class Trainer:
         window_table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
         window_steps = 0
         last: dict[str, float] = {}
-        grad_norm = torch.zeros((), device=env.device)
         started = time.monotonic()
         try:
             # a run resumed after its token budget was used up has nothing left to train
@@ -260,33 +248,8 @@ class Trainer:
                 micro = [next(data) for _ in range(self.accum)]
                 if micro[0]["step"] != step:  # the data position and the step counter must agree
                     raise CheckpointError(f"data is at step {micro[0]['step']} but training is at step {step}")
-                # [target tokens, tokens through the model (encoder + decoder inputs, no padding)], all processes
-                counts = torch.tensor([[float((b["labels"] != IGNORE_INDEX).sum()),
-                                        float(b["attention_mask"].sum() + b["decoder_attention_mask"].sum())]
-                                       for b in micro], dtype=torch.float64).sum(0).to(env.device)
-                all_reduce_sum(counts)
-                global_tokens = float(counts[0])
-                self._tokens_seen += float(counts[1])
                 lr = lr_at(step + 1, cfg.optim, cfg.run.steps)
-                set_lr(optimizer, lr)
-                table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
-                for i, b in enumerate(micro):
-                    b = {k: (v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
-                    with gradient_sync(net, i == self.accum - 1):
-                        with autocast:
-                            out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                                      decoder_input_ids=self._shift_right(b["labels"], mcfg),
-                                      decoder_mask=b["decoder_attention_mask"])
-                        loss_sum, t = token_stats(out.logits, b["labels"], b["task"], residue_ids)
-                        (loss_sum * (world / global_tokens)).backward()
-                    table += t
-                    window.tokens += float(b["attention_mask"].sum())
-                    window.target_tokens += float(t[:, 1].sum())
-                    window.flops += step_flops(mcfg, b["attention_mask"].sum(1).cpu(),
-                                               b["decoder_attention_mask"].sum(1).cpu())
-                grad_norm = self._clip(net, cfg.optim.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                table, grad_norm = self._train_step(net, optimizer, micro, lr, mcfg, residue_ids, autocast, window)
                 step += 1
                 window_table += table
                 window_steps += 1
@@ -300,17 +263,7 @@ class Trainer:
                     window_table.zero_()
                     window_steps = 0
                 if val and (step % cfg.eval.every == 0 or final):
-                    v = self._validate(net, val, mcfg, residue_ids, autocast)
-                    v.update(baseline)
-                    last.update(v)
-                    if metrics is not None:
-                        metrics.write(step, v)
-                        self._plot()
-                    self._log(f"step {step} validation: " + ", ".join(
-                        f"{t} {v[f'val/{t}/loss']:.4f} (residues {v.get(f'val/{t}/residue_loss', math.nan):.4f}"
-                        f" vs unigram {v.get(f'val/{t}/unigram_loss', math.nan):.4f},"
-                        f" composition {v.get(f'val/{t}/composition_loss', math.nan):.4f})"
-                        for t in TASKS if f"val/{t}/loss" in v))
+                    last.update(self._validate(step, net, val, baseline, residue_ids, autocast, metrics))
                     window.reset()  # validation time is not training throughput
                 if step % cfg.checkpoint.every == 0 or final:
                     self._save(step, net, optimizer, batches, mcfg)
@@ -326,7 +279,70 @@ class Trainer:
         final_dir = self._export(net, mcfg, tok) if cfg.checkpoint.export else None
         return TrainResult(step, self.out, final_dir, last, env.is_main, self._tokens_seen)
 
+    def _start(self, found, mcfg: T5Config, net, optimizer, batches: PretrainBatches) -> int:
+        """The step to start from: 0, or the resumed checkpoint's (with model, optimizer, data and RNG restored)."""
+        self._tokens_seen = 0.0
+        if found is not None:
+            return self._resume_from(found.path, mcfg, net, optimizer, batches)
+        # Dropout draws differ between processes (each sees different data); restored exactly on resume.
+        torch.manual_seed(self.cfg.run.seed + 1 + self.env.rank)
+        return 0
+
+    def _announce(self, mcfg: T5Config, step: int, n_params: int, baseline: dict[str, float]) -> float:
+        """Write the resolved config files and log what runs where; returns the peak FLOP/s for MFU."""
+        cfg, env = self.cfg, self.env
+        if env.is_main:
+            atomic_write_text(os.path.join(self.out, "config.yaml"), cfg.to_yaml())
+            atomic_write_text(os.path.join(self.out, "model_config.json"), json.dumps(mcfg.to_hf_dict(), indent=1) + "\n")
+        peak, peak_source = peak_flops(env.device, self.precision.name, cfg.log.peak_tflops)
+        self._log(self.precision.describe())
+        self._log(f"{n_params / 1e6:.2f}M parameters, {self.strategy} on {env.world_size} process(es) "
+                  f"({env.device.type}), global batch {cfg.run.batch_size} = {cfg.run.micro_batch_size} x "
+                  f"{self.accum} accumulation x {env.world_size}; steps {step}->{cfg.run.steps}; "
+                  f"MFU peak {format_flops(peak)} in {self.precision.name} ({peak_source})")
+        if baseline:
+            self._log("baselines on validation residues (unigram / the protein's own composition): "
+                      + ", ".join(f"{t} {baseline[f'val/{t}/unigram_loss']:.4f} / "
+                                  f"{baseline[f'val/{t}/composition_loss']:.4f}"
+                                  for t in TASKS if f"val/{t}/unigram_loss" in baseline))
+        return peak
+
     # --- pieces of a step -----------------------------------------------------------------------------------
+    def _train_step(self, net, optimizer, micro: list[dict], lr: float, mcfg: T5Config, residue_ids, autocast,
+                    window: Throughput) -> tuple[torch.Tensor, torch.Tensor]:
+        """One optimizer step over this process's micro-batches; returns the per-task sums (see ``SLOTS``) and
+        the gradient norm, and adds the step's tokens and FLOPs to ``window``."""
+        env = self.env
+        # [target tokens, tokens through the model (encoder + decoder inputs, no padding)], all processes
+        counts = torch.tensor([[float((b["labels"] != IGNORE_INDEX).sum()),
+                                float(b["attention_mask"].sum() + b["decoder_attention_mask"].sum())]
+                               for b in micro], dtype=torch.float64).sum(0).to(env.device)
+        all_reduce_sum(counts)
+        global_tokens = float(counts[0])
+        self._tokens_seen += float(counts[1])
+        set_lr(optimizer, lr)
+        table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=env.device)
+        for i, b in enumerate(micro):
+            b = {k: (v.to(env.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in b.items()}
+            with gradient_sync(net, i == self.accum - 1):
+                with autocast:
+                    out = self._forward(net, b)
+                loss_sum, t = token_stats(out.logits, b["labels"], b["task"], residue_ids)
+                (loss_sum * (env.world_size / global_tokens)).backward()
+            table += t
+            window.tokens += float(b["attention_mask"].sum())
+            window.target_tokens += float(t[:, 1].sum())
+            window.flops += step_flops(mcfg, b["attention_mask"].sum(1).cpu(), b["decoder_attention_mask"].sum(1).cpu())
+        grad_norm = self._clip(net, self.cfg.optim.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return table, grad_norm
+
+    @staticmethod
+    def _forward(net, b: dict):
+        return net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                   decoder_input_ids=b["decoder_input_ids"], decoder_mask=b["decoder_attention_mask"])
+
     def _out_of_time(self, started: float) -> bool:
         """Whether run.time_limit_minutes has passed (rank 0's clock decides, so all processes stop together)."""
         limit = self.cfg.run.time_limit_minutes
@@ -351,13 +367,6 @@ class Trainer:
         if self.precision.half:
             return torch.autocast(self.env.device.type, dtype=self.precision.dtype)
         return contextlib.nullcontext()
-
-    @staticmethod
-    def _shift_right(labels: torch.Tensor, mcfg: T5Config) -> torch.Tensor:
-        """Teacher forcing: the decoder reads the start token, then the target shifted by one."""
-        start = torch.full_like(labels[:, :1], mcfg.decoder_start_token_id)
-        shifted = torch.cat([start, labels[:, :-1]], dim=1)
-        return shifted.masked_fill(shifted == IGNORE_INDEX, mcfg.pad_token_id)
 
     @staticmethod
     def _clip(net: torch.nn.Module, max_norm: float) -> torch.Tensor:
@@ -391,8 +400,22 @@ class Trainer:
                             tok_s=f"{values['train/tokens_per_s']:.0f}", refresh=False)
         return values
 
+    def _validate(self, step, net, val, baseline, residue_ids, autocast, metrics) -> dict[str, float]:
+        """Validation loss per task (with the baselines), logged and written to the metrics."""
+        v = self._validation_sums(net, val, residue_ids, autocast)
+        v.update(baseline)
+        if metrics is not None:
+            metrics.write(step, v)
+            self._plot()
+        self._log(f"step {step} validation: " + ", ".join(
+            f"{t} {v[f'val/{t}/loss']:.4f} (residues {v.get(f'val/{t}/residue_loss', math.nan):.4f}"
+            f" vs unigram {v.get(f'val/{t}/unigram_loss', math.nan):.4f},"
+            f" composition {v.get(f'val/{t}/composition_loss', math.nan):.4f})"
+            for t in TASKS if f"val/{t}/loss" in v))
+        return v
+
     @torch.no_grad()
-    def _validate(self, net, val, mcfg, residue_ids, autocast) -> dict[str, float]:
+    def _validation_sums(self, net, val, residue_ids, autocast) -> dict[str, float]:
         net.eval()
         table = torch.zeros(len(TASKS), len(SLOTS), dtype=torch.float64, device=self.env.device)
         # Every process must run the same number of forwards (FSDP gathers parameters in each), so a process
@@ -406,9 +429,7 @@ class Trainer:
                 b = batches[i] if i < len(batches) else batches[-1] if batches else self._val_spare[task]
                 b = {k: (v.to(self.env.device) if torch.is_tensor(v) else v) for k, v in b.items()}
                 with autocast:
-                    out = net(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                              decoder_input_ids=self._shift_right(b["labels"], mcfg),
-                              decoder_mask=b["decoder_attention_mask"])
+                    out = self._forward(net, b)
                 _, t = token_stats(out.logits, b["labels"], b["task"], residue_ids)
                 if i < len(batches):  # padding forwards (to keep processes in step) do not count
                     table += t
@@ -472,20 +493,10 @@ class Trainer:
         """The final weights in the Hugging Face layout (``protlm.load`` and ``transformers`` both read it)."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        from protlm.convert import save_pretrained
-
         state = get_model_state_dict(net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         final = os.path.join(self.out, "final")
         if self.env.is_main:
-            with torch.device("meta"):
-                plain = T5(mcfg)
-            plain.load_state_dict({k: v for k, v in state.items()}, strict=False, assign=True)
-            if plain.lm_head is not None and mcfg.tie_word_embeddings:
-                plain.lm_head.weight = plain.shared.weight
-            missing = [n for n, p in plain.named_parameters() if p.is_meta]
-            if missing:
-                raise CheckpointError(f"export: parameters missing from the trained state: {missing[:4]}")
-            save_pretrained(plain, final, tok)
+            save_pretrained(build_model(mcfg, state=state, source="export"), final, tok)
             self._log(f"final model written to {final}")
         barrier()
         return final
