@@ -133,12 +133,10 @@ def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_
     residue_ids = torch.as_tensor(tok.residue_id_array)
     out = []
     for g in groups:
-        cols = collate([proteins[i].example for i in g], tok)
+        cols = collate([proteins[i].example for i in g], tok, decoder_start_id)
         ids, labels = cols["input_ids"], cols["labels"]
         enc_tokens = torch.isin(ids, residue_ids) & cols["attention_mask"].bool()
-        start = torch.full_like(labels[:, :1], decoder_start_id)
-        shifted = torch.cat([start, labels[:, :-1]], dim=1)
-        shifted = shifted.masked_fill(shifted == IGNORE_INDEX, tok.pad_id)
         pred_mask = torch.isin(labels, residue_ids)
-        out.append(DepthBatch(np.asarray(g), ids, cols["attention_mask"], enc_tokens, labels, shifted, pred_mask))
+        out.append(DepthBatch(np.asarray(g), ids, cols["attention_mask"], enc_tokens, labels,
+                              cols["decoder_input_ids"], pred_mask))
     return out
