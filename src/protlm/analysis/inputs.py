@@ -18,7 +18,7 @@ from torch import Tensor
 from protlm.data.fasta import read_sequences
 from protlm.errors import ConfigError, InputError
 from protlm.objectives.denoise import denoise_with_mask, noise_mask
-from protlm.objectives.example import IGNORE_INDEX, Example, collate
+from protlm.objectives.example import Example, collate
 from protlm.tokenizer.vocab import Tokenizer
 
 

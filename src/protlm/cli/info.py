@@ -13,7 +13,7 @@ def add_parser(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from protlm.config import PRESET_NAMES, preset
+    from protlm.config import PRESET_NAMES
 
     if args.presets:
         print("\n".join(PRESET_NAMES))

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from protlm.convert import load, read_config
-from protlm.errors import ConfigError, InputError
+from protlm.errors import InputError
 from protlm.evaluate.datasets import LabelledRecord
 from protlm.precision import choose
 
