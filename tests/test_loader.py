@@ -111,3 +111,16 @@ def test_random_init_means_the_twin_in_every_command(checkpoint, tmp_path):
                  ["generate", "debug", "--prefix", "MKT"],
                  ["analyze", "depth", "debug", FASTA, "-o", str(tmp_path / "d2")]):
         assert main(argv) == 2
+
+
+def test_every_dtype_option_takes_the_same_names(checkpoint, tmp_path):
+    path, _ = checkpoint
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVK\n")
+    out = tmp_path / "p.h5"
+    assert main(["embed", path, str(fasta), "--per-protein", str(out), "--dtype", "float32", "--store-dtype", "half",
+                 "--no-progress"]) == 0
+    with h5py.File(out) as f:
+        assert f.attrs["dtype"] == "fp32" and f.attrs["store_dtype"] == "float16" and f["a"].dtype == "float16"
+    assert main(["embed", path, str(fasta), "--per-protein", str(tmp_path / "q.h5"), "--store-dtype", "bf16"]) == 2
+    assert main(["generate", path, "--prefix", "MKT", "--greedy", "--max-new-tokens", "2", "--dtype", "float32"]) == 0
