@@ -101,3 +101,27 @@ def test_invalid_json(tmp_path):
         T5Config.from_json(tmp_path / "config.json")
     with pytest.raises(ConfigError, match="no such config file"):
         T5Config.from_json(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("data", [
+    {},  # every key missing
+    {"d_model": 96, "num_layers": 3, "num_heads": 4, "d_kv": 24},  # shape given, numerics and head left out
+    # a ProtT5-style file: no tie_word_embeddings, no feed_forward_proj, no dropout_rate
+    {"architectures": ["T5WithLMHeadModel"], "d_ff": 160, "d_kv": 16, "d_model": 64, "num_heads": 4,
+     "num_layers": 2, "vocab_size": 128, "model_type": "t5"},
+])
+def test_missing_keys_mean_what_transformers_makes_of_them(tmp_path, data):
+    transformers = pytest.importorskip("transformers")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "t5", **data}))
+    ours = T5Config.from_json(tmp_path / "config.json")
+    theirs = transformers.T5Config.from_pretrained(tmp_path)
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+                 "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "initializer_factor",
+                 "feed_forward_proj", "pad_token_id", "eos_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.n_decoder_layers == theirs.num_decoder_layers
+    # protlm's tie_word_embeddings is the tied *and rescaled* head (transformers 5 splits it in two)
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings == getattr(theirs, "scale_decoder_outputs", True)
+    # and a file transformers writes itself reads back the same
+    theirs.save_pretrained(tmp_path / "resaved")
+    assert T5Config.from_json(tmp_path / "resaved" / "config.json") == ours.replace(num_decoder_layers=ours.n_decoder_layers)

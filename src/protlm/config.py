@@ -34,6 +34,17 @@ _HF_PASSIVE_KEYS = frozenset({
 })
 
 
+# What ``transformers.T5Config`` assumes for a key its config.json leaves out. Published files hold only some keys
+# (Rostlab/prot_t5_xl_uniref50 has no tie_word_embeddings, for example), and ``save_pretrained`` may omit values
+# equal to the class defaults, so a missing key must mean what transformers makes of it, not protlm's own
+# default. Checked against the installed transformers in tests/test_config.py.
+HF_T5_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6, num_heads=8, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, dropout_rate=0.1, layer_norm_epsilon=1e-6, initializer_factor=1.0,
+    feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)
+
+
 @dataclass
 class T5Config:
     """Shape and numerics of a T5 encoder-decoder (field names follow ``transformers.T5Config``)."""
@@ -138,6 +149,8 @@ class T5Config:
             raise ConfigError(f"{path}: expected a JSON object")
         if data.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
             raise ConfigError(f"{path}: model_type {data.get('model_type')!r} is not a T5 model")
+        if data.get("model_type", "t5") == "t5":
+            data = {**HF_T5_DEFAULTS, **data}
         return cls.from_dict(data, source=path, strict=False)
 
     def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
