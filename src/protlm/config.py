@@ -137,21 +137,16 @@ class T5Config:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "T5Config":
-        path = os.fspath(path)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such config file") from None
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_hf_dict(read_json_object(path), os.fspath(path))
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str) -> "T5Config":
+        """The content of a ``config.json`` as transformers reads it (missing keys take its T5 defaults)."""
         if data.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
-            raise ConfigError(f"{path}: model_type {data.get('model_type')!r} is not a T5 model")
+            raise ConfigError(f"{source}: model_type {data.get('model_type')!r} is not a T5 model")
         if data.get("model_type", "t5") == "t5":
             data = {**HF_T5_DEFAULTS, **data}
-        return cls.from_dict(data, source=path, strict=False)
+        return cls.from_dict(data, source=source, strict=False)
 
     def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
         from protlm.utils import atomic_write_text
@@ -218,6 +213,21 @@ _PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PRESET_NAMES = tuple(_PRESETS)
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    """A JSON file holding one object, with one-line errors naming the file."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return data
 
 
 def preset(name: str, **overrides: Any) -> T5Config:

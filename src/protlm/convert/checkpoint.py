@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from protlm.config import PRESET_NAMES, T5Config, preset
+from protlm.config import PRESET_NAMES, T5Config, preset, read_json_object
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.t5 import T5
 from protlm.precision import Precision, choose
@@ -209,9 +209,8 @@ def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple
     if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
         return preset(os.fspath(spec)), False
     path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
-    config = T5Config.from_json(path)
-    with open(path, encoding="utf-8") as fh:
-        return config, "T5EncoderModel" in (json.load(fh).get("architectures") or [])
+    data = read_json_object(path)
+    return T5Config.from_hf_dict(data, path), "T5EncoderModel" in (data.get("architectures") or [])
 
 
 def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) -> Pretrained:

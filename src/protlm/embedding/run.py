@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from protlm.convert import load
+from protlm.distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from protlm.embedding.engine import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder
 from protlm.embedding.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
-from protlm.distributed import all_gather_object, barrier, broadcast_object, init_distributed
 from protlm.errors import ConfigError, InputError
 from protlm.precision import Precision, canonical, choose
 
