@@ -1,7 +1,9 @@
-"""Model configuration: one dataclass that mirrors the Hugging Face T5 ``config.json``.
+"""Model configuration: one dataclass per family, mirroring the Hugging Face ``config.json`` of that family.
 
-Field names and meanings are those of ``transformers.T5Config`` so that a published ``config.json`` reads
-directly and a saved one loads in ``transformers``. Presets carry the published model shapes.
+Field names and meanings are those of ``transformers.T5Config`` and ``transformers.EsmConfig`` so that a published
+``config.json`` reads directly and a saved one loads in ``transformers``. A key a file leaves out means what
+transformers' config class makes of it. Presets carry the published model shapes. :func:`config_from_hf_dict`
+picks the family from ``model_type``.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from protlm.errors import ConfigError
 from protlm.settings import build
@@ -157,6 +159,137 @@ class T5Config:
         return T5Config.from_dict({**self.to_dict(), **changes}, source="override")
 
 
+# --- ESM-2 (and DPLM, which keeps ESM-2's architecture) ------------------------------------------------------
+ESM_FAMILIES = ("esm2", "dplm", "custom")
+
+# Keys of an ESM config.json that do not change the network protlm builds. ``vocab_list`` and
+# ``esmfold_config`` belong to ESMFold; ``dplm_type`` names DPLM's wrapper class (its weights are ESM-2's).
+_HF_ESM_PASSIVE_KEYS = _HF_PASSIVE_KEYS | frozenset({
+    "vocab_list", "esmfold_config", "is_folding_model", "dplm_type", "hidden_act", "type_vocab_size",
+})
+
+# transformers.EsmConfig's defaults for keys a config.json leaves out (checked in tests/test_esm.py). Note that
+# they are BERT's, not ESM-2's: a file without position_embedding_type means absolute positions.
+HF_ESM_DEFAULTS: dict[str, Any] = dict(
+    hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1, max_position_embeddings=1026, initializer_range=0.02, layer_norm_eps=1e-12,
+    position_embedding_type="absolute", emb_layer_norm_before=None, token_dropout=False, tie_word_embeddings=True,
+    rope_theta=10000.0,
+)
+
+
+@dataclass
+class EsmConfig:
+    """Shape and numerics of an ESM-style masked LM (field names follow ``transformers.EsmConfig``).
+
+    The defaults are ESM-2's conventions (rotary positions, token-dropout rescaling, eps 1e-5, its 33-token
+    vocabulary) in the shape of esm2_t6_8M.
+    """
+
+    vocab_size: int = 33
+    hidden_size: int = 320  # width of the residual stream
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 20
+    intermediate_size: int = 1280  # hidden width of the feed-forward block
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    max_position_embeddings: int = 1026  # ESM-2 was trained on crops of 1022 residues plus <cls> and <eos>
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-5
+    position_embedding_type: Literal["rotary", "absolute"] = "rotary"
+    emb_layer_norm_before: bool | None = False  # a LayerNorm on the embeddings (ESM-1b); ESM-2 has none
+    token_dropout: bool = True  # zero <mask> embeddings and rescale by the observed mask ratio (ESM-2 training)
+    mask_token_id: int | None = 32
+    pad_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    tie_word_embeddings: bool = True  # the LM head's decoder shares the word embeddings
+    rope_theta: float = 10000.0
+    # protlm-only: the published family ("esm2", "dplm"); transformers ignores it.
+    protlm_family: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.protlm_family not in ESM_FAMILIES:
+            raise ConfigError(f"protlm_family={self.protlm_family!r} is not one of {', '.join(ESM_FAMILIES)}")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
+            raise ConfigError(f"num_hidden_layers must be a non-negative integer, got {self.num_hidden_layers!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("rotary positions need an even head width (hidden_size / num_attention_heads)")
+
+    # the names the workflows read, whatever the family
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
+        """The ``config.json`` content that ``transformers`` reads (``EsmForMaskedLM``, or ``EsmModel`` without
+        the LM head)."""
+        return {**self.to_dict(), "model_type": "esm",
+                "architectures": ["EsmModel" if encoder_only else "EsmForMaskedLM"]}
+
+    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
+        from protlm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes: Any) -> "EsmConfig":
+        return build(EsmConfig, {**self.to_dict(), **changes}, "override")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "EsmConfig":
+        return build(cls, data, source)
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str) -> "EsmConfig":
+        """The content of an ESM ``config.json`` as transformers reads it (missing keys take its defaults)."""
+        data = {**HF_ESM_DEFAULTS, **data}
+        for key in ("vocab_size",):
+            if data.get(key) is None:
+                raise ConfigError(f"{source}: {key} is missing; an ESM config.json must give it")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in fields or k not in _HF_ESM_PASSIVE_KEYS}
+        if data.get("emb_layer_norm_before") is None:
+            data["emb_layer_norm_before"] = False
+        return build(cls, data, source)
+
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5", "esm")
+
+
+def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig":
+    """The family's config for a ``config.json``, chosen by its ``model_type``."""
+    model_type = data.get("model_type", "t5")
+    if model_type == "esm":
+        cfg = EsmConfig.from_hf_dict(data, source)
+        if cfg.protlm_family == "custom":  # name the published family from what marks it
+            if "dplm_type" in data or any("DPLM" in a for a in data.get("architectures") or []):
+                cfg = cfg.replace(protlm_family="dplm")
+            elif cfg.vocab_size == 33 and cfg.position_embedding_type == "rotary" and cfg.token_dropout:
+                cfg = cfg.replace(protlm_family="esm2")
+        return cfg
+    if model_type in ("t5", "mt5", "umt5"):
+        return T5Config.from_hf_dict(data, source)
+    raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: "
+                      f"{', '.join(SUPPORTED_MODEL_TYPES)})")
+
+
 # --- presets -------------------------------------------------------------------------------------------------
 # Published shapes. Ankh3 values are from the Ankh3 paper, Table 1 (seeds/000). Ankh and Ankh2 values, and the
 # fields the Ankh3 paper does not state (eps, pad/eos ids), follow the published config.json files of
@@ -212,7 +345,21 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 
-PRESET_NAMES = tuple(_PRESETS)
+# ESM-2 shapes follow the published config.json files of facebook/esm2_t{6,12,30,33,36,48}_* (Lin et al.,
+# Science 2023, Table S1); the names give the published parameter counts, checked in tests/test_esm.py. DPLM keeps
+# ESM-2's architecture and vocabulary at 150M, 650M and 3B (Wang et al., ICML 2024; airkingbd/dplm_* configs).
+_ESM_SHAPES = {
+    "esm2_t6_8M": (6, 320, 20), "esm2_t12_35M": (12, 480, 20), "esm2_t30_150M": (30, 640, 20),
+    "esm2_t33_650M": (33, 1280, 20), "esm2_t36_3B": (36, 2560, 40), "esm2_t48_15B": (48, 5120, 40),
+    "dplm_150m": (30, 640, 20), "dplm_650m": (33, 1280, 20), "dplm_3b": (36, 2560, 40),
+}
+_ESM_PRESETS: dict[str, dict[str, Any]] = {
+    name: dict(num_hidden_layers=n, hidden_size=d, num_attention_heads=h, intermediate_size=4 * d,
+               protlm_family="dplm" if name.startswith("dplm") else "esm2")
+    for name, (n, d, h) in _ESM_SHAPES.items()
+}
+
+PRESET_NAMES = tuple(_PRESETS) + tuple(_ESM_PRESETS)
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -230,8 +377,10 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def preset(name: str, **overrides: Any) -> T5Config:
+def preset(name: str, **overrides: Any) -> "T5Config | EsmConfig":
     """A named published (or CPU-scale) shape, optionally with fields overridden."""
+    if name in _ESM_PRESETS:
+        return EsmConfig.from_dict({**_ESM_PRESETS[name], **overrides}, source=f"preset {name}")
     if name not in _PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(_PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return T5Config.from_dict({**_PRESETS[name], **overrides}, source=f"preset {name}")

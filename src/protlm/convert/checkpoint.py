@@ -1,9 +1,10 @@
-"""Reading and writing checkpoints in the Hugging Face layout.
+"""Reading and writing checkpoints in the Hugging Face layout, for every family.
 
 A checkpoint directory holds ``config.json``, the weights (``model.safetensors``, ``pytorch_model.bin``, or a
-sharded ``*.index.json``) and the vocabulary (``tokenizer.json`` or ``spiece.model``). Our module names are the
-Hugging Face names, so the key map is the identity plus the declared aliases below; every tensor in a file must
-be either a model parameter or a declared alias, and every parameter must be in the file.
+sharded ``*.index.json``) and the vocabulary (``tokenizer.json``, ``spiece.model`` or ``vocab.txt``). The family
+comes from ``config.json``'s ``model_type`` (T5 or ESM). Our module names are the Hugging Face names, so the key
+map is the identity plus the declared aliases below; every tensor in a file must be either a model parameter, a
+declared alias or a declared buffer copy, and every parameter must be in the file.
 """
 
 from __future__ import annotations
@@ -15,24 +16,29 @@ from dataclasses import dataclass
 
 import torch
 
-from protlm.config import PRESET_NAMES, T5Config, preset, read_json_object
+from protlm.config import PRESET_NAMES, EsmConfig, T5Config, config_from_hf_dict, preset, read_json_object
 from protlm.errors import CheckpointError, ConfigError
+from protlm.model.esm import ESM
 from protlm.model.t5 import T5
 from protlm.precision import Precision, choose
-from protlm.tokenizer.vocab import Tokenizer, load_tokenizer, protlm_tokenizer
+from protlm.tokenizer.vocab import Tokenizer, esm_tokenizer, load_tokenizer, protlm_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.index.json", "pytorch_model*.bin", "tokenizer.json",
-                "spiece.model", "tokenizer_config.json", "special_tokens_map.json"]
+                "spiece.model", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
+
+Model = T5 | ESM
+ModelConfig = T5Config | EsmConfig
 
 
 @dataclass
 class Pretrained:
-    """What :func:`load` returns: the network, the vocabulary it was trained with, and its config."""
+    """What :func:`load` returns for every family: the network, the vocabulary it was trained with, and its
+    config."""
 
-    model: T5
+    model: Model
     tokenizer: Tokenizer
-    config: T5Config
+    config: ModelConfig
     source: str  # the checkpoint directory or Hub id, or "random-init <preset|directory|Hub id> seed=<n>"
     precision: Precision | None = None  # the compute precision a dtype option resolved to, if one was given
 
@@ -42,8 +48,15 @@ class Pretrained:
 
 
 # --- key map -------------------------------------------------------------------------------------------------
-def key_aliases(model: T5) -> dict[str, str]:
+_ESM_INV_FREQ = re.compile(r"(esm\.)?(encoder\.layer\.\d+\.attention\.self\.)?rotary_embeddings\.inv_freq")
+_ESM_IGNORED = re.compile(r"(esm\.)?embeddings\.position_ids")  # an index buffer some files carry
+
+
+def key_aliases(model: Model) -> dict[str, str]:
     """File keys that are copies of a parameter stored under another name (tied embeddings)."""
+    if isinstance(model, ESM):
+        tied = model.lm_head is not None and model.config.tie_word_embeddings
+        return {"lm_head.decoder.weight": "esm.embeddings.word_embeddings.weight"} if tied else {}
     aliases = {"encoder.embed_tokens.weight": "shared.weight"}
     if model.decoder is not None:
         aliases["decoder.embed_tokens.weight"] = "shared.weight"
@@ -52,7 +65,7 @@ def key_aliases(model: T5) -> dict[str, str]:
     return aliases
 
 
-def canonical_state(model: T5) -> dict[str, torch.Tensor]:
+def canonical_state(model: Model) -> dict[str, torch.Tensor]:
     """Parameters under their Hugging Face names, each stored once."""
     aliases = key_aliases(model)
     return {k: v for k, v in model.state_dict().items() if k not in aliases}
@@ -138,7 +151,7 @@ def resolve_path(path_or_id: str, revision: str | None = None, config_only: bool
 
 
 def load(
-    spec: "str | os.PathLike | T5Config",
+    spec: "str | os.PathLike | ModelConfig",
     *,
     random_init: bool = False,
     encoder_only: bool | None = None,
@@ -161,8 +174,8 @@ def load(
     """
     if random_init:
         pre = _random(spec, seed, encoder_only, revision)
-    elif isinstance(spec, T5Config):
-        raise ConfigError("a T5Config has no weights; pass random_init=True for random ones")
+    elif isinstance(spec, (T5Config, EsmConfig)):
+        raise ConfigError(f"a {type(spec).__name__} has no weights; pass random_init=True for random ones")
     else:
         if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
             raise ConfigError(f"{spec!r} is a preset, not a checkpoint; add --random-init (random_init=True) "
@@ -179,7 +192,10 @@ def load(
 
 
 def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
-    config = T5Config.from_json(os.path.join(directory, "config.json"))
+    path = os.path.join(directory, "config.json")
+    config = config_from_hf_dict(read_json_object(path), path)
+    if isinstance(config, EsmConfig):
+        return _esm_from_checkpoint(directory, config, encoder_only)
     tokenizer = load_tokenizer(directory, config.protlm_family)
     family = infer_family(config, tokenizer)
     if family != config.protlm_family:
@@ -204,41 +220,76 @@ def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
     return Pretrained(model, tokenizer, config, directory)
 
 
-def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple[T5Config, bool]:
+def _esm_from_checkpoint(directory: str, config: EsmConfig, encoder_only: bool | None) -> Pretrained:
+    tokenizer = load_tokenizer(directory)
+    if tokenizer is None:
+        raise CheckpointError(f"{directory}: no vocab.txt (or tokenizer.json); protlm will not guess the ids of a "
+                              f"{config.vocab_size}-token ESM vocabulary")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{directory}: the vocabulary has {tokenizer.vocab_size} tokens but config.json "
+                              f"says vocab_size {config.vocab_size}")
+    state = read_weights(directory)
+    if not any(k.startswith(("esm.", "lm_head.")) for k in state):  # EsmModel layout: no "esm." prefix
+        state = {f"esm.{k}": v for k, v in state.items()}
+    has_head = any(k.startswith("lm_head.") for k in state)
+    encoder_only = (not has_head) if encoder_only is None else encoder_only
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    elif not has_head:
+        raise CheckpointError(f"{directory}: no LM head (lm_head.*) in the weights; this is an EsmModel checkpoint, "
+                              "usable for embeddings only")
+    model = build_model(config, encoder_only=encoder_only, state=state, source=directory,
+                        contact_head="esm.contact_head.regression.weight" in state,
+                        pooler="esm.pooler.dense.weight" in state).eval()
+    return Pretrained(model, tokenizer, config, directory)
+
+
+def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple[ModelConfig, bool]:
     """(config, stored encoder-only) of a preset name, a checkpoint directory or a Hub id, without weights."""
     if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
         return preset(os.fspath(spec)), False
     path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
     data = read_json_object(path)
-    return T5Config.from_hf_dict(data, path), "T5EncoderModel" in (data.get("architectures") or [])
+    architectures = data.get("architectures") or []
+    return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel"} & set(architectures))
 
 
 def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) -> Pretrained:
     """Random weights in the shape of a preset, a config, or a checkpoint (its twin)."""
-    if isinstance(spec, T5Config):
+    if isinstance(spec, (T5Config, EsmConfig)):
         config, name, stored_encoder_only = spec, "config", False
     else:
         config, stored_encoder_only = read_config(spec, revision)
         name = os.path.abspath(spec) if os.path.isdir(spec) else os.fspath(spec)
+    encoder_only = stored_encoder_only if encoder_only is None else encoder_only
+    if isinstance(config, EsmConfig):
+        tokenizer = esm_tokenizer()
+        if config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"{name}: vocab_size {config.vocab_size} is smaller than ESM's {tokenizer.vocab_size}-token "
+                              "alphabet, which a random-init ESM model uses")
+        model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
+        return Pretrained(model, tokenizer, config, f"random-init {name} seed={seed}")
     if config.vocab_size < 256:
         # A random model has no vocabulary of its own; it gets protlm's 256-id one (published shapes with
         # 128 or 144 ids are widened, which changes only the embedding and LM-head rows).
         config = config.replace(vocab_size=256)
-    encoder_only = stored_encoder_only if encoder_only is None else encoder_only
     model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
     return Pretrained(model, protlm_tokenizer(), config, f"random-init {name} seed={seed}")
 
 
-def build_model(config: T5Config, *, encoder_only: bool = False, state: dict[str, torch.Tensor] | None = None,
-                source: str = "weights", device: str | torch.device = "cpu", seed: int | None = None) -> T5:
-    """The one way protlm makes a T5: the structure on the meta device, then real tensors.
+def build_model(config: ModelConfig, *, encoder_only: bool = False, state: dict[str, torch.Tensor] | None = None,
+                source: str = "weights", device: str | torch.device = "cpu", seed: int | None = None,
+                **parts: bool) -> Model:
+    """The one way protlm makes a model of any family: the structure on the meta device, then real tensors.
+
+    ``parts`` are a family's optional modules (ESM: ``contact_head``, ``pooler``), present in a checkpoint or not.
 
     With ``state`` every parameter is assigned from it (each tensor accounted for); without, the model is
     materialised on ``device`` with T5's random init (see :func:`materialize`). Loading, training and truncation
     all come through here, so tying and the leftover-meta check live in one place.
     """
     with torch.device("meta"):
-        model = T5(config, encoder_only=encoder_only)
+        model = (ESM if isinstance(config, EsmConfig) else T5)(config, encoder_only=encoder_only, **parts)
     if state is None:
         materialize(model, device, seed)
     else:
@@ -246,7 +297,7 @@ def build_model(config: T5Config, *, encoder_only: bool = False, state: dict[str
     return model
 
 
-def materialize(model: T5, device: str | torch.device, seed: int | None = None) -> None:
+def materialize(model: Model, device: str | torch.device, seed: int | None = None) -> None:
     """Give a meta-built model real storage on ``device`` and T5's random init (seeded when ``seed`` is given).
 
     The trainer calls this after sharding, so each process allocates only its shard; the numbers are drawn on
@@ -254,6 +305,7 @@ def materialize(model: T5, device: str | torch.device, seed: int | None = None) 
     """
     model.to_empty(device=device)
     _retie(model)
+    _init_buffers(model)
     if seed is not None:
         torch.manual_seed(seed)
     # Replay the draws that eager construction makes (each nn.Linear / nn.Embedding initialises itself), so a
@@ -316,19 +368,32 @@ def _write_part(param: torch.Tensor, full: torch.Tensor) -> None:
         param.copy_(full)
 
 
-def _retie(model: T5) -> None:
+def _retie(model: Model) -> None:
     # assign=True and to_empty() give each module a new parameter object; the tied LM head must share again
-    if model.lm_head is not None and model.config.tie_word_embeddings:
+    if model.lm_head is None or not model.config.tie_word_embeddings:
+        return
+    if isinstance(model, ESM):
+        model.lm_head.decoder.weight = model.esm.embeddings.word_embeddings.weight
+    else:
         model.lm_head.weight = model.shared.weight
 
 
-def _check_materialized(model: T5, source: str) -> None:
+def _init_buffers(model: Model) -> None:
+    init = getattr(model, "init_buffers", None)
+    if init is not None:
+        init()
+
+
+def _check_materialized(model: Model, source: str) -> None:
     leftover = [n for n, p in model.named_parameters() if p.is_meta]
     if leftover:  # a parameter not covered by the map: a bug in protlm, not in the file
         raise CheckpointError(f"{source}: parameters left uninitialised: {_names(leftover)}")
 
 
-def _assign(model: T5, state: dict[str, torch.Tensor], source: str) -> None:
+def _assign(model: Model, state: dict[str, torch.Tensor], source: str) -> None:
+    inv_freq = None
+    if isinstance(model, ESM):
+        state, inv_freq = _esm_buffers(model, state, source)
     expected = canonical_state(model)
     aliases = key_aliases(model)
     unexpected = [k for k in state if k not in expected and k not in aliases]
@@ -342,10 +407,11 @@ def _assign(model: T5, state: dict[str, torch.Tensor], source: str) -> None:
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {_names(missing)}")
-    vocab_rows = state["shared.weight"].shape[0]
+    embedding = "esm.embeddings.word_embeddings.weight" if isinstance(model, ESM) else "shared.weight"
+    vocab_rows = state[embedding].shape[0]
     if vocab_rows != model.config.vocab_size:
         raise CheckpointError(
-            f"{source}: shared.weight has {vocab_rows} rows but config vocab_size is {model.config.vocab_size}"
+            f"{source}: {embedding} has {vocab_rows} rows but config vocab_size is {model.config.vocab_size}"
         )
     for k, ref in expected.items():
         if tuple(state[k].shape) != tuple(ref.shape):
@@ -355,7 +421,26 @@ def _assign(model: T5, state: dict[str, torch.Tensor], source: str) -> None:
             raise CheckpointError(f"{source}: tensor {alias} has shape {tuple(state[alias].shape)}, expected {tuple(expected[target].shape)}")
     model.load_state_dict({k: state[k] for k in expected}, strict=False, assign=True)
     _retie(model)
+    if isinstance(model, ESM) and model.esm.rotary_embeddings is not None:
+        rot = model.esm.rotary_embeddings
+        rot.inv_freq = inv_freq.float() if inv_freq is not None else rot.default_inv_freq()
     _check_materialized(model, source)
+
+
+def _esm_buffers(model: ESM, state: dict[str, torch.Tensor], source: str):
+    """(state without buffers, the stored rotary inv_freq or None). Files hold inv_freq once per layer (older
+    layout) or once per model (newer); the stored values are kept as stored, since they may have been rounded when
+    saved and the published outputs were computed with them. The position-id index buffer is dropped."""
+    stored = sorted(k for k in state if _ESM_INV_FREQ.fullmatch(k))
+    expected = (model.config.hidden_size // model.config.num_attention_heads) // 2
+    if stored and model.esm.rotary_embeddings is None:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {_names(stored)}: rotary tables, but the config says "
+                              f"position_embedding_type={model.config.position_embedding_type!r}")
+    if stored and tuple(state[stored[0]].shape) != (expected,):
+        raise CheckpointError(f"{source}: tensor {stored[0]} has shape {tuple(state[stored[0]].shape)}, config "
+                              f"implies ({expected},)")
+    kept = {k: v for k, v in state.items() if not (_ESM_INV_FREQ.fullmatch(k) or _ESM_IGNORED.fullmatch(k))}
+    return kept, (state[stored[0]] if stored else None)
 
 
 def _names(keys: list[str], limit: int = 4) -> str:
@@ -364,11 +449,12 @@ def _names(keys: list[str], limit: int = 4) -> str:
 
 
 # --- writing -------------------------------------------------------------------------------------------------
-def save_pretrained(model: T5, directory: str | os.PathLike, tokenizer: Tokenizer | None = None) -> str:
-    """Write ``config.json``, ``model.safetensors`` and ``tokenizer.json`` in the Hugging Face layout.
+def save_pretrained(model: Model, directory: str | os.PathLike, tokenizer: Tokenizer | None = None) -> str:
+    """Write ``config.json``, ``model.safetensors`` and the vocabulary in the Hugging Face layout.
 
-    ``transformers.T5ForConditionalGeneration`` (or ``T5EncoderModel`` for an encoder-only model) loads the
-    result with no missing or unexpected keys. Each file is written atomically.
+    ``transformers.T5ForConditionalGeneration`` (or ``T5EncoderModel`` for an encoder-only model), or
+    ``EsmForMaskedLM`` (``EsmModel`` without the LM head), loads the result with no missing or unexpected keys.
+    Each file is written atomically.
     """
     from safetensors.torch import save_file
 
@@ -379,6 +465,13 @@ def save_pretrained(model: T5, directory: str | os.PathLike, tokenizer: Tokenize
         raise CheckpointError(f"{directory}: exists and is not a directory")
     os.makedirs(directory, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in canonical_state(model).items()}
+    if isinstance(model, ESM):
+        rot = model.esm.rotary_embeddings
+        if rot is not None:  # the per-layer layout, which transformers 4.x reads as is and 5.x maps to its own
+            for i in range(model.esm.n_layers):
+                state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = rot.inv_freq.detach().cpu().clone()
+        if model.lm_head is None:  # EsmModel: its keys carry no "esm." prefix
+            state = {k.removeprefix("esm."): v for k, v in state.items()}
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
     model.config.save_json(os.path.join(directory, "config.json"), encoder_only=model.encoder_only)
@@ -387,6 +480,6 @@ def save_pretrained(model: T5, directory: str | os.PathLike, tokenizer: Tokenize
     return directory
 
 
-def random_init(name_or_config: str | T5Config, seed: int = 0, encoder_only: bool = False) -> Pretrained:
+def random_init(name_or_config: str | ModelConfig, seed: int = 0, encoder_only: bool = False) -> Pretrained:
     """Random weights with protlm's vocabulary: ``load(name_or_config, random_init=True, ...)``."""
     return load(name_or_config, random_init=True, seed=seed, encoder_only=encoder_only)

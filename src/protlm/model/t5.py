@@ -16,13 +16,14 @@ Numerics that published checkpoints depend on:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import T5Config
+from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
 
 
 # --- building blocks -----------------------------------------------------------------------------------------
@@ -158,16 +159,6 @@ class _FeedForwardLayer(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_rate)
 
 
-@dataclass
-class BlockOutput:
-    """A block's output plus, when asked for, the update each sublayer added to the residual stream."""
-
-    hidden: Tensor  # (B, L, d_model)
-    attn_update: Tensor | None = None
-    cross_update: Tensor | None = None
-    ffn_update: Tensor | None = None
-
-
 class Block(nn.Module):
     """One pre-norm residual block: self-attention, (cross-attention), feed-forward."""
 
@@ -262,13 +253,6 @@ class KVCache:
                     setattr(lc, name, t.index_select(0, index))
 
 
-@dataclass
-class StackOutput:
-    last_hidden_state: Tensor  # (B, L, d_model), after the final norm
-    hidden_states: dict[int, Tensor] = field(default_factory=dict)  # layer index -> (B, L, d_model)
-    cache: KVCache | None = None
-
-
 class Stack(nn.Module):
     """The encoder or the decoder: embedding lookup, blocks, final RMS norm.
 
@@ -328,19 +312,11 @@ class Stack(nn.Module):
 
     def resolve_layers(self, layers) -> list[int]:
         """Normalise requested layer indices (negative counts from the end); out of range is an error."""
-        from protlm.errors import ConfigError
+        return resolve_layers(self.n_layers, layers, "decoder" if self.is_decoder else "encoder")
 
-        n = self.n_layers
-        if layers is None:
-            return []
-        if layers == "all":
-            return list(range(n + 1))
-        out = []
-        for l in layers:
-            if not -(n + 1) <= l <= n:
-                raise ConfigError(f"layer {l} is out of range for a {n}-layer {'decoder' if self.is_decoder else 'encoder'} (valid: 0..{n} or -1..-{n + 1})")
-            out.append(l % (n + 1))
-        return sorted(set(out))
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """h[0]: the token embeddings (T5 adds no position or padding information here)."""
+        return self.embed_tokens(input_ids)
 
     def forward(
         self,
@@ -353,7 +329,7 @@ class Stack(nn.Module):
         inputs_embeds: Tensor | None = None,
     ) -> StackOutput:
         wanted = set(self.resolve_layers(output_layers))
-        h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        h = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         h = self.dropout(h)
         dtype = h.dtype
         q_len = h.shape[1]
@@ -387,6 +363,9 @@ class Seq2SeqOutput:
 
 class T5(nn.Module):
     """T5 encoder-decoder; ``encoder_only=True`` (or a config with 0 decoder layers) gives a T5 encoder."""
+
+    kind = "encoder-decoder"
+    max_residues = None  # relative positions: no trained length limit
 
     def __init__(self, cfg: T5Config, encoder_only: bool = False):
         super().__init__()

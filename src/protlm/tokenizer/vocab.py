@@ -1,11 +1,14 @@
-"""Residue-level tokenizers for T5 protein models.
+"""Residue-level tokenizers for protein LMs (T5 and ESM families).
 
 Encoding is a table lookup (one id per residue), whatever the source of the table:
-- protlm's own Ankh3-layout vocabulary (:func:`ankh3_vocab`), used for new models;
-- a published checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers``) or ``spiece.model``
-  (SentencePiece), read with those libraries so a published model is never fed another model's ids.
+- protlm's own Ankh3-layout vocabulary (:func:`ankh3_vocab`), used for new T5 models;
+- ESM's 33-token alphabet (:func:`esm_tokenizer`), used for new ESM models;
+- a published checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers``), ``spiece.model`` (SentencePiece) or
+  ``vocab.txt`` (ESM: one token per line, the line number is the id), read so that a published model is never
+  fed another model's ids.
 
-Encoder input is ``[prefix] residues </s>``; the prefix is Ankh3's task token (``[NLU]`` or ``[S2S]``) or none.
+Encoder input is ``[<cls>] [prefix] residues </s>``: ``<cls>`` where the vocabulary has one (ESM), the prefix is
+Ankh3's task token (``[NLU]`` or ``[S2S]``) or none, and the end token is ``</s>`` (T5) or ``<eos>`` (ESM).
 """
 
 from __future__ import annotations
@@ -79,8 +82,10 @@ class Tokenizer:
         self.aliases = dict(aliases or {})
         self.source = source
         self.pad_id = vocab.get("<pad>", 0)
-        self.eos_id = vocab.get("</s>", 1)
+        self.eos_id = vocab.get("</s>", vocab.get("<eos>", 1))
         self.unk_id = vocab.get("<unk>", 2)
+        self.bos_id = vocab.get("<cls>")  # ESM starts every input with <cls>; T5 vocabularies have none
+        self.mask_id = vocab.get("<mask>")  # the masked-LM families' mask token
         self.prefix_ids = {k: vocab[t] for k, t in PREFIXES.items() if t in vocab}
         self.sentinel_ids = []
         while sentinel_token(len(self.sentinel_ids)) in vocab:
@@ -140,12 +145,17 @@ class Tokenizer:
         return ids
 
     def prefix_token_ids(self, prefix: str | None) -> list[int]:
+        """The ids before the first residue: ``<cls>`` where the vocabulary has one, then the task token."""
+        bos = [] if self.bos_id is None else [self.bos_id]
         if prefix in (None, "none", ""):
-            return []
+            return bos
         key = prefix.lower().strip("[]")
         if key not in self.prefix_ids:
-            raise InputError(f"prefix {prefix!r} is not in this vocabulary (has: {sorted(self.prefix_ids) or 'none'})")
-        return [self.prefix_ids[key]]
+            if not self.prefix_ids:
+                raise InputError(f"prefix {prefix!r}: this model's vocabulary ({self.source}) has no task tokens; "
+                                 "use --prefix none")
+            raise InputError(f"prefix {prefix!r} is not in this vocabulary (has: {sorted(self.prefix_ids)})")
+        return bos + [self.prefix_ids[key]]
 
     def encode(self, seq: str, prefix: str | None = None, add_eos: bool = True, record: str = "<sequence>",
                unknown: str = "error") -> list[int]:
@@ -185,10 +195,22 @@ class Tokenizer:
 
     # --- persistence ----------------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike) -> str:
-        """Write ``tokenizer.json`` (Hugging Face ``tokenizers`` format, word-level, one token per residue)."""
+        """Write the vocabulary in its family's format: ``vocab.txt`` and the ``EsmTokenizer`` settings for an
+        ESM alphabet, else ``tokenizer.json`` (Hugging Face ``tokenizers`` format, word-level)."""
         from protlm.utils import atomic_write_text
 
-        path = os.path.join(os.fspath(directory), "tokenizer.json")
+        directory = os.fspath(directory)
+        if self.bos_id is not None and "<eos>" in self.vocab:
+            tokens = [self.id_to_token[i] for i in range(self.vocab_size)]
+            atomic_write_text(os.path.join(directory, "vocab.txt"), "\n".join(tokens) + "\n")
+            specials = {"cls_token": "<cls>", "pad_token": "<pad>", "eos_token": "<eos>", "unk_token": "<unk>",
+                        "mask_token": "<mask>"}
+            atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
+                              json.dumps({"tokenizer_class": "EsmTokenizer", "model_max_length": 1024, **specials},
+                                         indent=2) + "\n")
+            atomic_write_text(os.path.join(directory, "special_tokens_map.json"), json.dumps(specials, indent=2) + "\n")
+            return os.path.join(directory, "vocab.txt")
+        path = os.path.join(directory, "tokenizer.json")
         atomic_write_text(path, self.to_tokenizers_json())
         return path
 
@@ -225,6 +247,20 @@ def protlm_tokenizer() -> Tokenizer:
     return Tokenizer(vocab, {aa: vocab[aa] for aa in RESIDUES}, source="protlm ankh3 layout")
 
 
+# ESM's alphabet (fair-esm's ESM-1b/ESM-2 alphabet, as in facebook/esm2_*/vocab.txt): specials, the residues in
+# ESM's order, ambiguity codes and gap characters, then <mask> at 32.
+ESM_TOKENS = ("<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO", ".", "-", "<null_1>", "<mask>")
+
+
+def esm_tokenizer(source: str = "protlm esm alphabet") -> Tokenizer:
+    """ESM-2's 33-token alphabet (for random-init ESM models; a checkpoint's own ``vocab.txt`` is read instead)."""
+    return _vocab_tokenizer({t: i for i, t in enumerate(ESM_TOKENS)}, source)
+
+
+def _vocab_tokenizer(vocab: dict[str, int], source: str) -> Tokenizer:
+    return Tokenizer(vocab, _residue_ids_from_vocab(vocab, False, source), source=source)
+
+
 def _residue_ids_from_vocab(vocab: dict[str, int], spaced: bool, source: str) -> dict[str, int]:
     out = {}
     for aa in RESIDUES:
@@ -242,7 +278,8 @@ def _residue_ids_from_vocab(vocab: dict[str, int], spaced: bool, source: str) ->
 
 
 def load_tokenizer(directory: str | os.PathLike, family: str = "custom") -> Tokenizer | None:
-    """Read a checkpoint's own vocabulary (``tokenizer.json`` or ``spiece.model``); None if it has neither."""
+    """Read a checkpoint's own vocabulary (``tokenizer.json``, ``spiece.model`` or ``vocab.txt``); None if it has
+    none of them."""
     from protlm.errors import CheckpointError
 
     directory = os.fspath(directory)
@@ -250,6 +287,21 @@ def load_tokenizer(directory: str | os.PathLike, family: str = "custom") -> Toke
     aliases = {r: "X" for r in RARE} if spaced else {}
     tj = os.path.join(directory, "tokenizer.json")
     sp = os.path.join(directory, "spiece.model")
+    vt = os.path.join(directory, "vocab.txt")
+    if os.path.exists(vt) and not os.path.exists(tj):
+        try:
+            with open(vt, encoding="utf-8") as fh:
+                tokens = [line.strip() for line in fh]
+        except (OSError, UnicodeDecodeError) as err:
+            raise CheckpointError(f"{vt}: cannot read vocabulary ({err})") from None
+        while tokens and not tokens[-1]:
+            tokens.pop()
+        vocab: dict[str, int] = {}
+        for i, t in enumerate(tokens):
+            if not t:
+                raise CheckpointError(f"{vt}: line {i + 1} is empty; every line holds one token")
+            vocab.setdefault(t, i)
+        return _vocab_tokenizer(vocab, vt)
     if os.path.exists(tj):
         try:
             from tokenizers import Tokenizer as HFTokenizer
