@@ -164,3 +164,46 @@ def test_dtype_on_load(tmp_path):
     _saved(tmp_path)
     pre = load(tmp_path, dtype=torch.bfloat16)
     assert pre.model.shared.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("tied_in_transformers4", [True, False])
+def test_transformers5_head_settings_load_and_save_for_both_versions(tmp_path, tied_in_transformers4):
+    """transformers 5 ties every T5 head and keeps the d_model**-0.5 rescale in scale_decoder_outputs, so a T5 v1.1
+    built with it is tied *without* the rescale and its file has no lm_head.weight. protlm loads it, computes the
+    same logits, and writes a config that transformers reads back to the same logits."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.T5Config(vocab_size=256, d_model=20, d_kv=6, d_ff=37, num_layers=2, num_decoder_layers=1,
+                                num_heads=3, relative_attention_num_buckets=8, feed_forward_proj="gated-gelu",
+                                tie_word_embeddings=tied_in_transformers4)
+    torch.manual_seed(0)
+    theirs = transformers.T5ForConditionalGeneration(cfg).eval()
+    theirs.save_pretrained(tmp_path / "hf")
+    with open(tmp_path / "hf" / "config.json") as fh:
+        written = json.load(fh)
+    ids, dec = torch.tensor([[7, 8, 9, 30, 1]]), torch.tensor([[0, 7, 8, 9]])
+    with torch.no_grad():
+        ref = theirs(input_ids=ids, decoder_input_ids=dec).logits
+    pre = load(tmp_path / "hf")
+    assert pre.config.rescale_head == written.get("scale_decoder_outputs", written["tie_word_embeddings"])
+    assert pre.config.rescale_head == tied_in_transformers4
+    with torch.no_grad():
+        assert (pre.model(ids, decoder_input_ids=dec).logits - ref).abs().max() <= 1e-5
+    save_pretrained(pre.model, tmp_path / "ours", pre.tokenizer)
+    back = transformers.T5ForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(input_ids=ids, decoder_input_ids=dec).logits - ref).abs().max() <= 1e-5
+    with open(tmp_path / "ours" / "config.json") as fh:
+        ours = json.load(fh)
+    # what transformers 4.x reads: tie_word_embeddings alone says tied-and-rescaled, or neither (with lm_head stored)
+    assert ours["tie_word_embeddings"] == ours["scale_decoder_outputs"] == tied_in_transformers4
+    again = load(tmp_path / "ours")
+    with torch.no_grad():
+        assert (again.model(ids, decoder_input_ids=dec).logits - ref).abs().max() <= 1e-5
+
+
+def test_untied_head_with_rescale_is_refused():
+    from protlm.config import T5Config
+    from protlm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="scale_decoder_outputs=true needs tie_word_embeddings=true"):
+        T5Config(tie_word_embeddings=False, scale_decoder_outputs=True)

@@ -120,8 +120,11 @@ def test_missing_keys_mean_what_transformers_makes_of_them(tmp_path, data):
                  "feed_forward_proj", "pad_token_id", "eos_token_id"):
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.n_decoder_layers == theirs.num_decoder_layers
-    # protlm's tie_word_embeddings is the tied *and rescaled* head (transformers 5 splits it in two)
-    assert ours.tie_word_embeddings == theirs.tie_word_embeddings == getattr(theirs, "scale_decoder_outputs", True)
+    # a missing tie_word_embeddings means a tied and rescaled head (transformers 5 carries the rescale apart)
+    assert ours.tie_word_embeddings == theirs.tie_word_embeddings
+    assert ours.rescale_head == getattr(theirs, "scale_decoder_outputs", theirs.tie_word_embeddings)
     # and a file transformers writes itself reads back the same
     theirs.save_pretrained(tmp_path / "resaved")
-    assert T5Config.from_json(tmp_path / "resaved" / "config.json") == ours.replace(num_decoder_layers=ours.n_decoder_layers)
+    resaved = T5Config.from_json(tmp_path / "resaved" / "config.json")
+    assert resaved.rescale_head == ours.rescale_head and resaved.tie_word_embeddings == ours.tie_word_embeddings
+    assert resaved.replace(scale_decoder_outputs=None) == ours.replace(num_decoder_layers=ours.n_decoder_layers)

@@ -62,7 +62,11 @@ class T5Config:
     relative_attention_max_distance: int = 128  # distances beyond this share the last bucket
     feed_forward_proj: str = "gated-gelu"  # "relu" (T5 v1.0, ProtT5), "gated-gelu" (Ankh), "gated-silu" (Ankh2/3)
     layer_norm_epsilon: float = 1e-6
-    tie_word_embeddings: bool = False  # True: LM head shares the input embedding and rescales by d_model**-0.5
+    tie_word_embeddings: bool = False  # True: the LM head shares the input embedding matrix
+    # The d_model**-0.5 rescale of the decoder output before the LM head. None: the same as tie_word_embeddings, the
+    # one setting of T5 v1.0 and of transformers 4.x. transformers 5 ties every T5 head and keeps the rescale here,
+    # so a model built with it can be tied without the rescale.
+    scale_decoder_outputs: bool | None = None
     dropout_rate: float = 0.0
     initializer_factor: float = 1.0  # scales the random init (T5's Mesh-TF scheme)
     pad_token_id: int = 0
@@ -89,6 +93,13 @@ class T5Config:
             not isinstance(self.num_decoder_layers, int) or self.num_decoder_layers < 0
         ):
             raise ConfigError(f"num_decoder_layers must be a non-negative integer, got {self.num_decoder_layers!r}")
+        if self.scale_decoder_outputs and not self.tie_word_embeddings:
+            raise ConfigError("scale_decoder_outputs=true needs tie_word_embeddings=true (no T5 rescales an untied head)")
+
+    @property
+    def rescale_head(self) -> bool:
+        """Whether the decoder output is scaled by d_model**-0.5 before the LM head."""
+        return self.tie_word_embeddings if self.scale_decoder_outputs is None else self.scale_decoder_outputs
 
     @property
     def n_decoder_layers(self) -> int:
@@ -104,12 +115,22 @@ class T5Config:
 
     # --- serialisation -------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["scale_decoder_outputs"] is None:  # unset: left out, so config hashes of earlier runs stay valid
+            del d["scale_decoder_outputs"]
+        return d
 
     def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
-        """The ``config.json`` content that ``transformers`` reads without warnings."""
+        """The ``config.json`` content that ``transformers`` 4.x and 5.x read without warnings, and the same way.
+
+        A head tied without the rescale (only transformers 5 makes one) is written as an untied head with no
+        rescale, and :func:`protlm.convert.save_pretrained` stores ``lm_head.weight``: 4.x cannot express the
+        pair, and both versions then compute the same logits.
+        """
         d = self.to_dict()
         d["num_decoder_layers"] = self.n_decoder_layers
+        d["tie_word_embeddings"] = self.tie_word_embeddings and self.rescale_head
+        d["scale_decoder_outputs"] = self.rescale_head
         act = self.activation
         d.update(
             model_type="t5",
@@ -126,11 +147,6 @@ class T5Config:
         """Build from a dict. Unknown keys are an error naming ``source``; known Hugging Face keys that do not
         affect the network are dropped when ``strict`` is False (reading a published config.json)."""
         if not strict:
-            if isinstance(data.get("scale_decoder_outputs"), bool):
-                # transformers 5.x writes tie_word_embeddings=True for every T5 and keeps the checkpoint's own
-                # setting (the d_model**-0.5 rescale of a tied head) in scale_decoder_outputs.
-                data = {**data, "tie_word_embeddings": data["scale_decoder_outputs"]}
-                del data["scale_decoder_outputs"]
             fields = {f.name for f in dataclasses.fields(cls)}
             data = {k: v for k, v in data.items() if k in fields or k not in _HF_PASSIVE_KEYS}
         if data.get("feed_forward_proj") == "gated-gelu_new":
@@ -148,6 +164,9 @@ class T5Config:
             raise ConfigError(f"{source}: model_type {data.get('model_type')!r} is not a T5 model")
         if data.get("model_type", "t5") == "t5":
             data = {**HF_T5_DEFAULTS, **data}
+        if data.get("scale_decoder_outputs") == data.get("tie_word_embeddings", cls.tie_word_embeddings):
+            # the one setting of transformers 4.x, written out in full: kept as "same as the tie"
+            data = {k: v for k, v in data.items() if k != "scale_decoder_outputs"}
         return cls.from_dict(data, source=source, strict=False)
 
     def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:

@@ -211,6 +211,7 @@ def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
                 f"{config.vocab_size}-token vocabulary"
             )
     state = read_weights(directory)
+    config = _untie_if_stored_apart(config, state)
     file_has_decoder = any(k.startswith("decoder.") for k in state)
     if encoder_only is None:
         encoder_only = not file_has_decoder or config.n_decoder_layers == 0
@@ -218,6 +219,16 @@ def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
         state = {k: v for k, v in state.items() if not (k.startswith("decoder.") or k == "lm_head.weight")}
     model = build_model(config, encoder_only=encoder_only, state=state, source=directory).eval()
     return Pretrained(model, tokenizer, config, directory)
+
+
+def _untie_if_stored_apart(config: T5Config, state: dict[str, torch.Tensor]) -> T5Config:
+    """transformers 5 writes tie_word_embeddings=true for every T5, and does not tie a head whose file stores it
+    with values of its own (an Ankh-style head saved by transformers 5). Read such a file as it does: untied."""
+    head, embedding = state.get("lm_head.weight"), state.get("shared.weight", state.get("encoder.embed_tokens.weight"))
+    if (config.tie_word_embeddings and config.scale_decoder_outputs is False and head is not None
+            and embedding is not None and not torch.equal(head, embedding)):
+        return config.replace(tie_word_embeddings=False, scale_decoder_outputs=None)
+    return config
 
 
 def _esm_from_checkpoint(directory: str, config: EsmConfig, encoder_only: bool | None) -> Pretrained:
@@ -472,6 +483,8 @@ def save_pretrained(model: Model, directory: str | os.PathLike, tokenizer: Token
                 state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = rot.inv_freq.detach().cpu().clone()
         if model.lm_head is None:  # EsmModel: its keys carry no "esm." prefix
             state = {k.removeprefix("esm."): v for k, v in state.items()}
+    elif model.lm_head is not None and model.config.tie_word_embeddings and not model.config.rescale_head:
+        state["lm_head.weight"] = state["shared.weight"].clone()  # written as untied: see T5Config.to_hf_dict
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:
         save_file(state, tmp, metadata={"format": "pt"})
     model.config.save_json(os.path.join(directory, "config.json"), encoder_only=model.encoder_only)

@@ -10,7 +10,8 @@ Numerics that published checkpoints depend on:
 - a learned relative position bias, owned by the first block of each stack, computed once per forward and
   shared by every layer of that stack; bidirectional buckets in the encoder, causal in the decoder; none in
   cross-attention;
-- with tied embeddings (T5 v1.0, ProtT5) the decoder output is scaled by d_model**-0.5 before the LM head.
+- with tied embeddings (T5 v1.0, ProtT5) the decoder output is scaled by d_model**-0.5 before the LM head
+  (``config.rescale_head``; transformers 5 can also tie without the rescale).
 """
 
 from __future__ import annotations
@@ -428,7 +429,7 @@ class T5(nn.Module):
 
     def lm_logits(self, decoder_hidden: Tensor) -> Tensor:
         self._require_decoder()
-        if self.config.tie_word_embeddings:
+        if self.config.rescale_head:
             decoder_hidden = decoder_hidden * self.config.d_model ** -0.5
         return self.lm_head(decoder_hidden)
 
