@@ -128,3 +128,20 @@ def test_missing_keys_mean_what_transformers_makes_of_them(tmp_path, data):
     resaved = T5Config.from_json(tmp_path / "resaved" / "config.json")
     assert resaved.rescale_head == ours.rescale_head and resaved.tie_word_embeddings == ours.tie_word_embeddings
     assert resaved.replace(scale_decoder_outputs=None) == ours.replace(num_decoder_layers=ours.n_decoder_layers)
+
+
+def test_mt5_missing_keys_take_mt5_defaults_and_umt5_is_refused(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from protlm.config import config_from_hf_dict
+
+    ours = config_from_hf_dict({"model_type": "mt5"}, "config.json")
+    theirs = transformers.MT5Config()
+    for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads", "relative_attention_num_buckets",
+                 "relative_attention_max_distance", "dropout_rate", "layer_norm_epsilon", "feed_forward_proj",
+                 "pad_token_id", "eos_token_id"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert not ours.rescale_head  # mT5 never rescales its head (tied or not)
+    with pytest.raises(ConfigError, match="model_type 'umt5' is not supported"):
+        config_from_hf_dict({"model_type": "umt5"}, "config.json")
+    with pytest.raises(ConfigError, match=r"model_type 'bert' is not supported \(supported: t5, mt5, esm\)"):
+        config_from_hf_dict({"model_type": "bert"}, "config.json")

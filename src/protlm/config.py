@@ -46,6 +46,12 @@ HF_T5_DEFAULTS: dict[str, Any] = dict(
     feed_forward_proj="relu", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
 )
 
+# transformers.MT5Config's defaults (an mT5 v1.1 shape). Its head is untied and not rescaled: tie_word_embeddings
+# false in transformers 4.x and in the published google/mt5-* files; transformers 5 ties it but never rescales.
+HF_MT5_DEFAULTS: dict[str, Any] = {**HF_T5_DEFAULTS, **dict(
+    vocab_size=250112, d_ff=1024, num_layers=8, num_heads=6, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+)}
+
 
 @dataclass
 class T5Config:
@@ -160,10 +166,13 @@ class T5Config:
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "T5Config":
         """The content of a ``config.json`` as transformers reads it (missing keys take its T5 defaults)."""
-        if data.get("model_type", "t5") not in ("t5", "mt5", "umt5"):
-            raise ConfigError(f"{source}: model_type {data.get('model_type')!r} is not a T5 model")
-        if data.get("model_type", "t5") == "t5":
-            data = {**HF_T5_DEFAULTS, **data}
+        model_type = data.get("model_type", "t5")
+        if model_type == "umt5":
+            raise ConfigError(f"{source}: model_type 'umt5' is not supported (UMT5 gives every layer its own position "
+                              "bias; protlm's T5 shares the first layer's, as T5, mT5, Ankh and ProtT5 do)")
+        if model_type not in ("t5", "mt5"):
+            raise ConfigError(f"{source}: model_type {model_type!r} is not a T5 model")
+        data = {**(HF_MT5_DEFAULTS if model_type == "mt5" else HF_T5_DEFAULTS), **data}
         if data.get("scale_decoder_outputs") == data.get("tie_word_embeddings", cls.tie_word_embeddings):
             # the one setting of transformers 4.x, written out in full: kept as "same as the tie"
             data = {k: v for k, v in data.items() if k != "scale_decoder_outputs"}
@@ -289,7 +298,7 @@ class EsmConfig:
         return build(cls, data, source)
 
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "umt5", "esm")
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "esm")
 
 
 def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig":
@@ -304,7 +313,7 @@ def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmCon
                 cfg = cfg.replace(protlm_family="esm2")
         return cfg
     if model_type in ("t5", "mt5", "umt5"):
-        return T5Config.from_hf_dict(data, source)
+        return T5Config.from_hf_dict(data, source)  # umt5 is refused there, with the reason
     raise ConfigError(f"{source}: model_type {model_type!r} is not supported (supported: "
                       f"{', '.join(SUPPORTED_MODEL_TYPES)})")
 
