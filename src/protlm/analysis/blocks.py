@@ -1,10 +1,11 @@
-"""Running one T5 stack block by block, so an analysis can read, replace or skip any layer.
+"""Running one stack block by block, so an analysis can read, replace or skip any layer.
 
 ``Stack.forward`` runs all blocks in one go. The depth analyses need more control: start from a stored residual
 stream, skip a block (its output := its input), read the update each sublayer adds, or stop early. This module
-does that through the stack's own parts (``embed_tokens``, ``block``, ``final_layer_norm``, ``self_mask``), so
-the arithmetic is the model's; ``tests/test_analysis.py`` checks that a plain run here equals ``model.encode`` /
-``model.decode`` exactly.
+does that through the parts of the stack protocol (:mod:`protlm.model.protocol`: ``embed``, ``block``,
+``final_layer_norm``, ``self_mask``), so the arithmetic is the model's, whatever its family;
+``tests/test_analysis.py`` (T5) and ``tests/test_analysis_esm.py`` (ESM) check that a plain run here equals
+``model.encode`` / ``model.decode`` exactly.
 
 Layer numbering: h[0] is the embedding output and h[l] the residual stream after block l (1-based), *before* the
 final norm. ``normed(h[l])`` is what a model truncated after block l would output.
@@ -14,29 +15,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import Tensor
+from torch import Tensor, nn
 
-from protlm.model.t5 import BlockOutput, Stack
+from protlm.model.protocol import BlockOutput
 
 
 @dataclass
 class StackMasks:
     """The additive masks one batch needs; built once and shared by every block and every perturbed run."""
 
-    self_mask: Tensor  # (B or 1, H, Lq, Lk): position bias + padding (+ causality in the decoder)
+    self_mask: object  # the stack's per-batch context (T5: position bias + padding (+ causality) as one tensor)
     cross_mask: Tensor | None = None  # decoder only: (B, 1, 1, Le), 0 on encoder tokens, -inf-like on padding
 
 
 class StackRunner:
-    """Block-by-block execution of an encoder or decoder ``Stack`` in eval mode."""
+    """Block-by-block execution of an encoder or decoder stack in eval mode."""
 
-    def __init__(self, stack: Stack):
+    def __init__(self, stack: nn.Module):
         self.stack = stack
         self.n_layers = stack.n_layers
         self.is_decoder = stack.is_decoder
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        return self.stack.embed_tokens(input_ids)
+    def embed(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """h[0]. The mask matters to ESM (padding is zeroed, token dropout counts real tokens); T5 ignores it."""
+        return self.stack.embed(input_ids, attention_mask)
 
     def masks(self, h: Tensor, attention_mask: Tensor | None, encoder_mask: Tensor | None = None) -> StackMasks:
         """Masks for a stream ``h`` (B, L, D); the decoder's own padding needs no mask (it is causally last)."""

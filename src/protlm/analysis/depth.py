@@ -1,4 +1,4 @@
-"""Which layers of a T5 protein language model do the work: the measurements behind ``protlm analyze depth``.
+"""Which layers of a protein language model do the work: the measurements behind ``protlm analyze depth``.
 
 The measures follow the probing- and perturbation-based analyses of "From Words to Amino Acids: Does the Curse
 of Depth Persist?" (Siji et al., 2026; seeds/002) and of the LLM studies it extends:
@@ -7,14 +7,24 @@ of Depth Persist?" (Siji et al., 2026; seeds/002) and of the LLM studies it exte
    ||FFN update|| / ||h|| and ||h_out - h_in|| / ||h_in||, and the cosine of each update with the stream it is
    added to (h is the stream the sublayer reads);
 2. skip: remove one block (its output := its input); relative change ||h'_m - h_m|| / ||h_m|| of every later
-   stream m, and the change of the output distribution on denoising targets (KL(full || skipped) and top-1
+   stream m, and the change of the output distribution at the masked residues (KL(full || skipped) and top-1
    agreement);
 3. early exit: the encoder stream after block l, through the final norm, fed to the decoder (KL and top-1
    agreement to the full model); for the decoder, the final norm and LM head on each decoder stream (logit lens);
 4. probe: a linear probe per encoder layer on a residue task (``probe.py``);
 5. similarity: linear CKA between every pair of layers.
 
+What "the output" is depends on ``model.kind`` (:mod:`protlm.model.protocol`), never on the family name:
+
+- encoder-decoder (T5): the decoder's predictions, teacher-forced on 1-gram denoising targets (masked residues
+  are sentinels in the encoder input);
+- masked-LM (ESM-2, DPLM): ``mlm_logits(final_layer_norm(h_N))`` at the positions shown as ``<mask>``; its early
+  exit is the logit lens of the encoder: ``mlm_logits(final_layer_norm(h_l))``;
+- an encoder without a head (``encoder_only``): no output measures; everything runs on the clean input.
+
 Representations for probes and CKA are final_layer_norm(h_l): what a model truncated after block l outputs.
+A masked LM's CKA and probes read the clean input ``<cls> residues <eos>`` (as ``protlm embed`` feeds it), not
+the masked one its output measures need.
 Everything runs block by block through :class:`~protlm.analysis.blocks.StackRunner` under inference mode, one
 token-budget batch at a time, so memory stays bounded by the batch, never by the number of proteins.
 """
@@ -51,7 +61,7 @@ class DepthOptions:
     encoder_layers: list[int] | None = None  # layers (0..N) for skip/early-exit/CKA/probes; None = all
     decoder_layers: list[int] | None = None  # same for the decoder (0..M)
     max_length: int = 512  # residues per protein; longer ones are cropped to a seeded random window
-    mask_rate: float = 0.15  # share of residues masked for the denoising targets
+    mask_rate: float = 0.15  # share of residues masked for the output measures (denoising or masked-LM input)
     seed: int = 0  # masking, cropping, token sampling and probe subsets
     batch_tokens: int = 4096  # padded encoder tokens per batch
     cka_tokens: int = 8192  # tokens (sampled evenly over proteins) per CKA matrix
@@ -72,25 +82,54 @@ class DepthPlan:
     """What will be computed, resolved against the model (errors for impossible requests are raised here)."""
 
     analyses: tuple[str, ...]
-    has_decoder: bool  # the model has a decoder: output measures are possible
+    has_decoder: bool  # the model has a decoder
     decoder: bool  # the decoder's own layers are analysed
     encoder_layers: list[int]
     decoder_layers: list[int]
+    output: str | None = None  # what the output measures read: "decoder", "lm-head" (masked LM) or None
+
+    @property
+    def masked_lm(self) -> bool:
+        return self.output == "lm-head"
+
+
+OUTPUT_MEANS = {
+    "decoder": "the decoder's prediction of each masked residue (teacher-forced on its 1-gram denoising target; "
+               "the encoder's final representation is what the decoder reads)",
+    "lm-head": "the masked-LM head's prediction at each position shown as <mask>: "
+               "mlm_logits(final_layer_norm(h_N)); early exit reads layer l the same way (logit lens)",
+}
+
+
+def output_of(model) -> str | None:
+    """What a model's output measures read (see :data:`OUTPUT_MEANS`), from the model protocol."""
+    if model.decoder is not None:
+        return "decoder"
+    if model.kind == "masked-lm" and not model.encoder_only:
+        return "lm-head"
+    return None
 
 
 def resolve_plan(model, options: DepthOptions) -> DepthPlan:
     has_decoder = model.decoder is not None
+    output = output_of(model)
+    if not has_decoder and (options.decoder or options.decoder_layers is not None) and model.kind == "masked-lm":
+        raise ConfigError("this model is a masked LM: it has no decoder (its output is the LM head on the "
+                          "encoder's own positions); drop --decoder / --decoder-layers")
     if options.decoder and not has_decoder:
         raise ConfigError("this model is encoder-only; decoder analyses need an encoder-decoder checkpoint")
     analyse_decoder = has_decoder if options.decoder is None else options.decoder
     if options.analyses is None:
-        analyses = [a for a in ANALYSES if (a != "early-exit" or has_decoder) and (a != "probe" or options.probe_task)]
+        analyses = [a for a in ANALYSES if (a != "early-exit" or output) and (a != "probe" or options.probe_task)]
     else:
         analyses = list(dict.fromkeys(options.analyses))
         for a in analyses:
             if a not in ANALYSES:
                 raise ConfigError(f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
-        if "early-exit" in analyses and not has_decoder:
+        if "early-exit" in analyses and not output:
+            if model.kind == "masked-lm":
+                raise ConfigError("early-exit needs the LM head (the encoder's layers are read through it); this "
+                                  "model was loaded without it (encoder-only)")
             raise ConfigError("early-exit needs a decoder (the encoder's layers are read through it); this model is encoder-only")
         if "probe" in analyses and not options.probe_task:
             raise ConfigError("the probe analysis needs a task (--task ssp3)")
@@ -108,7 +147,11 @@ def resolve_plan(model, options: DepthOptions) -> DepthPlan:
         raise ConfigError(f"flip threshold must be in (0, 1), got {options.flip_threshold}")
     if options.cka_tokens < 2:
         raise ConfigError(f"--cka-tokens must be at least 2, got {options.cka_tokens}")
-    return DepthPlan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers)
+    limit = model.max_residues
+    if limit is not None and options.max_length > limit:
+        raise ConfigError(f"--max-length {options.max_length} is longer than the {limit} residues this model was "
+                          f"trained on; use --max-length {limit} or less")
+    return DepthPlan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers, output)
 
 
 # --- result records ------------------------------------------------------------------------------------------
@@ -219,6 +262,11 @@ def _json_safe(x):
 
 
 # --- the per-batch work --------------------------------------------------------------------------------------
+def _at(where: Tensor, values: Tensor) -> Tensor:
+    """(B, L) zeros with ``values`` (n,) at the n True positions of ``where`` (row-major, as ``x[where]`` reads)."""
+    return torch.zeros(where.shape, dtype=values.dtype, device=values.device).masked_scatter(where, values)
+
+
 @dataclass
 class _Baseline:
     """One batch's unperturbed run, shared by every perturbation of it."""
@@ -228,7 +276,7 @@ class _Baseline:
     enc_out: Tensor | None = None  # final_layer_norm(h[N]): what the decoder attends to
     dec_masks: StackMasks | None = None
     dec: list[Tensor] = field(default_factory=list)  # decoder streams d[0..M]
-    logp: Tensor | None = None  # (B, Ld, V) the full model's log-probabilities
+    logp: Tensor | None = None  # (B, Ld, V) the full model's log-probabilities (masked LM: (n masked, V))
 
 
 class _Analyser:
@@ -282,8 +330,23 @@ class _Analyser:
         last = self.dec.run(h, dm, 0, enc=enc_out)[-1]
         return self._logp(last)
 
+    def _mlm_logp(self, h: Tensor, b: DepthBatch) -> Tensor:
+        """A masked LM's log-probabilities (n, V) read from encoder stream ``h`` (B, L, D) through the final norm
+        and the LM head, at the n masked positions only (the head's cost then scales with them, not with L)."""
+        return F.log_softmax(self.model.mlm_logits(self.enc.normed(h[b.pred_mask])).float(), dim=-1)
+
+    def _output_logp(self, enc_last: Tensor, b: DepthBatch, base: "_Baseline") -> Tensor:
+        """The model's output when the encoder's last stream (before the final norm) is ``enc_last``."""
+        if self.plan.masked_lm:
+            return self._mlm_logp(enc_last, b)
+        return self._decode_logp(self.enc.normed(enc_last), b, base.dec_masks)
+
     def _record_output(self, key: tuple, logp_full: Tensor, logp: Tensor, b: DepthBatch, accuracy: bool = False) -> None:
-        cmp = compare_outputs(logp_full, logp, b.labels)
+        if logp.dim() == 2:  # a masked LM's head ran at the masked positions only: put them back in (B, L)
+            cmp = compare_outputs(logp_full, logp, b.labels[b.pred_mask])
+            cmp = type(cmp)(*(_at(b.pred_mask, v) for v in (cmp.kl, cmp.top1_agree, cmp.correct)))
+        else:
+            cmp = compare_outputs(logp_full, logp, b.labels)
         self.acc.put(key + ("kl",), b.index, row_mean(cmp.kl, b.pred_mask))
         self.acc.put(key + ("top1",), b.index, row_mean(cmp.top1_agree, b.pred_mask))
         if accuracy:
@@ -328,9 +391,16 @@ class _Analyser:
     def _baseline(self, b: DepthBatch) -> "_Baseline":
         """The unperturbed run: every encoder (and decoder) stream, and the full model's output."""
         idx = b.index
-        h0 = self.enc.embed(b.input_ids)
+        h0 = self.enc.embed(b.input_ids, b.attention_mask)
         base = _Baseline(self.enc.masks(h0, b.attention_mask))
         base.enc = self._forward(self.enc, "encoder", h0, base.enc_masks, b.enc_tokens, idx)
+        if self.plan.masked_lm:
+            base.logp = self._mlm_logp(base.enc[-1], b)
+            labels = b.labels[b.pred_mask]
+            correct = (base.logp.argmax(-1) == labels).float()
+            nll = -base.logp.gather(-1, labels[:, None])[:, 0]
+            self.acc.put(("output", "acc"), idx, row_mean(_at(b.pred_mask, correct), b.pred_mask))
+            self.acc.put(("output", "nll"), idx, row_mean(_at(b.pred_mask, nll), b.pred_mask))
         if self.plan.has_decoder:
             base.enc_out = self.enc.normed(base.enc[-1])
             d0 = self.dec.embed(b.decoder_input_ids)
@@ -343,6 +413,13 @@ class _Analyser:
         return base
 
     def _cka_step(self, b: DepthBatch, base: "_Baseline") -> None:
+        if self.plan.masked_lm:
+            # a masked LM's representations are read on the clean input, every residue (as protlm embed feeds it)
+            clean = b.clean_input_ids()
+            h = self.enc.embed(clean, b.attention_mask)
+            streams = [h] + self.enc.run(h, self.enc.masks(h, b.attention_mask), 0)
+            self._sample_cka("encoder", streams, self.plan.encoder_layers, b.enc_tokens | b.pred_mask, b, self.enc)
+            return
         self._sample_cka("encoder", base.enc, self.plan.encoder_layers, b.enc_tokens, b, self.enc)
         if self.plan.decoder:
             self._sample_cka("decoder", base.dec, self.plan.decoder_layers, b.pred_mask, b, self.dec)
@@ -352,8 +429,8 @@ class _Analyser:
         for layer in (l for l in self.plan.encoder_layers if l >= 1):
             later = self.enc.run(base.enc[layer - 1], base.enc_masks, layer - 1, skip=layer)
             self._hidden_change("encoder", layer, later, base.enc, norms, b.enc_tokens, b.index)
-            if self.plan.has_decoder:
-                logp = self._decode_logp(self.enc.normed(later[-1]), b, base.dec_masks)
+            if self.plan.output:
+                logp = self._output_logp(later[-1], b, base)
                 self._record_output(("encoder", "skip_out", layer), base.logp, logp, b)
         if self.plan.decoder:
             norms = [torch.linalg.vector_norm(d.float(), dim=-1) for d in base.dec]
@@ -365,9 +442,10 @@ class _Analyser:
     def _exit_step(self, b: DepthBatch, base: "_Baseline") -> None:
         n_enc = self.enc.n_layers
         for layer in self.plan.encoder_layers:
-            # exiting after the last block is the full model itself
-            logp = base.logp if layer == n_enc else self._decode_logp(self.enc.normed(base.enc[layer]), b,
-                                                                      base.dec_masks)
+            # exiting after the last block is the full model itself (a masked LM's head is cheap at the masked
+            # positions, so it is re-read there: the logit lens path is then checked against the output path)
+            logp = base.logp if layer == n_enc and not self.plan.masked_lm else self._output_logp(base.enc[layer], b,
+                                                                                                  base)
             self._record_output(("encoder", "exit", layer), base.logp, logp, b, accuracy=True)
         if self.plan.decoder:
             for layer in self.plan.decoder_layers:
@@ -384,6 +462,9 @@ class _Analyser:
         layers = self.plan.encoder_layers if stack == "encoder" else self.plan.decoder_layers
         tokens = ("unmasked residue positions of the encoder input" if stack == "encoder"
                   else "decoder positions that predict a masked residue")
+        if stack == "encoder" and self.plan.masked_lm:
+            tokens = ("unmasked residue positions of the masked input (output measures: the masked positions; CKA: "
+                      "every residue of the clean input)")
         rep = StackReport(stack, n, tokens)
         blocks = list(range(1, n + 1))
         if self.want("contribution"):
@@ -397,7 +478,7 @@ class _Analyser:
             mean = [[self.acc.summary((stack, "skip_hidden", l, m)).mean for m in blocks] for l in skipped]
             std = [[self.acc.summary((stack, "skip_hidden", l, m)).std for m in blocks] for l in skipped]
             rep.skip = SkipEffect(skipped, blocks, mean, std)
-            if self.plan.has_decoder:
+            if self.plan.output:
                 rep.skip.output_kl = Series.of([self.acc.summary((stack, "skip_out", l, "kl")) for l in skipped])
                 rep.skip.output_top1_agreement = Series.of([self.acc.summary((stack, "skip_out", l, "top1")) for l in skipped])
         if self.want("early-exit"):
@@ -418,6 +499,8 @@ class _Analyser:
 
 def embedding_prefix(model) -> str | None:
     """The task prefix ``protlm embed`` uses for this model family (Ankh3: [NLU]; others: none)."""
+    if model.kind == "masked-lm":
+        return None  # a masked LM has no task tokens: its input is <cls> residues <eos>
     prefix = PREFIX_BY_FAMILY.get(model.config.protlm_family, "none")
     return None if prefix == "none" else prefix
 
@@ -450,7 +533,7 @@ def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOpt
             sel = y >= 0
             if not sel.any():
                 continue
-            h = runner.embed(b.input_ids)
+            h = runner.embed(b.input_ids, b.attention_mask)
             masks = runner.masks(h, b.attention_mask)
             streams = [h] + runner.run(h, masks, 0)
             feats = {l: runner.normed(streams[l][sel]) for l in layers}
@@ -552,14 +635,16 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
         task = load_probe_task(options.probe_task, options.probe_data, options.probe_train, options.probe_test,
                                options.seed)
     records = read_proteins(input_path, max_proteins)
-    proteins = prepare_proteins(records, tok, options.max_length, options.mask_rate if plan.has_decoder else None,
-                                options.seed, source=str(input_path), clean_prefix=embedding_prefix(model))
+    proteins = prepare_proteins(records, tok, options.max_length, options.mask_rate if plan.output else None,
+                                options.seed, source=str(input_path), clean_prefix=embedding_prefix(model),
+                                masked_lm=plan.masked_lm)
     device = next(model.parameters()).device
-    start_id = model.config.decoder_start_token_id
-    batch_list = batches(proteins, tok, options.batch_tokens, start_id)
+    start_id = model.config.decoder_start_token_id if plan.has_decoder else None
+    batch_list = batches(proteins, tok, options.batch_tokens, start_id, masked_lm=plan.masked_lm)
     enc_total = sum(int(b.enc_tokens.sum()) for b in batch_list)
     pred_total = sum(int(b.pred_mask.sum()) for b in batch_list)
-    rates = {"encoder": min(1.0, options.cka_tokens / max(enc_total, 1)),
+    cka_total = enc_total + pred_total if plan.masked_lm else enc_total  # a masked LM's CKA reads every residue
+    rates = {"encoder": min(1.0, options.cka_tokens / max(cka_total, 1)),
              "decoder": min(1.0, options.cka_tokens / max(pred_total, 1))}
     was_training = model.training
     model.eval()
@@ -590,9 +675,11 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
         model.train(was_training)
     cfg = model.config
     full = {}
+    acc, nll = analyser.acc.summary(("output", "acc")), analyser.acc.summary(("output", "nll"))
     if plan.has_decoder:
-        acc, nll = analyser.acc.summary(("output", "acc")), analyser.acc.summary(("output", "nll"))
         full = {"denoising_accuracy": acc.mean, "denoising_nll": nll.mean, "n_predictions": pred_total}
+    elif plan.masked_lm:
+        full = {"masked_accuracy": acc.mean, "masked_nll": nll.mean, "n_predictions": pred_total}
     timing = {k: round(v, 3) for k, v in analyser.seconds.items()}
     timing["total"] = round(sum(analyser.seconds.values()), 3)
     timing["wall_this_run"] = round(time.perf_counter() - t0, 3)
@@ -601,13 +688,15 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
         model={"source": pretrained.source, "family": cfg.protlm_family, "d_model": cfg.d_model,
                "encoder_layers": model.encoder.n_layers,
                "decoder_layers": model.decoder.n_layers if model.decoder is not None else 0,
+               "kind": model.kind, "output": plan.output, "output_means": OUTPUT_MEANS.get(plan.output),
                "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
                "random_init": str(pretrained.source).startswith("random-init")},
         inputs={"path": str(input_path), "n_proteins": len(proteins),
                 "n_residues": int(sum(p.length for p in proteins)),
                 "n_cropped": int(sum(len(s) > options.max_length for _, s in records)),
                 "encoder_tokens_averaged": enc_total, "predicted_residues": pred_total,
-                "denoising_input": plan.has_decoder, "ids": [p.id for p in proteins]},
+                "denoising_input": plan.has_decoder, "masked_lm_input": plan.masked_lm,
+                "ids": [p.id for p in proteins]},
         options={**options.to_dict(), "analyses": list(plan.analyses), "decoder": plan.decoder,
                  "encoder_layers": plan.encoder_layers, "decoder_layers": plan.decoder_layers},
         full_model=full, encoder=encoder, decoder=decoder, timing=timing,

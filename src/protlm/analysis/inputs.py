@@ -1,9 +1,16 @@
-"""Proteins for the depth analysis: read, crop, mask for denoising, and batch by a token budget.
+"""Proteins for the depth analysis: read, crop, mask, and batch by a token budget.
 
-Every analysis runs on the denoising input, because the output-distribution measures (layer skipping, early
-exit) need the decoder's predictions for real denoising targets, and the hidden-state measures must come from
-the same runs. Per-token averages use the positions that hold an unmasked residue in the encoder and, in the
-decoder, the positions that predict a masked residue; prefix, ``</s>``, sentinels and padding never enter a mean.
+Every analysis runs on a masked input, because the output-distribution measures (layer skipping, early exit)
+need the model's predictions for real masked residues, and the hidden-state measures must come from the same
+runs. How residues are masked follows the model's own training objective (``model.kind``):
+
+- encoder-decoder (T5): 1-gram denoising, each masked residue a sentinel; the decoder restores them;
+- masked-LM (ESM-2, DPLM): each masked residue shown as ``<mask>`` in ``<cls> residues <eos>``; the LM head
+  predicts it at its own position (labels are aligned with the input).
+
+Per-token averages use the positions that hold an unmasked residue in the encoder and the positions that
+predict a masked residue (T5: in the decoder; masked-LM: the masked positions themselves); prefix, ``<cls>``,
+end token, sentinels, ``<mask>`` and padding never enter a mean.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from torch import Tensor
 from protlm.data.fasta import read_sequences
 from protlm.errors import ConfigError, InputError
 from protlm.objectives.denoise import denoise_with_mask, noise_mask
-from protlm.objectives.example import Example, collate
+from protlm.objectives.example import IGNORE_INDEX, Example, collate
 from protlm.tokenizer.vocab import Tokenizer
 
 
@@ -33,11 +40,12 @@ class Protein:
 @dataclass
 class DepthBatch:
     index: np.ndarray  # (B,) positions of these proteins in the input order
-    input_ids: Tensor  # (B, Le) [prefix] residues-with-sentinels </s>, padded
+    input_ids: Tensor  # (B, Le) [prefix] residues-with-sentinels </s> (masked-LM: <cls> residues-with-<mask> <eos>)
     attention_mask: Tensor  # (B, Le) 1 = token
     enc_tokens: Tensor  # (B, Le) bool: unmasked residue positions (what encoder averages use)
-    labels: Tensor  # (B, Ld) decoder targets, IGNORE_INDEX on padding
-    decoder_input_ids: Tensor  # (B, Ld) start token + labels[:-1]
+    labels: Tensor  # (B, Ld) decoder targets, IGNORE_INDEX on padding (masked-LM: Ld = Le, the true residue at
+    #                 masked positions, IGNORE_INDEX elsewhere)
+    decoder_input_ids: Tensor | None  # (B, Ld) start token + labels[:-1]; None for a masked LM
     pred_mask: Tensor  # (B, Ld) bool: the label is a masked residue (what decoder/output averages use)
 
     @property
@@ -45,9 +53,13 @@ class DepthBatch:
         return len(self.index)
 
     def to(self, device) -> "DepthBatch":
-        move = {k: getattr(self, k).to(device) for k in
+        move = {k: None if getattr(self, k) is None else getattr(self, k).to(device) for k in
                 ("input_ids", "attention_mask", "enc_tokens", "labels", "decoder_input_ids", "pred_mask")}
         return DepthBatch(self.index, **move)
+
+    def clean_input_ids(self) -> Tensor:
+        """A masked-LM batch with every masked residue put back: the input ``protlm embed`` feeds."""
+        return torch.where(self.pred_mask, self.labels, self.input_ids)
 
 
 def read_proteins(path: str | os.PathLike, max_proteins: int | None = None) -> list[tuple[str, str]]:
@@ -85,12 +97,32 @@ def denoise_example(residues: np.ndarray, rng: np.random.Generator, rate: float,
     return Example(np.append(enc, tok.eos_id), labels, "denoise")
 
 
-def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length: int, mask_rate: float | None,
-                     seed: int, source: str = "input", clean_prefix: str | None = None) -> list[Protein]:
-    """Crop each sequence to a seeded random window of ``max_length`` and mask it for denoising.
+def masked_lm_example(residues: np.ndarray, rng: np.random.Generator, rate: float, tok: Tokenizer) -> Example:
+    """A masked-LM input: ``<cls> residues <eos>`` with each chosen residue shown as ``<mask>``; the labels are
+    aligned with the input (the true residue at masked positions, IGNORE_INDEX elsewhere).
 
-    ``mask_rate`` None gives the clean input ``[clean_prefix] residues </s>`` as ``protlm embed`` feeds it (for
-    probes, and for an encoder-only model, which has no denoising targets to predict).
+    The chosen residues are drawn as for denoising (:func:`protlm.objectives.denoise.noise_mask`: rate * L
+    rounded at random, at least one). ESM-2 trained with 80% of the chosen shown as ``<mask>`` and 20% as a
+    random or the same residue; here all are ``<mask>``, so every measured position is one the model cannot see.
+    """
+    mask = noise_mask(len(residues), rate, rng)
+    prefix = np.asarray(tok.prefix_token_ids(None), dtype=np.int64)  # <cls>; a masked LM has no task token
+    body = residues.astype(np.int64).copy()
+    body[mask] = tok.mask_id
+    labels = np.where(mask, residues, IGNORE_INDEX).astype(np.int64)
+    ids = np.concatenate([prefix, body, [tok.eos_id]]).astype(np.int64)
+    labels = np.concatenate([np.full(len(prefix), IGNORE_INDEX), labels, [IGNORE_INDEX]]).astype(np.int64)
+    return Example(ids, labels, "denoise")
+
+
+def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length: int, mask_rate: float | None,
+                     seed: int, source: str = "input", clean_prefix: str | None = None,
+                     masked_lm: bool = False) -> list[Protein]:
+    """Crop each sequence to a seeded random window of ``max_length`` and mask it: for denoising (T5), or with
+    ``masked_lm`` as a masked-LM input (:func:`masked_lm_example`).
+
+    ``mask_rate`` None gives the clean input ``[clean_prefix] residues </s>`` as ``protlm embed`` feeds it
+    (``<cls> residues <eos>`` for ESM; for probes, and for a model with no head to predict masked residues).
     The random stream of protein i depends only on (seed, i), so results do not depend on batching.
     """
     if max_length < 1:
@@ -98,7 +130,9 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
     if mask_rate is not None:
         if not 0 < mask_rate < 1:
             raise ConfigError(f"--mask-rate must be in (0, 1), got {mask_rate}")
-        if not tok.sentinel_ids:
+        if masked_lm and tok.mask_id is None:
+            raise ConfigError(f"the tokenizer ({tok.source}) has no <mask> token, so no masked-LM input can be built")
+        if not masked_lm and not tok.sentinel_ids:
             raise ConfigError("the tokenizer has no sentinel tokens, so no denoising targets can be built")
     out = []
     for i, (rid, seq) in enumerate(records):
@@ -109,16 +143,20 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
         if mask_rate is None:
             ids = np.concatenate([tok.prefix_token_ids(clean_prefix), window, [tok.eos_id]]).astype(np.int64)
             example = Example(ids, np.asarray([tok.eos_id], dtype=np.int64), "denoise")
+        elif masked_lm:
+            example = masked_lm_example(window, rng, mask_rate, tok)
         else:
             example = denoise_example(window, rng, mask_rate, tok)
         out.append(Protein(rid, start, len(window), example))
     return out
 
 
-def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_start_id: int = 0) -> list[DepthBatch]:
+def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_start_id: int | None = 0,
+            masked_lm: bool = False) -> list[DepthBatch]:
     """Length-sorted batches whose padded encoder size stays within ``token_budget`` (a long protein runs alone).
 
-    ``decoder_start_id`` is the model's ``decoder_start_token_id`` (T5: the pad id), used for teacher forcing.
+    ``decoder_start_id`` is the model's ``decoder_start_token_id`` (T5: the pad id), used for teacher forcing;
+    ``masked_lm`` batches have no decoder input.
     """
     if token_budget < 1:
         raise ConfigError(f"--batch-tokens must be at least 1, got {token_budget}")
@@ -138,5 +176,5 @@ def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_
         enc_tokens = torch.isin(ids, residue_ids) & cols["attention_mask"].bool()
         pred_mask = torch.isin(labels, residue_ids)
         out.append(DepthBatch(np.asarray(g), ids, cols["attention_mask"], enc_tokens, labels,
-                              cols["decoder_input_ids"], pred_mask))
+                              None if masked_lm else cols["decoder_input_ids"], pred_mask))
     return out

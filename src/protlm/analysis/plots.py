@@ -111,7 +111,8 @@ def plot_skip(report, path: str) -> str | None:
         else:
             ax.bar(x, m[:, -1], color="tab:purple")
             ax.set_ylabel("relative change of the last stream")
-            ax.set_title(f"{rep.stack}: change of the final stream (no decoder: no output measure)")
+            head = "LM head" if report.model.get("kind") == "masked-lm" else "decoder"
+            ax.set_title(f"{rep.stack}: change of the final stream (no {head}: no output measure)")
         ax.set_xlabel("skipped block l")
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
@@ -138,6 +139,8 @@ def plot_early_exit(report, path: str) -> str | None:
         _auto_scale(ax2, kl)
         ax2.set_ylabel("KL(full ‖ exit), nats", color="tab:blue")
         kind = "early exit into the decoder" if rep.stack == "encoder" else "logit lens"
+        if rep.stack == "encoder" and report.model.get("output") == "lm-head":
+            kind = "logit lens (final norm → LM head)"
         ax.set_title(f"{rep.stack}: {kind}")
         ax.set_xlabel("layer l")
         ax.set_xticks(x)

@@ -22,6 +22,11 @@ def _dispensable_tail(layers: list[int], flips: list[float], n: int, threshold: 
     return layers[i] if i < len(layers) else None
 
 
+def _masked_lm(report) -> bool:
+    """The output is a masked LM's head on the encoder (not a decoder)."""
+    return report.model.get("output") == "lm-head"
+
+
 def summary_paragraph(report) -> str:
     """A one-paragraph reading of the numbers."""
     thr = report.options["flip_threshold"]
@@ -35,6 +40,10 @@ def summary_paragraph(report) -> str:
         # output distributions, whose top-1 flips under tiny KL changes
         out.append(f"The full model restores {fm['denoising_accuracy']:.1%} of the masked residues (NLL "
                    f"{fm['denoising_nll']:.3g} nats per residue; a uniform guess over 20 residues is {math.log(20):.2f}).")
+    elif fm and fm.get("masked_accuracy") is not None and math.isfinite(fm["masked_accuracy"]):
+        out.append(f"The full model's LM head predicts {fm['masked_accuracy']:.1%} of the masked residues (NLL "
+                   f"{fm['masked_nll']:.3g} nats per residue; a uniform guess over 20 residues is {math.log(20):.2f}); "
+                   "\"output\" below is that head's prediction at the masked positions.")
     for rep in (report.encoder, report.decoder):
         if rep is None:
             continue
@@ -72,6 +81,8 @@ def summary_paragraph(report) -> str:
                     break
                 first = l
             what = "Exiting the encoder after layer" if name == "encoder" else "The decoder's logit lens at layer"
+            if name == "encoder" and _masked_lm(report):
+                what = "The logit lens (final norm and LM head) at encoder layer"
             if first is not None and first < n:
                 out.append(f"{what} {first} of {n} (and any later one) already agrees with the full model on at least "
                            f"{1 - thr:.0%} of top-1 predictions.")
@@ -105,15 +116,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(report, plots: dict[str, str]) -> str:
     """The summary page: the paragraph, the main numbers as tables, the plots and where the time went."""
     m, inp = report.model, report.inputs
+    shape = (f"{m['encoder_layers']} layers (a masked LM: output from its LM head)" if m.get("kind") == "masked-lm"
+             else f"{m['encoder_layers']} encoder + {m['decoder_layers']} decoder layers")
     lines = [f"# Depth analysis: {m['source']}", "",
-             f"{m['encoder_layers']} encoder + {m['decoder_layers']} decoder layers, d_model {m['d_model']}, "
+             f"{shape}, d_model {m['d_model']}, "
              f"{m['dtype']}; {inp['n_proteins']} proteins, {inp['n_residues']} residues ({inp['n_cropped']} proteins cropped "
              f"to a {report.options['max_length']}-residue window) from `{inp['path']}`."]
-    if report.full_model:
-        fm = report.full_model
+    fm = report.full_model
+    if fm and "denoising_accuracy" in fm:
         lines.append(f"Full model on the denoising targets: top-1 accuracy {_fmt(fm['denoising_accuracy'])}, "
                      f"NLL {_fmt(fm['denoising_nll'])} nats over {fm['n_predictions']} masked residues "
                      f"(mask rate {report.options['mask_rate']}).")
+    elif fm and "masked_accuracy" in fm:
+        lines.append(f"Full model (final norm → LM head) on the residues shown as `<mask>`: top-1 accuracy "
+                     f"{_fmt(fm['masked_accuracy'])}, NLL {_fmt(fm['masked_nll'])} nats over {fm['n_predictions']} "
+                     f"masked residues (mask rate {report.options['mask_rate']}).")
+    if m.get("output_means"):
+        lines.append(f"\"Output\" in the measures below is {m['output_means']}.")
     lines += ["", "## Summary", "", report.summary, ""]
     for rep in (report.encoder, report.decoder):
         if rep is None:
@@ -149,6 +168,8 @@ def markdown(report, plots: dict[str, str]) -> str:
         if ee is not None:
             title = "Early exit (encoder layer l → final norm → decoder)" if rep.stack == "encoder" else \
                 "Logit lens (decoder layer l → final norm → LM head)"
+            if rep.stack == "encoder" and _masked_lm(report):
+                title = "Logit lens (encoder layer l → final norm → LM head)"
             rows = [[str(l), _fmt(ee.kl.mean[i], ".3g"), _fmt(ee.top1_agreement.mean[i]), _fmt(ee.accuracy.mean[i])]
                     for i, l in enumerate(ee.layers)]
             lines += [f"### {title}", "", _table(["layer", "KL to full (nats)", "top-1 agreement", "accuracy"], rows), ""]

@@ -1,7 +1,10 @@
 """Cut an encoder after block K: a smaller encoder-only model for cheaper embeddings.
 
-The cut model keeps the embedding, blocks 1..K (the position bias lives in block 1) and the final norm, so its
-output is final_layer_norm(h_K) of the full model: exactly the representation the probes score at layer K.
+The cut model keeps the embedding, blocks 1..K (T5's position bias lives in block 1; ESM's rotary tables are
+per batch) and the final norm, so its output is final_layer_norm(h_K) of the full model: exactly the
+representation the probes score at layer K. Heads that read the whole model are dropped: T5's decoder and LM
+head; a masked LM's LM head (it was trained on h_N, not h_K) and ESM's contact head (a regression over the
+attention maps of every layer, sized by the layer count).
 """
 
 from __future__ import annotations
@@ -9,7 +12,6 @@ from __future__ import annotations
 from protlm.convert import build_model
 from protlm.convert.checkpoint import canonical_state
 from protlm.errors import ConfigError
-from protlm.model.t5 import T5
 
 
 def check_cut(n: int, layers: int) -> None:
@@ -18,13 +20,26 @@ def check_cut(n: int, layers: int) -> None:
         raise ConfigError(f"--truncate-at {layers} is out of range for a {n}-layer encoder (valid: 1..{n})")
 
 
-def truncate_encoder(model: T5, layers: int) -> T5:
+def _block_prefix(model) -> str:
+    """The state-dict prefix of the encoder's blocks (T5 ``encoder.block``, ESM ``esm.encoder.layer``)."""
+    blocks = model.encoder.block
+    return next(name for name, mod in model.named_modules() if mod is blocks)
+
+
+def truncate_encoder(model, layers: int):
     """An encoder-only copy of ``model`` with its first ``layers`` encoder blocks (1 <= layers <= N)."""
     check_cut(model.encoder.n_layers, layers)
-    cfg = model.config.replace(num_layers=layers, num_decoder_layers=model.config.n_decoder_layers)
+    cfg = model.config
+    if model.kind == "masked-lm":
+        # transformers' EsmConfig names the block count num_hidden_layers; the contact head cannot survive a cut
+        cfg, drop, parts = cfg.replace(num_hidden_layers=layers), ("lm_head.", "esm.contact_head."), {
+            "contact_head": False, "pooler": getattr(model.encoder, "pooler", None) is not None}
+    else:
+        cfg = cfg.replace(num_layers=layers, num_decoder_layers=cfg.n_decoder_layers)
+        drop, parts = ("decoder.", "lm_head."), {}
+    prefix = _block_prefix(model) + "."
     param = next(model.parameters())
-    keep = canonical_state(model)
-    state = {k: v.detach().clone() for k, v in keep.items() if not k.startswith(("decoder.", "lm_head."))
-             and not (k.startswith("encoder.block.") and int(k.split(".")[2]) >= layers)}
-    cut = build_model(cfg, encoder_only=True, state=state, source="truncation")
+    state = {k: v.detach().clone() for k, v in canonical_state(model).items() if not k.startswith(drop)
+             and not (k.startswith(prefix) and int(k[len(prefix):].split(".")[0]) >= layers)}
+    cut = build_model(cfg, encoder_only=True, state=state, source="truncation", **parts)
     return cut.to(device=param.device, dtype=param.dtype).eval()

@@ -12,7 +12,9 @@ def add_parser(sub) -> None:
     d = kinds.add_parser("depth", help="which layers do the work",
                          description="Per-layer contribution to the residual stream, layer skipping, early exit / "
                                      "logit lens, linear probes and linear CKA, for the encoder and (encoder-decoder "
-                                     "models) the decoder. Writes depth.json, depth.md and PNG plots into DIR.")
+                                     "models) the decoder. The output measures read the decoder (T5) or, for a "
+                                     "masked LM (ESM-2, DPLM), the LM head at the masked positions. Writes "
+                                     "depth.json, depth.md and PNG plots into DIR.")
     d.add_argument("model", help="checkpoint directory or Hub id (a preset name with --random-init)")
     d.add_argument("input", help="FASTA (optionally .gz) or CSV of proteins")
     d.add_argument("-o", "--out", required=True, help="output directory")
@@ -20,7 +22,8 @@ def add_parser(sub) -> None:
     d.add_argument("--seed", type=int, default=0, help="seed for random init, masking, cropping and sampling (default 0)")
     d.add_argument("--max-proteins", type=int, default=None, help="use the first N records of INPUT")
     d.add_argument("--max-length", type=int, default=512, help="crop longer proteins to a random window (default 512)")
-    d.add_argument("--mask-rate", type=float, default=0.15, help="share of residues masked for denoising targets (default 0.15)")
+    d.add_argument("--mask-rate", type=float, default=0.15, help="share of residues masked for the output measures: sentinels for T5's decoder, <mask> for a "
+                        "masked LM (default 0.15)")
     d.add_argument("--analyses", nargs="+", default=None, metavar="NAME",
                    help="subset of: contribution skip early-exit cka probe (default: all the model supports)")
     d.add_argument("--layers", nargs="+", type=int, default=None, metavar="L",
@@ -29,7 +32,7 @@ def add_parser(sub) -> None:
                    help="decoder layers (0..M) for the same analyses (default all)")
     dec = d.add_mutually_exclusive_group()
     dec.add_argument("--decoder", dest="decoder", action="store_true", default=None,
-                     help="require the decoder analyses (an error for an encoder-only model)")
+                     help="require the decoder analyses (an error for a model without a decoder)")
     dec.add_argument("--no-decoder", dest="decoder", action="store_false", help="analyse the encoder's layers only")
     d.add_argument("--task", default="ssp3", help="probe task: ssp3, or none (default ssp3)")
     d.add_argument("--probe-data", default=None,
