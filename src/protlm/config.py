@@ -202,7 +202,7 @@ HF_ESM_DEFAULTS: dict[str, Any] = dict(
     hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, hidden_dropout_prob=0.1,
     attention_probs_dropout_prob=0.1, max_position_embeddings=1026, initializer_range=0.02, layer_norm_eps=1e-12,
     position_embedding_type="absolute", emb_layer_norm_before=None, token_dropout=False, tie_word_embeddings=True,
-    rope_theta=10000.0,
+    rope_theta=10000.0, mask_token_id=None, pad_token_id=None, eos_token_id=2,
 )
 
 
@@ -249,6 +249,8 @@ class EsmConfig:
                               f"{self.num_attention_heads}")
         if self.position_embedding_type == "rotary" and (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("rotary positions need an even head width (hidden_size / num_attention_heads)")
+        if self.position_embedding_type == "absolute" and self.pad_token_id is None:
+            raise ConfigError("absolute positions count from pad_token_id, which is missing (null)")
 
     # the names the workflows read, whatever the family
     @property

@@ -48,8 +48,13 @@ class Pretrained:
 
 
 # --- key map -------------------------------------------------------------------------------------------------
-_ESM_INV_FREQ = re.compile(r"(esm\.)?(encoder\.layer\.\d+\.attention\.self\.)?rotary_embeddings\.inv_freq")
+# inv_freq once per model, once per layer (older files), or under transformers 5's own wildcard key ("layer.*.")
+_ESM_INV_FREQ = re.compile(r"(esm\.)?(encoder\.layer\.(\d+|\*)\.attention\.self\.)?rotary_embeddings\.inv_freq")
 _ESM_IGNORED = re.compile(r"(esm\.)?embeddings\.position_ids")  # an index buffer some files carry
+# published rotary ESM-2 files still carry an absolute position table that no code reads (transformers#39063)
+_ESM_UNUSED_ROTARY = re.compile(r"(esm\.)?embeddings\.position_embeddings\.weight")
+# BERT's old LayerNorm names, which transformers 5 writes back into the files it saves for ESM
+_ESM_LEGACY_NORM = re.compile(r"\.LayerNorm\.(gamma|beta)$")
 
 
 def key_aliases(model: Model) -> dict[str, str]:
@@ -242,6 +247,8 @@ def _esm_from_checkpoint(directory: str, config: EsmConfig, encoder_only: bool |
     state = read_weights(directory)
     if not any(k.startswith(("esm.", "lm_head.")) for k in state):  # EsmModel layout: no "esm." prefix
         state = {f"esm.{k}": v for k, v in state.items()}
+    state = {_ESM_LEGACY_NORM.sub(lambda m: ".LayerNorm." + ("weight" if m[1] == "gamma" else "bias"), k): v
+             for k, v in state.items()}
     has_head = any(k.startswith("lm_head.") for k in state)
     encoder_only = (not has_head) if encoder_only is None else encoder_only
     if encoder_only:
@@ -450,7 +457,9 @@ def _esm_buffers(model: ESM, state: dict[str, torch.Tensor], source: str):
     if stored and tuple(state[stored[0]].shape) != (expected,):
         raise CheckpointError(f"{source}: tensor {stored[0]} has shape {tuple(state[stored[0]].shape)}, config "
                               f"implies ({expected},)")
-    kept = {k: v for k, v in state.items() if not (_ESM_INV_FREQ.fullmatch(k) or _ESM_IGNORED.fullmatch(k))}
+    rotary = model.esm.rotary_embeddings is not None
+    kept = {k: v for k, v in state.items() if not (_ESM_INV_FREQ.fullmatch(k) or _ESM_IGNORED.fullmatch(k)
+                                                   or (rotary and _ESM_UNUSED_ROTARY.fullmatch(k)))}
     return kept, (state[stored[0]] if stored else None)
 
 
