@@ -87,14 +87,17 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(args)
     config.validate()  # before loading a model: bad options fail fast
     prefixes = read_prefixes(args)
-    if args.output:
-        return _run_to_file(args, config, prefixes)
     pre = load(args)
+    if pre.model.kind == "masked-lm":
+        raise ConfigError(f"{args.model} is a masked-LM (no decoder), so it cannot complete prefixes; use "
+                          "'protlm infill' to fill masked positions")
+    if args.output:
+        return _run_to_file(args, config, prefixes, pre)
     sys.stdout.write(to_fasta(generate(pre, prefixes, config), config, only_new=args.only_new))
     return 0
 
 
-def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
+def _run_to_file(args, config, prefixes: list[tuple[str, str]], pre) -> int:
     """Generate in parts of PART prefixes into OUTPUT.partial, so that a killed job continues where it stopped
     (with the same samples: they depend on the prefix's index, not on the part); OUTPUT appears at the end."""
     import os
@@ -109,7 +112,6 @@ def _run_to_file(args, config, prefixes: list[tuple[str, str]]) -> int:
                                       args.only_new, prefixes])
     if out.done:
         print(f"resuming: {out.done} of {len(prefixes)} prefixes already in {out.partial}", file=sys.stderr)
-    pre = load(args)
     with tqdm(total=len(prefixes), initial=out.done, unit="prefix", desc="generate",
               disable=not sys.stderr.isatty()) as bar:
         while out.done < len(prefixes):

@@ -1,4 +1,5 @@
-"""``protlm infill MODEL --masked "MKT[?]AL[?][?]"``: fill masked positions through the denoising sentinels."""
+"""``protlm infill MODEL --masked "MKT[?]AL[?][?]"``: fill masked positions (T5: the denoising sentinels, left to
+right; masked-LM models such as ESM-2: ``<mask>`` tokens, all predicted from one pass)."""
 
 from __future__ import annotations
 
@@ -12,9 +13,11 @@ from protlm.errors import InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("infill", help="fill masked positions ([?]) with the denoising decoder",
-                       description="Masked positions become sentinels in the encoder input ([NLU] task); the decoder "
-                                   "names a residue for each, left to right. Output: FASTA of filled sequences with "
+    p = sub.add_parser("infill", help="fill masked positions ([?]) with the model's residue predictions",
+                       description="T5: masked positions become sentinels in the encoder input ([NLU] task); the "
+                                   "decoder names a residue for each, left to right. Masked-LM models (ESM-2, DPLM): "
+                                   "masked positions become <mask> and one pass predicts them all, each from the "
+                                   "unmasked residues. Output: FASTA of filled sequences with "
                                    "the chosen residues and their probabilities in the header; --table adds the full "
                                    "per-position distributions.")
     add_model_args(p)

@@ -35,13 +35,15 @@ def add_parser(sub) -> None:
     p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                    help="keep only rows where COL equals VALUE (repeatable), e.g. set=test")
     p.add_argument("--target", help="numeric column to correlate with the scores (prints Spearman's rho)")
-    p.add_argument("--strategy", choices=["masked-marginal", "joint"], default="masked-marginal",
-                   help="masked-marginal: each position masked on its own, summed (default); joint: all of a "
+    p.add_argument("--strategy", choices=["masked-marginal", "wt-marginal", "joint"], default="masked-marginal",
+                   help="masked-marginal: each position masked on its own, log p(mt) - log p(wt) summed over a "
+                        "variant's mutations (default); wt-marginal (masked-LM models): the same difference read "
+                        "from one pass on the unmasked wild type; joint (encoder-decoder models): all of a "
                         "variant's positions masked together, decoded in order")
     p.add_argument("--first-index", type=int, default=1, help="number of the first residue in the notation (default 1)")
     p.add_argument("--pll", action="store_true", help="score the sequences of --input by pseudo-log-likelihood")
     p.add_argument("--input", help="FASTA/CSV of sequences for --pll")
-    p.add_argument("--token-budget", type=int, default=16384, help="encoder tokens per forward pass (default 16384)")
+    p.add_argument("--token-budget", type=int, default=16384, help="encoder tokens per forward pass, padding included (default 16384)")
     p.add_argument("-o", "--output", help="output CSV (default: stdout)")
     p.set_defaults(run=run)
 

@@ -5,6 +5,12 @@ decoder writes ``sentinel_0 residue_0 sentinel_1 residue_1 ...`` as in 1-gram de
 sentinels are forced (they are known) and only the residues are chosen, left to right, so each position is
 filled knowing the residues already placed before it. Per-position probabilities are over the allowed residues
 (the model's distribution at that step, renormalised after removing non-residue tokens).
+
+Masked-LM models (ESM-2, DPLM; ``model.kind == "masked-lm"``) have no decoder: every masked position becomes
+``<mask>`` and one forward pass predicts them all at once, each from the unmasked residues only (no iterative
+refinement; the CLI has no option for it). Greedy takes each position's most likely allowed residue; sampling
+draws each position independently from its own distribution. The allowed residues are the same as for T5 (the
+20 standard ones by default, ``residues="all"`` adds X/U/Z/O/B); specials, ``<mask>`` and ``.``/``-`` never.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import torch
 
 from protlm.errors import ConfigError, InputError
 from protlm.generation.decoding import NEG_INF, Sampling, choose, row_generators
+from protlm.generation.masked import DEFAULT_TOKEN_BUDGET, infill_logits
 from protlm.generation.tokens import (
     allowed_mask, model_device, require_decoder, residue_alphabet, residue_ids, task_prefix,
 )
@@ -129,10 +136,12 @@ def infill(pre, masked, num: int = 1, strategy: str = "greedy", temperature: flo
     if not sampling.greedy and not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     model, tok = pre.model, pre.tokenizer
-    require_decoder(model)
     items = [masked] if isinstance(masked, (str, MaskedSequence)) else list(masked)
     inputs = [m if isinstance(m, MaskedSequence) else parse_masked(m, record=f"masked{i + 1}")
               for i, m in enumerate(items)]
+    if model.kind == "masked-lm":
+        return _fill_masked_lm(pre, inputs, num, sampling, seed, residues)
+    require_decoder(model)
     device = model_device(model)
     allowed = allowed_mask(tok, model.config.vocab_size, residues, allow_eos=False, device=device)
     alphabet = residue_alphabet(tok, residues)
@@ -181,3 +190,29 @@ def _fill_batch(model, tok, m: MaskedSequence, enc_ids: list[int], samples: list
         results.append(Infilled(m.id, k, m, "".join(filled), letters, probs, dist_t[r], alphabet,
                                 float(np.sum(np.log(probs)))))
     return results
+
+
+def _fill_masked_lm(pre, inputs: list[MaskedSequence], num: int, sampling: Sampling, seed: int,
+                    residues: str) -> list[Infilled]:
+    """One pass per input (batched by tokens) gives every masked position's logits; ``num`` fills are drawn."""
+    tok = pre.tokenizer
+    allowed = allowed_mask(tok, pre.model.config.vocab_size, residues, allow_eos=False)
+    alphabet = residue_alphabet(tok, residues)
+    alphabet_ids = residue_ids(tok, residues)
+    col = {t: j for j, t in enumerate(alphabet_ids)}
+    out = []
+    for index, (m, logits) in enumerate(zip(inputs, infill_logits(pre, inputs, DEFAULT_TOKEN_BUDGET))):
+        logits = logits.masked_fill(~allowed, NEG_INF)  # (n_masked, V)
+        dist = logits.softmax(-1)[:, alphabet_ids].numpy()  # (n_masked, len(alphabet))
+        for k in range(num):
+            # one generator per (input, sample, position): a fill does not depend on the other inputs
+            gens = None if sampling.greedy else row_generators(seed, [(index, k, j) for j in range(len(m.positions))])
+            chosen = choose(logits, sampling, gens).tolist()
+            letters = tok.decode(chosen)
+            probs = [float(dist[j, col[t]]) for j, t in enumerate(chosen)]
+            filled = list(m.template)
+            for pos, aa in zip(m.positions, letters):
+                filled[pos] = aa
+            out.append(Infilled(m.id, k, m, "".join(filled), letters, probs, dist, alphabet,
+                                float(np.sum(np.log(probs)))))
+    return out

@@ -1,4 +1,8 @@
-"""Zero-shot scores through the denoising task: pseudo-log-likelihood and masked-marginal variant effects.
+"""Zero-shot scores: pseudo-log-likelihood and masked-marginal variant effects.
+
+Every function here takes any model of the protocol and branches on ``model.kind``: masked-LM models (ESM-2,
+DPLM) are scored by :mod:`protlm.generation.masked` (its docstring has their definitions, including
+``strategy="wt-marginal"`` and long sequences); the rest of this docstring is about encoder-decoder (T5) models.
 
 A position is "masked" by replacing it with sentinel 0 in the encoder input (``[NLU]`` + residues + ``</s>``);
 the decoder reads ``<start> sentinel_0`` and its next-token distribution is the model's belief about that
@@ -22,11 +26,14 @@ import numpy as np
 import torch
 
 from protlm.errors import ConfigError, InputError
+from protlm.generation import masked
 from protlm.generation.infilling import denoising_input
 from protlm.generation.mutations import STANDARD_RESIDUES, Variant, check_wildtype, parse_variant
 from protlm.generation.tokens import model_device, require_decoder
 
-STRATEGIES = ("masked-marginal", "joint")
+STRATEGIES = ("masked-marginal", "wt-marginal", "joint")
+MASKED_LM_STRATEGIES = ("masked-marginal", "wt-marginal")
+ENCODER_DECODER_STRATEGIES = ("masked-marginal", "joint")
 DEFAULT_TOKEN_BUDGET = 16384  # encoder tokens per forward pass
 
 
@@ -41,6 +48,10 @@ class MarginalTable:
 
     def log_prob(self, position: int, residue: str) -> float:
         return float(self.log_probs[self.positions.index(position), self.alphabet.index(residue)])
+
+
+def is_masked_lm(model) -> bool:
+    return model.kind == "masked-lm"
 
 
 def _rows_per_batch(length: int, token_budget: int) -> int:
@@ -71,12 +82,24 @@ def _single_mask_logprobs(pre, sequence: str, positions: list[int], record: str,
 
 
 def masked_marginals(pre, wildtype: str, positions=None, token_budget: int = DEFAULT_TOKEN_BUDGET) -> MarginalTable:
-    """The table of masked-marginal log-probabilities at ``positions`` (0-based; default: every position)."""
+    """The table of masked-marginal log-probabilities at ``positions`` (0-based; default: every position).
+
+    T5: full-vocabulary log-probabilities; masked-LM: over the 20 standard residues (see
+    :mod:`protlm.generation.masked`). Differences within a row are the same either way.
+    """
+    return _marginal_table(pre, wildtype, positions, token_budget, "masked-marginal")
+
+
+def _marginal_table(pre, wildtype: str, positions, token_budget: int, strategy: str) -> MarginalTable:
     wildtype = check_wildtype(wildtype)
     positions = sorted(set(range(len(wildtype)) if positions is None else positions))
     for p in positions:
         if not 0 <= p < len(wildtype):
             raise InputError(f"position {p + 1} is outside the wild type (1..{len(wildtype)})")
+    if is_masked_lm(pre.model):
+        run = masked.masked_marginal_logprobs if strategy == "masked-marginal" else masked.wt_marginal_logprobs
+        lp = run(pre, wildtype, positions, token_budget)
+        return MarginalTable(wildtype, tuple(positions), STANDARD_RESIDUES, lp.numpy().astype(np.float64))
     lp = _single_mask_logprobs(pre, wildtype, positions, "wild type", token_budget)
     cols = [pre.tokenizer.residue_ids[aa] for aa in STANDARD_RESIDUES]
     return MarginalTable(wildtype, tuple(positions), STANDARD_RESIDUES, lp[:, cols].numpy().astype(np.float64))
@@ -90,18 +113,26 @@ def pseudo_log_likelihood(pre, sequences, token_budget: int = DEFAULT_TOKEN_BUDG
     list of strings / (id, sequence) pairs.
     """
     items = [sequences] if isinstance(sequences, str) else list(sequences)
-    results = []
+    records = []
     for i, item in enumerate(items):
         rid, seq = (f"sequence {i + 1}", item) if isinstance(item, str) else (str(item[0]), item[1])
         seq = seq.strip().upper()
         if not seq:
             raise InputError(f"{rid}: empty sequence")
-        ids = pre.tokenizer.residue_array(seq, record=rid)
-        lp = _single_mask_logprobs(pre, seq, list(range(len(seq))), rid, token_budget)
-        results.append(lp.gather(1, torch.as_tensor(ids)[:, None])[:, 0].numpy().astype(np.float64))
+        records.append((rid, seq))
+    if is_masked_lm(pre.model):
+        results = masked.pll_per_position(pre, records, token_budget)
+    else:
+        results = [_t5_pll(pre, rid, seq, token_budget) for rid, seq in records]
     if per_position:
         return results
     return np.array([r.sum() for r in results])
+
+
+def _t5_pll(pre, rid: str, seq: str, token_budget: int) -> np.ndarray:
+    ids = pre.tokenizer.residue_array(seq, record=rid)
+    lp = _single_mask_logprobs(pre, seq, list(range(len(seq))), rid, token_budget)
+    return lp.gather(1, torch.as_tensor(ids)[:, None])[:, 0].numpy().astype(np.float64)
 
 
 def parse_variants(wildtype: str, variants, first_index: int = 1) -> list[Variant]:
@@ -114,16 +145,21 @@ def score_variants(pre, wildtype: str, variants, strategy: str = "masked-margina
     """Zero-shot score of each variant (higher = more like the wild type's family, by the model).
 
     ``variants`` are strings (``"A23G"``, ``"A23G:V40L"``; wild-type residues are checked) or
-    :class:`~protlm.generation.mutations.Variant` objects. The wild type itself scores 0.
+    :class:`~protlm.generation.mutations.Variant` objects. The wild type itself scores 0. ``strategy``:
+    "masked-marginal" (both kinds), "wt-marginal" (masked-LM models), "joint" (encoder-decoder models).
     """
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    allowed = MASKED_LM_STRATEGIES if is_masked_lm(pre.model) else ENCODER_DECODER_STRATEGIES
+    if strategy not in allowed:
+        raise ConfigError(f"strategy {strategy!r} does not apply to {pre.model.kind} models "
+                          f"(use {' or '.join(allowed)})")
     wildtype = check_wildtype(wildtype)
     parsed = parse_variants(wildtype, variants, first_index)
     if strategy == "joint":
         return _joint_scores(pre, wildtype, parsed, token_budget)
     positions = sorted({p for v in parsed for p in v.positions})
-    table = masked_marginals(pre, wildtype, positions, token_budget)
+    table = _marginal_table(pre, wildtype, positions, token_budget, strategy)
     row = {p: i for i, p in enumerate(table.positions)}
     col = {aa: j for j, aa in enumerate(table.alphabet)}
     lp = table.log_probs
