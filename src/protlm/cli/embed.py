@@ -15,8 +15,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser(
         "embed", help="embed a FASTA/CSV file into per-residue and/or per-protein HDF5 files",
-        description="Embed protein sequences with a T5 encoder. The output files are resumable: re-run the same "
-                    "command after an interruption and it continues where it stopped.",
+        description="Embed protein sequences with a T5 encoder (Ankh, Ankh3, ProtT5) or an ESM-2/DPLM model. "
+                    "The output files are resumable: re-run the same command after an interruption and it "
+                    "continues where it stopped.",
     )
     p.add_argument("model", help="checkpoint directory or Hugging Face Hub id (or a preset name with --random-init)")
     p.add_argument("input", nargs="?", default=None,
@@ -27,7 +28,8 @@ def add_parser(sub) -> None:
                    help="encoder layers: 0 = embeddings, l = after block l, -1 = last (after the final norm); "
                         "several give arrays with a leading layer axis; 'all' for every layer (default: -1)")
     p.add_argument("--prefix", choices=["auto", "nlu", "s2s", "none"], default="auto",
-                   help="task token before the residues; auto: [NLU] for Ankh3, none for Ankh and ProtT5")
+                   help="task token before the residues; auto: [NLU] for Ankh3, none for Ankh, ProtT5 and ESM-2 "
+                        "(whose vocabulary has no task tokens)")
     p.add_argument("--dtype", default="auto",
                    help="compute dtype; auto: bf16 where this device runs it fast (GPUs with bf16; CPUs where a "
                         "measured bf16 matmul beats fp32), else fp32 (fp16 on older GPUs, guarded); int8: dynamic "
@@ -35,8 +37,10 @@ def add_parser(sub) -> None:
     p.add_argument("--max-tokens", type=int, default=None, metavar="N",
                    help="padded tokens per batch (default 512 on CPU, 16384 on GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--window", type=int, default=DEFAULT_WINDOW, metavar="N",
-                   help=f"proteins longer than N residues are embedded in overlapping windows (default {DEFAULT_WINDOW})")
+    p.add_argument("--window", type=int, default=None, metavar="N",
+                   help="proteins longer than N residues are embedded in overlapping windows (default: the "
+                        f"model's trained limit, 1022 for ESM-2; {DEFAULT_WINDOW} for T5, which has none; "
+                        "never above the limit)")
     p.add_argument("--overlap", type=int, default=DEFAULT_OVERLAP, metavar="N",
                    help="residues shared by neighbouring windows (default: a quarter of --window)")
     p.add_argument("--bad-records", choices=["error", "skip", "x"], default="error",

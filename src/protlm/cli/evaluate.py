@@ -3,6 +3,7 @@
     protlm evaluate --suite configs/eval/ankh3.yaml --model runs/tiny-cpu/final
     protlm evaluate --suite configs/eval/ankh3.yaml --embeddings name=DIR     # DIR/<dataset>.h5, per residue
     protlm evaluate --suite configs/eval/ankh3.yaml --random-init tiny --quick
+    protlm evaluate --suite configs/eval/ankh3.yaml --model ESM2_DIR --model ANKH3_DIR   # families side by side
     protlm evaluate --suite configs/eval/ankh3.yaml --export-fasta DIR       # sequences to embed elsewhere
 
 The one-hot baseline is always in the table, and each --model gets its random-init twin (same architecture,
@@ -23,7 +24,7 @@ def add_parser(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default=os.path.join("configs", "eval", "ankh3.yaml"), help="suite YAML (default: %(default)s)")
     p.add_argument("--model", action="append", default=[], metavar="MODEL",
-                   help="checkpoint directory or Hub id to embed with (repeatable)")
+                   help="checkpoint directory or Hub id to embed with, T5 or ESM-2 (repeatable)")
     p.add_argument("--random-init", action="append", default=[], metavar="ARCH",
                    help="a randomly initialised model of a preset or of a checkpoint's architecture (repeatable)")
     p.add_argument("--embeddings", action="append", default=[], metavar="[NAME=]DIR",
@@ -38,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument("--data-root", help="directory the suite's dataset paths are relative to (default: the suite's data_root)")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer to embed (default: -1, the last)")
     p.add_argument("--prefix", action="append", choices=["auto", "nlu", "s2s", "none"],
-                   help="task token before the sequence (default: by model family, [NLU] for Ankh3); repeat "
-                        "(--prefix nlu --prefix s2s) for a column per prefix, as in Table 5")
+                   help="task token before the sequence (default: by model family, [NLU] for Ankh3, none for "
+                        "ESM-2); repeat (--prefix nlu --prefix s2s) for a column per prefix, as in Table 5 (models "
+                        "without task tokens get one column)")
     p.add_argument("--embed-dtype", default="auto",
                    help="dtype of the embedding forward pass (default: auto, bf16 where this device runs it fast, "
                         "else fp32); int8: dynamic int8 on CPU, approximate, a column of its own")
@@ -79,11 +81,12 @@ def run(args: argparse.Namespace) -> int:
     prefixes = list(dict.fromkeys(args.prefix or ["auto"]))
     sources = [] if args.no_baselines else [OneHotSource()]
     for spec in args.random_init:
-        sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in prefixes]
+        sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in _prefixes_for(spec, prefixes)]
     for spec in args.model:
+        mine = _prefixes_for(spec, prefixes)
         if not args.no_baselines:
-            sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in prefixes]
-        sources += [ModelSource(spec, prefix=p, **common) for p in prefixes]
+            sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in mine]
+        sources += [ModelSource(spec, prefix=p, **common) for p in mine]
     for item in args.embeddings:
         name, _, directory = item.rpartition("=")
         sources.append(DirectorySource(directory, name or None, None if args.layer == -1 else args.layer))
@@ -112,4 +115,16 @@ def run(args: argparse.Namespace) -> int:
         print(fh.read())
     print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")
     return 0
+
+
+def _prefixes_for(spec: str, prefixes: list[str]) -> list[str]:
+    """The --prefix columns of one model: all of them, or for a model without task tokens (ESM-2) its one column
+    without a prefix, so that ESM-2 and Ankh3's [NLU] and [S2S] columns fit in one report."""
+    from protlm.evaluate.embeddings import has_task_tokens
+
+    if all(p in ("auto", "none") for p in prefixes) or has_task_tokens(spec):
+        return prefixes
+    print(f"protlm evaluate: {spec} has no task tokens; one column without a prefix instead of "
+          f"--prefix {' '.join(prefixes)}")
+    return ["auto"]
 

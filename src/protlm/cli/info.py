@@ -21,13 +21,39 @@ def run(args: argparse.Namespace) -> int:
     from protlm.cli.common import load_model
 
     pre = load_model(args.model, random_init=args.model in PRESET_NAMES)
-    cfg = pre.config
     n = sum(p.numel() for p in pre.model.parameters())
     print(f"source        {pre.source}")
-    print(f"family        {cfg.protlm_family}")
-    print(f"shape         d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
-          f"layers={cfg.num_layers}+{0 if pre.model.encoder_only else cfg.n_decoder_layers} ffn={cfg.feed_forward_proj}")
-    print(f"vocabulary    {len(pre.tokenizer)} tokens from {pre.tokenizer.source}; prefixes {sorted(pre.tokenizer.prefix_ids)}; "
-          f"{len(pre.tokenizer.sentinel_ids)} sentinels")
+    print(f"family        {pre.config.protlm_family} ({pre.model.kind})")
+    for name, value in describe(pre):
+        print(f"{name:<14}{value}")
     print(f"parameters    {n:,}")
     return 0
+
+
+def describe(pre) -> list[tuple[str, str]]:
+    """(field, text) rows for the shape and the vocabulary, in each family's own terms."""
+    from protlm.config import EsmConfig
+
+    cfg, tok = pre.config, pre.tokenizer
+    if isinstance(cfg, EsmConfig):
+        d_head = cfg.hidden_size // cfg.num_attention_heads
+        parts = [name for name, present in (("LM head", pre.model.lm_head is not None),
+                                            ("contact head", pre.model.esm.contact_head is not None))
+                 if present]
+        return [
+            ("shape", f"hidden={cfg.hidden_size} ffn={cfg.intermediate_size} heads={cfg.num_attention_heads}x{d_head} "
+                      f"layers={cfg.num_hidden_layers} positions={cfg.position_embedding_type} "
+                      f"token_dropout={cfg.token_dropout}"),
+            ("windows", f"up to {pre.model.max_residues} residues (its training crops); longer proteins are "
+                        "embedded in overlapping windows"),
+            ("heads", ", ".join(parts) or "none (embeddings only)"),
+            ("vocabulary", f"{len(tok)} tokens from {tok.source}; <cls> {tok.bos_id}, <eos> {tok.eos_id}, "
+                           f"<mask> {tok.mask_id}, <pad> {tok.pad_id}; no task tokens"),
+        ]
+    return [
+        ("shape", f"d_model={cfg.d_model} d_ff={cfg.d_ff} heads={cfg.num_heads}x{cfg.d_kv} "
+                  f"layers={cfg.num_layers}+{0 if pre.model.encoder_only else cfg.n_decoder_layers} "
+                  f"ffn={cfg.feed_forward_proj}"),
+        ("vocabulary", f"{len(tok)} tokens from {tok.source}; prefixes {sorted(tok.prefix_ids)}; "
+                       f"{len(tok.sentinel_ids)} sentinels"),
+    ]

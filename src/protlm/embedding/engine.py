@@ -2,12 +2,18 @@
 
 :class:`Embedder` owns the model for a run: it casts the weights to the compute dtype once (bf16 weights ran
 about 1.3x faster than bf16 autocast on our 2-core CPU, as measured for issue 4, and halve the memory), runs
-every batch under ``torch.inference_mode``, slices each row to its residues (prefix and ``</s>`` dropped) and
-stitches windows of long proteins back together (see :mod:`protlm.embedding.batching` for the rule).
+every batch under ``torch.inference_mode``, slices each row to its residues (``<cls>``, task token and end token
+dropped: one row per residue, whatever the family) and stitches windows of long proteins back together (see
+:mod:`protlm.embedding.batching` for the rule).
+
+The window follows the model: a family trained on crops of a fixed length (ESM-2: 1,022 residues, its
+``max_residues``) gets that length as its default window and refuses a longer one, since its positions beyond
+the crop were never trained; T5's relative positions have no such limit, so T5 keeps :data:`DEFAULT_WINDOW`.
 
 fp16 is guarded: T5 activations can exceed the fp16 range. The model clamps its residual stream in fp16, which
-keeps numbers finite but wrong, so the embedder watches every block output and, when one reaches the clamp
-limit or is not finite, recomputes that batch in fp32 (fp16 weights widen to fp32 exactly) and counts it.
+keeps numbers finite but wrong, so the embedder watches every block output (``encoder.block``, the block list
+of every family's stack) and, when one reaches the clamp limit or is not finite, recomputes that batch in fp32
+(fp16 weights widen to fp32 exactly) and counts it. ESM does not clamp; for it the watch catches infinities.
 """
 
 from __future__ import annotations
@@ -30,9 +36,22 @@ _OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 # cache and still pack short proteins together (measured in docs/benchmarks.md, "The CPU batch budget"); GPUs
 # need large batches to fill.
 DEFAULT_MAX_TOKENS = {"cpu": 512, "cuda": 16384}
-DEFAULT_WINDOW = 4000  # residues; longer proteins go through overlapping windows
+DEFAULT_WINDOW = 4000  # residues, for models with no trained length limit; longer proteins go through windows
 DEFAULT_OVERLAP = None  # residues shared by neighbouring windows; None: window // 4 (1000 for the default window,
-#                         so every cut leaves >= 500 residues of context on each side)
+#                         so every cut leaves >= 500 residues of context on each side; 255 for ESM-2's 1022)
+
+
+def resolve_window(window: int | None, max_residues: int | None) -> int:
+    """The window of a run: ``window`` when given (at most the model's ``max_residues``), else the model's
+    ``max_residues``, else :data:`DEFAULT_WINDOW`."""
+    if window is None:
+        return DEFAULT_WINDOW if max_residues is None else max_residues
+    if window <= 0:
+        raise ConfigError(f"--window must be positive, got {window}")
+    if max_residues is not None and window > max_residues:
+        raise ConfigError(f"--window {window} is longer than this model's limit of {max_residues} residues (the "
+                          f"longest crop it was trained on); use --window {max_residues} or less")
+    return window
 
 
 def resolve_overlap(window: int, overlap: int | None) -> int:
@@ -97,7 +116,7 @@ class Embedder:
 
     @property
     def extra_tokens(self) -> int:
-        return len(self.prefix_ids) + 1  # prefix and </s>
+        return len(self.prefix_ids) + 1  # <cls> and/or task token, and the end token
 
     def plan(self, lengths: list[int]) -> list[list[Unit]]:
         units = [u for i, n in enumerate(lengths) for u in split(i, n, self.window, self.overlap)]

@@ -5,9 +5,11 @@
   embeds each distinct sequence once, checkpoints to segment files, shards across ``torchrun`` processes and
   merges everything into one file per output (see :mod:`protlm.embedding.store`).
 
-Correctness rules (DESIGN.md): the encoder sees ``[prefix] residues </s>``; the prefix follows the model family
-unless given (``[NLU]`` for Ankh3, none for Ankh and ProtT5); outputs keep exactly the L residue positions;
-per-protein is the mean over those positions only.
+Correctness rules (DESIGN.md): the encoder sees ``[prefix] residues </s>`` (T5) or ``<cls> residues <eos>``
+(ESM-2, DPLM); the prefix follows the model family unless given (``[NLU]`` for Ankh3, none for Ankh, ProtT5 and
+the ESM families, whose vocabulary has no task tokens); outputs keep exactly the L residue positions; per-protein
+is the mean over those positions only. The default window is the model's ``max_residues`` (ESM-2: 1022) or, for
+models without a trained limit, 4000 residues.
 """
 
 from __future__ import annotations
@@ -24,13 +26,13 @@ import torch
 
 from protlm.convert import load
 from protlm.distributed import all_gather_object, barrier, broadcast_object, init_distributed
-from protlm.embedding.engine import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, DEFAULT_WINDOW, Embedder
+from protlm.embedding.engine import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, Embedder, resolve_window
 from protlm.embedding.store import EmbeddingWriter, check_output_path, safe_key, sequence_sha1
 from protlm.errors import ConfigError, InputError
 from protlm.precision import Precision, canonical, choose
 
 KINDS = ("per_residue", "per_protein")
-PREFIX_BY_FAMILY = {"ankh3": "nlu", "ankh": "none", "prot-t5": "none", "custom": "none"}
+PREFIX_BY_FAMILY = {"ankh3": "nlu", "ankh": "none", "prot-t5": "none", "esm2": "none", "dplm": "none", "custom": "none"}
 
 
 @dataclass
@@ -45,7 +47,8 @@ class EmbedOptions:
     device: str | None = None  # None: cuda (cuda:LOCAL_RANK under torchrun) when available, else cpu
     max_tokens: int | None = None  # padded tokens per batch; None: 512 on CPU, 16384 on GPU
     max_batch: int | None = None  # rows per batch cap (None: only the token budget limits)
-    window: int = DEFAULT_WINDOW  # proteins longer than this many residues go through overlapping windows
+    window: int | None = None  # proteins longer than this many residues go through overlapping windows; None:
+    #                            the model's max_residues (ESM-2: 1022), else 4000; never above max_residues
     overlap: int | None = DEFAULT_OVERLAP  # residues shared by neighbouring windows (None: window // 4)
     bad_records: str = "error"  # FASTA records with invalid characters or no sequence: error | skip | x (repair)
     threads: int | None = None  # torch CPU threads (None: torch's default)
@@ -177,8 +180,8 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
     if rank == 0:
         print(f"protlm embed: {run.precision.describe()}", file=sys.stderr)
     attrs = dict(model=_model_name(pre), layers=run.layers, prefix=run.prefix,
-                 dtype=run.precision.name, precision=run.precision.describe(), window=opts.window, overlap=run.embedder.overlap,
-                 family=pre.config.protlm_family, store_dtype=store_dtype, protlm_version=_version())
+                 dtype=run.precision.name, precision=run.precision.describe(), window=run.embedder.window, overlap=run.embedder.overlap,
+                 family=pre.config.protlm_family, model_type=model_type(pre.config), store_dtype=store_dtype, protlm_version=_version())
     writers = {k: EmbeddingWriter(p, {**attrs, "kind": k}, rank, checkpoint_seconds, store_dtype)
                for k, p in outputs.items()}
     summary = EmbedSummary(outputs=outputs, records=len(records), skipped_records=stats.skipped,
@@ -190,7 +193,7 @@ def embed_files(model, sequences=None, per_residue: str | os.PathLike | None = N
         needs = {i: [k for k in outputs if records[i][0] not in done[k]] for i in range(len(records))}
         summary.already_done = sum(1 for n in needs.values() if not n)
         todo = [key for key, members in groups.items() if any(needs[i] for i in members)]
-        summary.windowed = sum(1 for key in todo if len(arrays[groups[key][0]]) > opts.window)
+        summary.windowed = sum(1 for key in todo if len(arrays[groups[key][0]]) > run.embedder.window)
         # shard: longest first, dealt round-robin so every process gets a similar mix of lengths
         todo.sort(key=lambda key: (-len(arrays[groups[key][0]]), groups[key][0]))
         mine = todo[rank::world]
@@ -271,14 +274,12 @@ class _Run:
             layers = [layers]
         self.layers = pre.model.encoder.resolve_layers(layers)
         self.single_layer = len(self.layers) == 1
-        prefix = opts.prefix
-        if prefix not in ("auto", "nlu", "s2s", "none"):
-            raise ConfigError(f"prefix must be auto, nlu, s2s or none; got {prefix!r}")
-        self.prefix = PREFIX_BY_FAMILY.get(pre.config.protlm_family, "none") if prefix == "auto" else prefix
+        self.prefix = resolve_prefix(opts.prefix, pre)
+        window = resolve_window(opts.window, getattr(pre.model, "max_residues", None))
         max_tokens = opts.max_tokens or DEFAULT_MAX_TOKENS.get(device.type, DEFAULT_MAX_TOKENS["cuda"])
         self.embedder = Embedder(pre.model.encoder, pre.tokenizer, self.layers,
                                  None if self.prefix == "none" else self.prefix, self.dtype, device, max_tokens,
-                                 opts.window, opts.overlap, opts.max_batch, copy_if_cast=copy_model,
+                                 window, opts.overlap, opts.max_batch, copy_if_cast=copy_model,
                                  int8=self.precision.name == "int8")
 
     def tokenize(self, records: list[tuple[str, str]]) -> tuple[list[np.ndarray], dict[bytes, list[int]]]:
@@ -290,6 +291,24 @@ class _Run:
             arrays.append(a)
             groups.setdefault(hashlib.sha1(a.tobytes()).digest(), []).append(i)
         return arrays, groups
+
+
+def resolve_prefix(prefix: str, pre) -> str:
+    """``auto`` -> the family's prefix (none for families without task tokens); an explicit task token on a
+    vocabulary that has none is a one-line error naming the family."""
+    if prefix not in ("auto", "nlu", "s2s", "none"):
+        raise ConfigError(f"prefix must be auto, nlu, s2s or none; got {prefix!r}")
+    if prefix == "auto":
+        return PREFIX_BY_FAMILY.get(pre.config.protlm_family, "none")
+    if prefix != "none" and not pre.tokenizer.prefix_ids:
+        raise ConfigError(f"--prefix {prefix}: this {model_type(pre.config)} model (family {pre.config.protlm_family}, "
+                          f"vocabulary {pre.tokenizer.source}) has no task tokens; use --prefix auto or none")
+    return prefix
+
+
+def model_type(config) -> str:
+    """The ``model_type`` of the config's ``config.json`` (``t5``, ``esm``): which architecture made the arrays."""
+    return config.to_hf_dict()["model_type"]
 
 
 def _outputs(arr: np.ndarray, single_layer: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -7,9 +7,11 @@ A *source* is one column of the report. It turns a dataset's records into a mapp
 - :class:`DirectorySource`: embeddings someone already computed, one HDF5 file per dataset in the format of
   :mod:`protlm.embedding.store`: ``DIR/<dataset>.h5`` (``protlm evaluate --export-fasta`` writes the matching
   ``<dataset>.fasta`` files with the ids the suite expects);
-- :class:`ModelSource`: a model (checkpoint, Hub id, or a random-init preset/architecture) that protlm embeds with
-  :func:`protlm.embedding.embed_files`. Files are cached under ``CACHE/<model key>/<dataset>.layer<L>.<prefix>.h5``;
-  a run embeds only the ids the file lacks, so a quick run's embeddings are reused by the full run.
+- :class:`ModelSource`: a model of any family (a T5 or ESM-2 checkpoint, Hub id, or a random-init
+  preset/architecture) that protlm embeds with :func:`protlm.embedding.embed_files`. Files are cached under
+  ``CACHE/<model key>/<dataset>.layer<L>.<prefix>.h5``; a run embeds only the ids the file lacks, so a quick run's
+  embeddings are reused by the full run. The key of a random-init model holds a hash of its whole config (family
+  included), the key of a checkpoint a fingerprint of its files, so two models never share a cache folder.
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ import numpy as np
 import torch
 
 from protlm.convert import load, read_config
-from protlm.errors import InputError
+from protlm.config import EsmConfig
+from protlm.errors import ConfigError, InputError
 from protlm.evaluate.datasets import LabelledRecord
 from protlm.precision import choose
 
@@ -135,6 +138,9 @@ class ModelSource(FeatureSource):
         self.seed = seed
         self.baseline = random_init_of is not None
         self._pre = None
+        if prefix not in ("auto", "none") and not has_task_tokens(random_init_of or spec):
+            raise ConfigError(f"--prefix {prefix}: {_display(random_init_of or spec)} is an ESM-style model, whose "
+                              "vocabulary has no task tokens; use --prefix auto or none")
         if random_init_of is not None:
             self.name = name or f"{_display(random_init_of)} (random init)"
             self.key = f"random-init-{_safe(_display(random_init_of))}-{self._config_hash()}-seed{seed}"
@@ -193,6 +199,12 @@ class ModelSource(FeatureSource):
                 "layer": self.layer, "prefix": self.prefix, "seed": self.seed if self.baseline else None,
                 # only when not fp32, so that units written before precisions were recorded keep their hash
                 "embed_precision": None if self.precision.name == "fp32" else self.precision.name}
+
+
+def has_task_tokens(spec: str) -> bool:
+    """Whether the model ``spec`` names (preset, checkpoint directory or Hub id) may take a task token: T5 models
+    may ([NLU], [S2S]); ESM-2 and DPLM have none. Reads only the config."""
+    return not isinstance(read_config(spec)[0], EsmConfig)
 
 
 def _display(spec: str) -> str:

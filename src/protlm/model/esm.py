@@ -275,8 +275,9 @@ class ESM(nn.Module):
 
     @property
     def max_residues(self) -> int | None:
-        # ESM-2 saw crops of max_position_embeddings - 2 residues (1022) plus <cls> and <eos>
-        return self.config.max_position_embeddings - 2
+        # max_position_embeddings (1026) counts fairseq's position offset of 2 (positions start at pad + 1) and
+        # 1024 tokens; ESM-2 saw crops of 1022 residues plus <cls> and <eos>
+        return max(1, self.config.max_position_embeddings - 4)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
