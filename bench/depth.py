@@ -1,4 +1,4 @@
-"""Cost of the full depth analysis (``protlm analyze depth``) on a random-init 12-layer d768 model.
+"""Cost of the full depth analysis (``protlm analyze depth``) on a random-init model (default: 12+12-layer d768).
 
 The figure is the analysis' wall-clock and CPU time over N real proteins, and the same as a multiple of one
 plain encoder pass over the same proteins in the same process (the reference run): the analysis needs one
@@ -7,6 +7,7 @@ layer, and the probes, so the multiple says how well those passes are shared.
 
     .venv/bin/python bench/depth.py                          # 200 proteins, 12+12 layers, bf16, all analyses
     .venv/bin/python bench/depth.py --decoder-layers 6 --proteins 50 --dtype fp32
+    .venv/bin/python bench/depth.py --model esm2_t12_35M --threads 2     # a masked LM (output: its LM head)
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import torch
 
 import protlm
 from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
-from protlm.config import preset
+from protlm.analysis.depth import embedding_prefix
+from protlm.config import EsmConfig, preset
 from protlm.data.fasta import read_fasta
 from protlm.precision import describe_cpu  # noqa: E402
 
@@ -45,7 +47,7 @@ def plain_pass(pre, fasta: str, n: int, max_length: int, dtype: torch.dtype) -> 
     with torch.inference_mode():
         for r in records:
             seq = r.sequence[:max_length]
-            b = pre.tokenizer.batch_encode([seq], prefix="nlu", unknown="x")
+            b = pre.tokenizer.batch_encode([seq], prefix=embedding_prefix(pre.model), unknown="x")
             pre.model.encode(b.input_ids, b.attention_mask)
             residues += len(seq)
     return time.perf_counter() - wall, cpu_seconds() - cpu, residues
@@ -56,8 +58,12 @@ def main() -> None:
     ap.add_argument("--fasta", default=os.path.join(DATA, "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz"))
     ap.add_argument("--probe-data", default=os.path.join(DATA, "ssp_netsurfp"))
     ap.add_argument("--proteins", type=int, default=200)
-    ap.add_argument("--layers", type=int, default=12, help="encoder layers (d768 blocks, Ankh-base's width)")
-    ap.add_argument("--decoder-layers", type=int, default=12)
+    ap.add_argument("--model", default="ankh-base",
+                    help="preset whose shape is used (default ankh-base: with --layers 12 --decoder-layers 12)")
+    ap.add_argument("--layers", type=int, default=None, help="encoder layers (default: 12 for ankh-base, else the "
+                    "preset's own)")
+    ap.add_argument("--decoder-layers", type=int, default=None, help="decoder layers (T5 presets; default 12 for "
+                    "ankh-base)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--probe-train", type=int, default=200)
@@ -67,12 +73,21 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    cfg = preset("ankh-base", num_layers=args.layers, num_decoder_layers=args.decoder_layers)
+    base = preset(args.model)
+    if isinstance(base, EsmConfig):
+        if args.decoder_layers:
+            ap.error(f"{args.model} is a masked LM: it has no decoder")
+        cfg = base.replace(num_hidden_layers=args.layers) if args.layers else base
+    else:
+        default = 12 if args.model == "ankh-base" else None  # the figure's historical 12+12 shape
+        layers, dec = args.layers or default, args.decoder_layers or default
+        cfg = preset(args.model, **({"num_layers": layers} if layers else {}),
+                     **({"num_decoder_layers": dec} if dec else {}))
     pre = protlm.random_init(cfg, seed=0)
     pre.model.to(dtype).eval()
     params = sum(p.numel() for p in pre.model.parameters())
     print(f"# depth-analysis cost: {describe_cpu()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"model: {cfg.num_layers}+{cfg.n_decoder_layers} layers, d_model {cfg.d_model}, {params / 1e6:.1f}M "
+    print(f"model: {args.model} shape, {cfg.num_layers}+{cfg.n_decoder_layers} layers, d_model {cfg.d_model}, {params / 1e6:.1f}M "
           f"parameters, random init, {args.dtype}; {args.proteins} proteins from {os.path.basename(args.fasta)}")
     print(f"load average at start: {load_average()}", flush=True)
 
