@@ -1,15 +1,17 @@
-"""Encoder throughput of protlm against transformers' T5EncoderModel, same weights, same proteins, same run.
+"""Encoder throughput of protlm against transformers (T5EncoderModel, EsmModel), same weights, same proteins, same run.
 
     .venv/bin/python bench/forward.py            # full: 12-layer d768 (300 proteins) and ankh-base shape (60)
     .venv/bin/python bench/forward.py --quick    # a couple of minutes: 4-layer d768 on 24 proteins
     .venv/bin/python bench/forward.py --dtypes fp32 bf16   # both dtypes instead of the one "auto" picks here
+    .venv/bin/python bench/forward.py --shapes esm2_t12_35M esm2_t33_650M   # ESM-2 against transformers' EsmModel
 
 By default both sides run in the dtype that protlm's ``auto`` picks on this CPU (:mod:`protlm.precision`: fp32
 where bf16 is emulated, as on AVX2-only CPUs; bf16 where a measured bf16 matmul beats fp32), and transformers
 gets its best set-up in that dtype.
 
 For each model shape the script makes random weights, saves them once in the Hugging Face layout and loads
-that directory on both sides (``protlm.load`` and ``T5EncoderModel.from_pretrained(attn_implementation="sdpa")``).
+that directory on both sides (``protlm.load`` and ``T5EncoderModel`` / ``EsmModel`` ``.from_pretrained(
+attn_implementation="sdpa")``; ESM shapes are the published ESM-2 presets, encoder only, no pooler).
 Proteins are a seeded sample of a real FASTA file (default: the E. coli K-12 proteome in ``../shared/data``).
 
 Every measurement runs in a fresh subprocess, so peak memory (the kernel's VmHWM, reset after loading) belongs
@@ -41,18 +43,20 @@ import time
 import torch
 
 import protlm
-from protlm.config import preset
+from protlm.config import EsmConfig, preset
 from protlm.precision import choose, describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_FASTA = os.path.join(HERE, "..", "..", "shared", "data", "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz")
 
-# name -> (preset overrides on ankh-base, number of proteins)
+# name -> (preset, preset overrides, number of proteins)
 SHAPES = {
-    "d768x12": (dict(num_layers=12), 300),
-    "ankh-base": (dict(), 60),
+    "d768x12": ("ankh-base", dict(num_layers=12), 300),
+    "ankh-base": ("ankh-base", dict(), 60),
+    "esm2_t12_35M": ("esm2_t12_35M", dict(), 120),
+    "esm2_t33_650M": ("esm2_t33_650M", dict(), 24),
 }
-QUICK_SHAPES = {"d768x4": (dict(num_layers=4), 24)}
+QUICK_SHAPES = {"d768x4": ("ankh-base", dict(num_layers=4), 24)}
 
 
 # --- machine -------------------------------------------------------------------------------------------------
@@ -79,8 +83,11 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
 def encoder_flops(cfg, lengths: list[int]) -> float:
     """Useful FLOPs of the encoder on these token counts: the projections, the FFN and the two attention
     matmuls (scores and weighted values); padding and elementwise work are not counted."""
-    d, inner, ff = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff
-    per_token = 2 * (4 * d * inner + (3 if cfg.is_gated else 2) * d * ff)
+    if isinstance(cfg, EsmConfig):
+        d, inner, ff, ff_mats = cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size, 2
+    else:
+        d, inner, ff, ff_mats = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, 3 if cfg.is_gated else 2
+    per_token = 2 * (4 * d * inner + ff_mats * d * ff)
     total = 0.0
     for n in lengths:
         total += cfg.num_layers * (n * per_token + 4 * n * n * inner)
@@ -119,9 +126,9 @@ def batches_by_budget(rows: list[list[int]], max_tokens: int) -> list[list[int]]
     return out
 
 
-def pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, r in enumerate(rows):
         ids[i, : len(r)] = torch.tensor(r)
@@ -139,18 +146,21 @@ def worker(spec: dict) -> dict:
         model = protlm.load(spec["model_dir"], dtype=dtype).model.encoder
         run = lambda ids, mask: model(ids, mask).last_hidden_state  # noqa: E731
     else:
-        from transformers import T5EncoderModel
+        from transformers import EsmModel, T5EncoderModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
-        model = T5EncoderModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa")
+        if spec["family"] == "esm":
+            model = EsmModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa", add_pooling_layer=False)
+        else:
+            model = T5EncoderModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa")
         if not autocast:
             model = model.to(dtype)
         run = lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = [[i] for i in range(len(rows))] if spec["max_tokens"] == 0 else batches_by_budget(rows, spec["max_tokens"])
-    tensors = [pad([rows[i] for i in b]) for b in plan]
+    tensors = [pad([rows[i] for i in b], spec["pad_id"]) for b in plan]
 
     def forward(ids, mask):
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -167,7 +177,7 @@ def worker(spec: dict) -> dict:
         forward(ids, mask)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    residues = sum(len(r) - 1 for r in rows)  # the </s> at the end of each row is not a residue
+    residues = sum(len(r) - spec["specials"] for r in rows)  # </s> (T5), <cls> and <eos> (ESM) are not residues
     return dict(
         wall=wall, cpu=cpu, residues=residues, res_per_s=residues / wall, res_per_cpu_s=residues / cpu,
         batches=len(plan),
@@ -206,13 +216,20 @@ def hf_candidates(dtype: str, budgets: list[int]) -> list[tuple[str, int]]:
     return [(m, b) for m in modes for b in [0, *budgets]]
 
 
-def run_shape(name, overrides, n_proteins, args, peaks, out) -> None:
-    cfg = preset("ankh-base", num_decoder_layers=0, **overrides)
+def run_shape(name, base_preset, overrides, n_proteins, args, peaks, out) -> None:
+    cfg = preset(base_preset, **overrides)
+    esm = isinstance(cfg, EsmConfig)
+    if not esm:
+        cfg = cfg.replace(num_decoder_layers=0)
     pre = protlm.random_init(cfg, seed=0, encoder_only=True)
     proteins = sample_proteins(args.fasta, n_proteins, args.seed)
-    rows = [pre.tokenizer.encode(seq, record=pid, unknown="x") for pid, seq in proteins]
+    # ESM windows hold max_residues; longer proteins are cut to it here (protlm embed would tile them)
+    limit = pre.model.max_residues if esm else None
+    rows = [pre.tokenizer.encode(seq[:limit], record=pid, unknown="x") for pid, seq in proteins]
+    specials = 2 if esm else 1
     lengths = [len(r) for r in rows]
     flops = encoder_flops(cfg, lengths)
+    pad_id = pre.tokenizer.pad_id
     with tempfile.TemporaryDirectory(prefix="protlm-bench-") as tmp:
         model_dir = os.path.join(tmp, "model")
         protlm.save_pretrained(pre.model, model_dir, pre.tokenizer)
@@ -224,10 +241,15 @@ def run_shape(name, overrides, n_proteins, args, peaks, out) -> None:
         pilot_path = os.path.join(tmp, "pilot.json")
         with open(pilot_path, "w") as fh:
             json.dump(pilot_rows, fh)
-        print(f"\n## {name}: {cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, "
-              f"{cfg.feed_forward_proj}; {len(rows)} proteins, {sum(lengths) - len(rows)} residues "
-              f"(length min {min(lengths) - 1}, median {sorted(lengths)[len(lengths) // 2] - 1}, max {max(lengths) - 1})")
-        base = dict(model_dir=model_dir, threads=args.threads or torch.get_num_threads())
+        shape = (f"{cfg.num_layers} layers, d_model {cfg.hidden_size}, d_ff {cfg.intermediate_size}, "
+                 f"{cfg.num_attention_heads} heads, rotary, GELU" if esm else
+                 f"{cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, "
+                 f"{cfg.feed_forward_proj}")
+        print(f"\n## {name}: {shape}; {len(rows)} proteins, {sum(lengths) - specials * len(rows)} residues "
+              f"(length min {min(lengths) - specials}, median {sorted(lengths)[len(lengths) // 2] - specials}, "
+              f"max {max(lengths) - specials})")
+        base = dict(model_dir=model_dir, threads=args.threads or torch.get_num_threads(),
+                    family="esm" if esm else "t5", pad_id=pad_id, specials=specials)
         key = "res_per_cpu_s" if args.metric == "cpu" else "res_per_s"
         for dtype in args.dtypes:
             # transformers' best set-up, chosen on a pilot subset
@@ -270,12 +292,12 @@ def run_shape(name, overrides, n_proteins, args, peaks, out) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a 4-layer d768 model on 24 proteins, one round")
-    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="model shapes (default: all)")
+    ap.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="model shapes (default: the T5 ones)")
     ap.add_argument("--dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
                     help="compute dtypes to compare in (default: auto, what protlm picks on this CPU)")
     ap.add_argument("--fasta", default=DEFAULT_FASTA, help="proteins to encode (FASTA, .gz allowed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the protein sample")
-    ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60)")
+    ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60 / 120 / 24)")
     ap.add_argument("--max-tokens", type=int, default=512,
                     help="protlm's padded-token budget per batch (default: protlm embed's CPU default)")
     ap.add_argument("--hf-budgets", type=int, nargs="*", default=[512, 1536],
@@ -300,7 +322,8 @@ def main() -> None:
         sys.exit(f"{args.fasta}: not found; pass --fasta with a protein FASTA file")
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.shapes or SHAPES)}
+    default = [k for k, v in SHAPES.items() if v[0] == "ankh-base"]
+    shapes = QUICK_SHAPES if args.quick else {k: SHAPES[k] for k in (args.shapes or default)}
     if args.quick:
         args.rounds = 1
     import transformers
@@ -317,8 +340,8 @@ def main() -> None:
         peaks[dtype] = matmul_flops({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
         print(f"matmul peak {dtype}: {peaks[dtype] / 1e9:.0f} GFLOP/s (2048^3, best of 7)")
     out: list[dict] = []
-    for name, (overrides, n) in shapes.items():
-        run_shape(name, overrides, args.proteins or n, args, peaks, out)
+    for name, (base_preset, overrides, n) in shapes.items():
+        run_shape(name, base_preset, overrides, args.proteins or n, args, peaks, out)
     print(f"\nload average at end: {load_average()}")
     for dtype in args.dtypes:  # the machine is shared: the practical peak is the best seen at either end
         again = matmul_flops({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])

@@ -6,7 +6,8 @@ Architecture only, torch only. Submodule names follow the Hugging Face ``EsmForM
 
 Numerics that published checkpoints depend on:
 - pre-LN blocks (LayerNorm with bias) and a final ``emb_layer_norm_after``; exact (erf) GELU in the FFN;
-- rotary position embeddings on queries and keys, applied in fp32 after the query is scaled by d_head**-0.5;
+- rotary position embeddings on queries and keys, applied in fp32 after the query is scaled by d_head**-0.5
+  (the scale is folded into the query's fp32 rotary tables: one pass less over q, same values to fp32 rounding);
 - token dropout: at inference the <mask> embeddings are zeroed and every embedding is scaled by
   (1 - 0.15 * 0.8) / (1 - observed mask ratio), the correction for ESM-2's training masking;
 - the embeddings of padding positions are zeroed;
@@ -31,9 +32,16 @@ def gelu(x: Tensor) -> Tensor:
     return F.gelu(x)  # exact (erf) GELU, as ESM; the tanh approximation would drift
 
 
-def rotate_half(x: Tensor) -> Tensor:
+def swap_halves(x: Tensor) -> Tensor:
     a, b = x.chunk(2, dim=-1)
-    return torch.cat((-b, a), dim=-1)
+    return torch.cat((b, a), dim=-1)
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x * cos + rotate_half(x) * sin in fp32, back in x's dtype. ``sin`` has its first half negated, so that
+    rotate_half(x) * sin is swap_halves(x) * sin_signed: no negation pass. x is not upcast first: type promotion
+    computes bf16 x fp32 in fp32, exactly as x.float() would, without the copy."""
+    return torch.addcmul(x * cos, swap_halves(x), sin).to(x.dtype)
 
 
 @dataclass
@@ -41,8 +49,8 @@ class EsmContext:
     """What every block of one batch needs: built once per forward and shared by the blocks."""
 
     mask: Tensor | None  # additive (B, 1, 1, L), None when no position is padding
-    cos: Tensor | None  # (L, d_head) fp32 rotary tables, None with absolute positions
-    sin: Tensor | None
+    rot_q: tuple[Tensor, Tensor] | None  # (cos, signed sin) fp32 (L, d_head) for queries, scale folded in
+    rot_k: tuple[Tensor, Tensor] | None  # the same for keys; None with absolute positions
 
 
 class RotaryEmbedding(nn.Module):
@@ -57,9 +65,12 @@ class RotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
 
     def tables(self, length: int, device) -> tuple[Tensor, Tensor]:
+        """(cos, sin with its first half negated), fp32 (L, d_head): see :func:`rotate`."""
         freqs = torch.arange(length, device=device, dtype=torch.float)[:, None] * self.inv_freq.float().to(device)
         emb = torch.cat((freqs, freqs), dim=-1)  # (L, d_head)
-        return emb.cos(), emb.sin()
+        sin = emb.sin()
+        sin[:, : sin.shape[1] // 2].neg_()
+        return emb.cos(), sin
 
 
 class EsmEmbeddings(nn.Module):
@@ -107,12 +118,11 @@ class EsmSelfAttention(nn.Module):
         return x.view(x.shape[0], x.shape[1], self.n_heads, self.d_head).transpose(1, 2)
 
     def forward(self, x: Tensor, ctx: EsmContext) -> Tensor:
-        q = self._heads(self.query(x)) * self.d_head ** -0.5  # ESM scales q before the rotation
-        k, v = self._heads(self.key(x)), self._heads(self.value(x))
-        if ctx.cos is not None:
-            dtype = q.dtype
-            q = (q.float() * ctx.cos + rotate_half(q.float()) * ctx.sin).to(dtype)
-            k = (k.float() * ctx.cos + rotate_half(k.float()) * ctx.sin).to(dtype)
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        if ctx.rot_q is not None:  # ESM scales q before the rotation: the scale is in rot_q's tables
+            q, k = rotate(q, *ctx.rot_q), rotate(k, *ctx.rot_k)
+        else:
+            q = q * self.d_head ** -0.5
         mask = ctx.mask.to(q.dtype) if ctx.mask is not None else None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
                                              dropout_p=self.dropout_p if self.training else 0.0)
@@ -217,11 +227,13 @@ class EsmStack(nn.Module):
             pad = attention_mask[:, None, None, :k_len] == 0  # (B, 1, 1, L)
             if bool(pad.any()):
                 mask = torch.zeros(pad.shape, dtype=dtype, device=pad.device).masked_fill(pad, torch.finfo(dtype).min)
-        cos = sin = None
+        rot_q = rot_k = None
         if self.rotary_embeddings is not None:
             device = attention_mask.device if attention_mask is not None else self.rotary_embeddings.inv_freq.device
-            cos, sin = self.rotary_embeddings.tables(k_len, device)
-        return EsmContext(mask, cos, sin)
+            rot_k = self.rotary_embeddings.tables(k_len, device)
+            scale = (self.cfg.hidden_size // self.cfg.num_attention_heads) ** -0.5
+            rot_q = (rot_k[0] * scale, rot_k[1] * scale)
+        return EsmContext(mask, rot_q, rot_k)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, output_layers=None) -> StackOutput:
         wanted = set(self.resolve_layers(output_layers))
