@@ -3,7 +3,7 @@
 Every fenced code block of README.md is a test case. Each line of a bash block (comments dropped, ``\\``
 continuations joined) and each python block is run after an explicit substitution table has replaced what
 cannot run here: published Hub checkpoints become tiny random checkpoints of the same family and file layout
-(8 and 12 encoder layers, so the layer numbers the README names exist; see ``_prott5_like``), downloads become
+(8 and 12 encoder layers, so the layer numbers the README names exist; see ``_prott5_like`` and ``_esm2_like``), downloads become
 vendored excerpts under tests/data, 4 GPUs or 4 nodes x 8 GPUs become 2 CPU processes under torchrun (gloo), and
 pretraining recipes get a handful of steps of the ``debug`` shape. A block in a language, or a line starting with a
 program, that this file does not know how to run fails the test, so the README cannot grow untested blocks.
@@ -92,6 +92,7 @@ def bash_commands(text: str) -> list[str]:
 SUBSTITUTIONS = [
     ("ElnaggarLab/ankh3-large", "{ankh3}", "published Ankh3: a tiny random Ankh3-family checkpoint"),
     ("Rostlab/prot_t5_xl_uniref50", "{prott5}", "published ProtT5: a tiny random checkpoint with ProtT5's file layout"),
+    ("facebook/esm2_t33_650M_UR50D", "{esm2}", "published ESM-2: a tiny random checkpoint with ESM-2's file layout"),
     ("runs/ankh3-large/final", "{ankh3}", "the export of a finished pretraining run: the tiny checkpoint"),
     ("data/uniref50.fasta.gz", os.path.join(DATA, "ecoli_k12_excerpt.fasta.gz"), "UniRef50: 80 E. coli proteins"),
     ("data/uniref50-parquet/", "{parquet}", "UniRef50 as parquet: the CATH excerpt in two parquet files"),
@@ -106,6 +107,10 @@ SUBSTITUTIONS = [
     ("--max-new-tokens 200", "--max-new-tokens 24", "short completions from a random model"),
     ("configs/ablation/tiny-cpu.yaml", "{ablation}",
      "the CPU ablation recipe needs ../shared/data: the miniature recipe of tests/test_ablate.py (2 variants)"),
+    ("src/protlm/resources/demo", os.path.join(ROOT, "src", "protlm", "resources", "demo"),
+     "the demo's bundle, named from the repository root"),
+    ("--out runs/demo-30min/esm2", "--out runs/demo-30min/esm2 --quick",
+     "the demo line runs the quick profile, so the evaluation beside it does too (one seed, subsets, one epoch)"),
     ("torchrun --nproc_per_node 4", "torchrun --standalone --nproc_per_node 2", "4 GPUs: 2 CPU processes (gloo)"),
     ("torchrun --nnodes 4 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head-node:29500",
      "torchrun --standalone --nproc-per-node 2", "4 nodes x 8 GPUs: 2 CPU processes on this machine (gloo)"),
@@ -208,13 +213,35 @@ def _prott5_like(path: str) -> str:
     return path
 
 
+def _esm2_like(path: str) -> str:
+    """Shaped like the files of facebook/esm2_*: config.json (model_type esm, EsmForMaskedLM, rotary, token
+    dropout, 1026 positions, no protlm_family), vocab.txt and the EsmForMaskedLM tensor names, so loading it takes
+    the published model's family inference, vocabulary and window (1022 residues)."""
+    import json
+
+    from protlm.config import EsmConfig
+
+    pre = protlm.load(EsmConfig(hidden_size=40, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37),
+                      random_init=True, seed=3)
+    protlm.save_pretrained(pre.model, path, pre.tokenizer)
+    with open(os.path.join(path, "config.json"), encoding="utf-8") as fh:
+        data = json.load(fh)
+    del data["protlm_family"]
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as fh:
+        json.dump(data, fh)
+    loaded = protlm.load(path)  # the stand-in must be read the way the published model is
+    assert loaded.config.protlm_family == "esm2" and loaded.model.max_residues == 1022
+    assert os.path.exists(os.path.join(path, "vocab.txt")) and loaded.tokenizer.bos_id == 0
+    return path
+
+
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("standins")
     ankh3 = protlm.random_init(odd_config(num_layers=8, num_decoder_layers=3), seed=1)
     protlm.save_pretrained(ankh3.model, tmp / "ankh3", ankh3.tokenizer)
     _prott5_like(str(tmp / "prott5"))
-    return {"ankh3": str(tmp / "ankh3"), "prott5": str(tmp / "prott5"),
+    return {"ankh3": str(tmp / "ankh3"), "prott5": str(tmp / "prott5"), "esm2": _esm2_like(str(tmp / "esm2")),
             "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
             "ablation": mini_ablation_recipe(_mkdir(tmp / "ablation"))}
 
