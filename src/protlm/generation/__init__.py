@@ -1,7 +1,10 @@
-"""Generation and zero-shot scoring with T5 protein models: completion, infilling, variant effects.
+"""Generation and zero-shot scoring: completion, infilling, variant effects.
 
-- :func:`generate` completes prefixes (Ankh3's ``[S2S]`` task), greedy, sampled or by beam search;
-- :func:`infill` fills masked positions through the denoising sentinels (``[NLU]`` task);
+T5 models (encoder-decoder) go through their decoder; masked-LM models (ESM-2, DPLM) through their LM head at
+``<mask>`` positions (:mod:`protlm.generation.masked`).
+
+- :func:`generate` completes prefixes (Ankh3's ``[S2S]`` task), greedy, sampled or by beam search (T5 only);
+- :func:`infill` fills masked positions: through the denoising sentinels (T5, ``[NLU]`` task) or the LM head;
 - :func:`score_variants`, :func:`masked_marginals` and :func:`pseudo_log_likelihood` score sequences zero-shot;
 - :func:`blosum62_scores` is the substitution-matrix baseline.
 """
