@@ -25,6 +25,7 @@ _EXPORTS = {
     "generate": "protlm.generation",  # complete prefixes (Ankh3 [S2S])
     "infill": "protlm.generation",  # fill [?] positions through the denoising sentinels
     "score_variants": "protlm.generation",  # zero-shot masked-marginal variant scores
+    "predict": "protlm.evaluate.predict",  # trained head bundles on new proteins: {id: {head: HeadOutput}}
 }
 
 

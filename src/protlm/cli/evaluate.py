@@ -8,7 +8,8 @@
 
 The one-hot baseline is always in the table, and each --model gets its random-init twin (same architecture,
 random weights) unless --no-baselines. Re-running the same command resumes: finished (model, task, seed) units
-are read back from OUT/units.
+are read back from OUT/units. Each (source, task)'s trained head is kept as a bundle under OUT/heads (see
+`protlm predict`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ def add_parser(sub) -> None:
                    help="heads trained at once, each in its own process (default 1; on a CPU, one per core)")
     p.add_argument("--allow-missing", action="store_true",
                    help="leave out proteins that have no embedding (counted in the report) instead of stopping")
+    p.add_argument("--keep-heads", choices=["best", "all"], default="best",
+                   help="head bundles kept under OUT/heads/<source>/<task>/: the best seed by validation (default) "
+                        "or all seeds (seed<S>/); `protlm predict --heads` applies them")
     p.add_argument("--export-fasta", metavar="DIR", help="write DIR/<dataset>.fasta for every dataset and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(run=run)
@@ -110,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--jobs must be >= 1, got {args.jobs}")
     result = run_suite(suite, sources, out, quick=args.quick, tasks=tasks, allow_missing=args.allow_missing,
                        device=device, progress=not args.no_progress, write_report=write_report, jobs=args.jobs,
-                       job_threads=args.threads or 1)
+                       job_threads=args.threads or 1, keep_heads=args.keep_heads)
     with open(os.path.join(out, "report.md"), encoding="utf-8") as fh:
         print(fh.read())
     print(f"wrote {out}/report.md, results.csv, results.json ({result.seconds / 60:.1f} min)")

@@ -18,7 +18,7 @@ COMMANDS = [
     "project",
     "generate", "infill", "score",
     "analyze",
-    "data", "evaluate",
+    "data", "evaluate", "predict",
     "demo",
     "ablate",
 ]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from protlm.errors import CheckpointError
-from protlm.evaluate.heads import KINDS, ConvBertHead, HeadConfig
+from protlm.evaluate.heads import KINDS, ConvBertHead, HeadConfig, LightHead, LightHeadConfig
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "head.safetensors"
@@ -140,6 +140,8 @@ def build_head(meta: HeadMeta, where: str = "head") -> nn.Module:
 
 register_head_type("convbert", ConvBertHead,
                    lambda in_dim, kind, n_out, **cfg: ConvBertHead(in_dim, kind, n_out, HeadConfig(**cfg)))
+register_head_type("light", LightHead,
+                   lambda in_dim, kind, n_out, **cfg: LightHead(in_dim, kind, n_out, LightHeadConfig(**cfg)))
 
 
 def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta) -> str:
@@ -163,18 +165,51 @@ def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta) -
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(_plain(meta.to_dict()), fh, indent=1, allow_nan=False)
             fh.write("\n")
-        os.chmod(tmp, 0o755 & ~_umask())
-        if os.path.isdir(directory):  # two renames: the old bundle is moved aside, never half-overwritten
-            old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(directory) + "-", dir=parent)
-            os.replace(directory, os.path.join(old, "bundle"))
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
+        _install(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return directory
+
+
+def copy_bundle(source: str | os.PathLike, directory: str | os.PathLike) -> str:
+    """Copy the bundle (or a folder of bundles) at ``source`` to ``directory``, replacing what is there."""
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-" + os.path.basename(directory) + "-", dir=parent)
+    try:
+        shutil.copytree(source, tmp, dirs_exist_ok=True)
+        _install(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _install(tmp: str, directory: str) -> None:
+    """Put the finished directory ``tmp`` at ``directory``: the old one is moved aside, never half-overwritten."""
+    os.chmod(tmp, 0o777 & ~_umask())
+    if os.path.isdir(directory):
+        old = tempfile.mkdtemp(prefix=".old-" + os.path.basename(directory) + "-", dir=os.path.dirname(tmp))
+        os.replace(directory, os.path.join(old, "bundle"))
+        os.replace(tmp, directory)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, directory)
+
+
+def config_hash(config) -> str:
+    """SHA-1 of a model config (``T5Config``/``EsmConfig``): part of a backbone's identity."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(config.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def model_name(spec: str | os.PathLike) -> str:
+    """How a backbone is named in a bundle: the absolute path of a checkpoint directory, else the Hub id/preset."""
+    spec = os.fspath(spec)
+    return os.path.abspath(spec) if os.path.isdir(spec) else spec
 
 
 def read_meta(directory: str | os.PathLike) -> HeadMeta:

@@ -5,6 +5,8 @@ Output directory layout::
     OUT/suite.yaml                             the resolved suite (after --set), with the run's options
     OUT/units/<source key>/<task>/seed<S>.json         one trained head (standard protocol)
     OUT/units/<source key>/<task>/seed<S>.fold<K>.json one fold (leave-one-out)
+    OUT/units/<source key>/<task>/seed<S>.head/        the unit's head bundle (standard protocol)
+    OUT/heads/<source key>/<task>/                     the best seed's bundle by validation (or seed<S>/ each)
     OUT/report.md, OUT/results.csv, OUT/results.json  rewritten after every task
 
 A unit file holds a hash of everything that decides its result (task, settings, source, seed, fold, the ids in
@@ -19,6 +21,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -27,6 +30,7 @@ import numpy as np
 import yaml
 
 from protlm.errors import ConfigError, InputError
+from protlm.evaluate import bundle as B
 from protlm.evaluate.datasets import LabelledRecord, load_dataset
 from protlm.evaluate.embeddings import FeatureSource, gather_features
 from protlm.evaluate.metrics import mean_std
@@ -143,10 +147,12 @@ def build_task_data(suite: Suite, task: TaskSpec, loaded: dict[str, dict[str, li
     return TaskData(task, [Fold(None, train, valid, tests)], records, splits)
 
 
+KEEP_HEADS = ("best", "all")
+
+
 def unit_path(out_dir: str, source: FeatureSource, task: str, seed: int, fold: int | None) -> str:
     name = f"seed{seed}" + (f".fold{fold}" if fold is not None else "") + ".json"
-    safe_task = "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
-    return os.path.join(out_dir, "units", source.key, safe_task, name)
+    return os.path.join(out_dir, "units", source.key, _safe_name(task), name)
 
 
 def unit_hash(suite: Suite, task: TaskSpec, cfg: HeadTrainConfig, source: FeatureSource, seed: int, fold: Fold) -> str:
@@ -172,12 +178,17 @@ def run_suite(
     write_report: Callable[[SuiteRun, str], None] | None = None,
     jobs: int = 1,
     job_threads: int = 1,
+    keep_heads: str = "best",
 ) -> SuiteRun:
     """Train and score every (source, task, seed); write unit files and (via ``write_report``) the report.
 
     ``jobs`` > 1 trains that many units at once, each in its own process with ``job_threads`` torch threads (see
     :class:`UnitPool`); the results are the same as with ``jobs=1`` and ``job_threads`` threads.
+    ``keep_heads`` "best" keeps the head bundle of the best seed by validation of each (source, task) under
+    ``OUT/heads/<source key>/<task>/``, "all" every seed's under ``.../seed<S>/``.
     """
+    if keep_heads not in KEEP_HEADS:
+        raise ConfigError(f"--keep-heads must be one of {', '.join(KEEP_HEADS)}, got {keep_heads!r}")
     os.makedirs(out_dir, exist_ok=True)
     selected = [suite.task(t) for t in tasks] if tasks else list(suite.tasks)
     seeds = (suite.quick.seeds if quick and suite.quick.seeds else None) or suite.seeds
@@ -199,7 +210,9 @@ def run_suite(
         if pool is not None:
             pool.wait_all() if block else pool.poll()
         while pending and (block or pool is None or not pool.running_any(p for *_, p, _, _ in pending[0].plan)):
-            run.cells.append(_finish_cell(pending.pop(0), log))
+            done = pending.pop(0)
+            run.cells.append(_finish_cell(done, log))
+            _keep_heads(done, out_dir, keep_heads, log)
             if write_report is not None:
                 run.seconds = time.perf_counter() - t_start
                 write_report(run, out_dir)
@@ -346,14 +359,91 @@ def _finish_cell(p: _PendingCell, log) -> Cell:
 
 def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path, h, source, missing, label,
                      progress) -> dict:
-    """Train one unit and write its file atomically; returns what was written."""
+    """Train one unit and write its file atomically (its head bundle first); returns what was written."""
     result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label)
+    if fold.index is None:  # leave-one-out folds are many heads of one protein each: nothing to keep
+        B.save_bundle(bundle_path(path), result.head, head_meta(task, source, features, suite, result, seed))
     done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
             "result": result.to_dict(), "missing": missing}
     text = json.dumps(done, indent=1, default=_json_default)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, text)
     return json.loads(text)  # exactly what a resumed run reads back
+
+
+def bundle_path(unit_file: str) -> str:
+    """Where a unit keeps its head bundle: beside its JSON file."""
+    return unit_file[: -len(".json")] + ".head"
+
+
+def head_meta(task: TaskSpec, source: FeatureSource, features, suite: Suite, result: RunResult, seed: int) -> B.HeadMeta:
+    """The bundle metadata of a head trained on ``source``'s features: the layer and prefix as resolved in the
+    embeddings file the features came from, the backbone as the source names it."""
+    attrs: dict = {}
+    for prepared in features.stores.values():
+        attrs = dict(getattr(prepared.arrays, "attrs", None) or {})
+        break
+    layers = attrs.get("layers")
+    layer = getattr(source, "layer", None)
+    if layers is not None:
+        stored = [int(x) for x in np.atleast_1d(layers)]
+        layer = layer if len(stored) > 1 and layer in stored else stored[-1]
+    backbone: dict[str, Any] = {"model": "one-hot"} if source.key == "one-hot" else {}
+    spec = getattr(source, "random_init_of", None) or getattr(source, "spec", None)
+    if spec is not None:
+        from protlm.convert import read_config
+
+        config = read_config(spec)[0]
+        backbone = {"model": B.model_name(spec), "config_hash": B.config_hash(config),
+                    "embed_dtype": source.precision.name, "random_init": bool(source.baseline),
+                    "init_seed": source.seed if source.baseline else None,
+                    "model_type": config.to_hf_dict()["model_type"], "family": config.protlm_family}
+    elif attrs:  # stored embeddings: what their file says
+        backbone = {"model": attrs.get("model"), "config_hash": None, "embed_dtype": attrs.get("dtype"),
+                    "model_type": attrs.get("model_type"), "family": attrs.get("family")}
+    return B.HeadMeta(
+        task=task.name, kind=task.kind, classes=list(task.classes) if task.classes else None,
+        in_dim=int(features.dim), layer=int(layer) if layer is not None else 0,
+        prefix=str(attrs.get("prefix", "none")), head_type="convbert", head_config=dataclasses.asdict(suite.head),
+        pooling="mean" if task.kind.startswith("protein_") else "none", max_length=task.max_length,
+        target_shift=result.target_shift, target_scale=result.target_scale, backbone=backbone,
+        metrics=result.test, valid=result.valid_best, seed=seed, best_epoch=result.best_epoch, source=source.name,
+        trained_by="protlm evaluate")
+
+
+def _keep_heads(p: "_PendingCell", out_dir: str, keep: str, log) -> None:
+    """Copy the (source, task)'s unit bundles to ``OUT/heads``: the best seed by validation, or every seed."""
+    if p.task.protocol != "standard":
+        return
+    primary = p.task.metrics[0]
+    found, lacking = [], []
+    for seed, fold, path, h, done in p.plan:
+        done = done if done is not None else _read_unit(path, h)
+        if done is None:
+            continue
+        if os.path.exists(os.path.join(bundle_path(path), B.META_FILE)):
+            value = (done["result"].get("valid_best") or {}).get(primary)
+            found.append((-math.inf if value is None or math.isnan(float(value)) else float(value), seed, path))
+        else:
+            lacking.append(seed)
+    if lacking:
+        log(f"[{p.task.name}] {p.cell.source}: no head bundle for seed(s) {', '.join(map(str, lacking))} (trained "
+            "before protlm kept heads; delete their unit files under units/ to train them again)")
+    if not found:
+        return
+    target = os.path.join(out_dir, "heads", p.cell.source_key, _safe_name(p.task.name))
+    if keep == "all":
+        tmp = target + ".all"
+        for _, seed, path in found:
+            B.copy_bundle(bundle_path(path), os.path.join(tmp, f"seed{seed}"))
+        B.copy_bundle(tmp, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:  # max keeps the first of equal values: a tie goes to the earlier seed of the suite's order
+        B.copy_bundle(bundle_path(max(found, key=lambda f: f[0])[2]), target)
+
+
+def _safe_name(task: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
 
 
 def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label) -> RunResult:

@@ -20,8 +20,8 @@ import copy
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -129,9 +129,13 @@ class RunResult:
     precision: str = ""  # what the head trained in (training.precision after resolving "auto")
     # test set -> one row per protein (see per_protein_rows): what resampling over proteins needs (bootstrap)
     per_protein: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    target_shift: float = 0.0  # regression: the head predicts (value - shift) / scale
+    target_scale: float = 1.0
+    head: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the selected epoch's head
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the head (which goes to a head bundle, not to JSON)."""
+        return {k: v for k, v in asdict(replace(self, head=None)).items() if k != "head"}
 
 
 Features = Callable[[TaskExample], np.ndarray]  # (L, D) per-residue embedding of an example
@@ -242,23 +246,36 @@ class _Schedule:
 
 
 @torch.no_grad()
-def predict(head: ConvBertHead, examples: list[TaskExample], features: Features, cfg: HeadTrainConfig,
-            device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
-    """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
+def head_outputs(head: ConvBertHead, examples: list[TaskExample], features: Features, eval_tokens: int,
+                 device: torch.device) -> Iterator[torch.Tensor]:
+    """The head's fp32 logits of each example, in input order: (L, C) per residue, (C,) or () per protein, (L, L)
+    for contacts. Scoring and ``protlm predict`` both go through here, so they see the same numbers."""
     head.eval()
-    out: list[Any] = []
-    for x, mask, _, segments, batch in _passes(head, examples, features, cfg.eval_tokens, device):
+    for x, mask, _, segments, batch in _passes(head, examples, features, eval_tokens, device):
         logits = head(x, mask, segments).float().cpu()  # fp32 even after bf16 training: coarse scores would tie
         for b, e in enumerate(batch):
             if head.kind == "residue_classification":
                 start = segments[b][0]
-                out.append(logits[0, start:start + e.length].argmax(-1).numpy())
-            elif head.kind == "protein_classification":
-                out.append(int(logits[b].argmax()))
-            elif head.kind == "protein_regression":
-                out.append(float(logits[b]) * target_scale + target_shift)
+                yield logits[0, start:start + e.length]
+            elif head.kind == "contact":
+                yield logits[0, : e.length, : e.length]
             else:
-                out.append(torch.sigmoid(logits[0, : e.length, : e.length]).numpy())
+                yield logits[b]
+
+
+def predict(head: ConvBertHead, examples: list[TaskExample], features: Features, cfg: HeadTrainConfig,
+            device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
+    """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
+    out: list[Any] = []
+    for logits in head_outputs(head, examples, features, cfg.eval_tokens, device):
+        if head.kind == "residue_classification":
+            out.append(logits.argmax(-1).numpy())
+        elif head.kind == "protein_classification":
+            out.append(int(logits.argmax()))
+        elif head.kind == "protein_regression":
+            out.append(float(logits) * target_scale + target_shift)
+        else:
+            out.append(torch.sigmoid(logits).numpy())
     return out
 
 
@@ -392,5 +409,5 @@ def train_head(
         valid_best=history[best[1] - 1].valid, best_epoch=best[1], test=test_scores, history=history, steps=step,
         n_train=len(train), n_valid=len(valid), n_test={k: len(v) for k, v in tests.items()},
         seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, per_protein=rows,
-        precision=precision,
+        precision=precision, target_shift=shift, target_scale=scale, head=head.cpu().eval(),
     )
