@@ -15,7 +15,7 @@ COMMANDS = [
     "info",
     "pretrain",
     "embed",
-    "project",
+    "project", "transfer",
     "generate", "infill", "score",
     "analyze",
     "data", "evaluate", "predict",

@@ -9,7 +9,10 @@ Layout:
   file attribute ``layers`` lists them in order;
 - file attributes: ``model``, ``layers``, ``prefix``, ``dtype``, ``kind`` ("per_residue" / "per_protein"),
   ``protlm_version``; files written by :class:`EmbeddingWriter` also carry ``window`` and ``overlap`` (the
-  long-protein rule, see :mod:`protlm.embedding.batching`), ``family`` and ``store_dtype``;
+  long-protein rule, see :mod:`protlm.embedding.batching`), ``family`` and ``store_dtype``, and ``model_name``
+  (the same value as ``model``), the root attribute protspace (Rostlab's projection tool) names an embedding set
+  by; protspace takes dataset names as protein ids and biotrainer (up to 0.9) reads ``original_id``, which this
+  layout already gives them;
 - each dataset also has ``attrs["sequence_sha1"]`` (of the upper-case residue string), so that a resumed run
   can tell an id whose sequence changed.
 
@@ -160,6 +163,8 @@ class EmbeddingWriter:
         self.path = os.fspath(path)
         self.parts = self.path + ".parts"
         self.attrs = dict(attrs)
+        if "model" in self.attrs:  # protspace reads the embedder's name from this root attribute
+            self.attrs.setdefault("model_name", self.attrs["model"])
         self.rank = rank
         self.checkpoint_seconds = checkpoint_seconds
         self.store_dtype = np.dtype(store_dtype)
