@@ -61,6 +61,15 @@ class RotaryEmbedding(nn.Module):
         # not in our state dict: a checkpoint's stored copy (old layout: one per layer) is read by the loader
         self.register_buffer("inv_freq", self.default_inv_freq(), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # A dtype cast of the model (``.to(torch.bfloat16)``) would round the frequencies to 8 bits and shift every
+        # angle; they stay fp32 (the tables are fp32 anyway) and only follow the device.
+        inv = self.inv_freq
+        super()._apply(fn, recurse)
+        if not inv.is_meta and self.inv_freq.dtype != inv.dtype:
+            self.inv_freq = inv.to(self.inv_freq.device)
+        return self
+
     def default_inv_freq(self) -> Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
 
