@@ -18,7 +18,7 @@ COMMANDS = [
     "project", "transfer",
     "generate", "infill", "score",
     "analyze",
-    "data", "evaluate", "predict",
+    "data", "evaluate", "train_head", "predict",
     "demo",
     "ablate",
 ]

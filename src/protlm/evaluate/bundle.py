@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from protlm.errors import CheckpointError
-from protlm.evaluate.heads import KINDS, ConvBertHead, HeadConfig
+from protlm.evaluate.heads import KINDS, ConvBertHead, HeadConfig, LightHead, LightHeadConfig
 
 FORMAT_VERSION = 1
 TENSORS_FILE = "head.safetensors"
@@ -140,6 +140,8 @@ def build_head(meta: HeadMeta, where: str = "head") -> nn.Module:
 
 register_head_type("convbert", ConvBertHead,
                    lambda in_dim, kind, n_out, **cfg: ConvBertHead(in_dim, kind, n_out, HeadConfig(**cfg)))
+register_head_type("light", LightHead,
+                   lambda in_dim, kind, n_out, **cfg: LightHead(in_dim, kind, n_out, LightHeadConfig(**cfg)))
 
 
 def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta) -> str:

@@ -7,7 +7,12 @@ pooling for per-protein tasks. This module writes that network once; the task ki
 - ``residue_classification``: a linear layer per residue (secondary structure);
 - ``protein_classification`` / ``protein_regression``: masked mean over residues, then a linear layer (DeepLoc;
   GB1, fluorescence);
+- ``protein_multilabel``: as per-protein classification, one independent yes/no logit per class (``protlm
+  train-head`` on a user's multi-label data);
 - ``contact``: a score for every residue pair (see :class:`PairScorer` for how pair features are built).
+
+:class:`LightHead` is the light alternative ``protlm train-head --head light|linear`` offers: ProtTrans's
+two-layer CNN per residue, a small MLP on the mean embedding per protein, or one linear layer.
 
 ConvBERT's "mixed attention" splits the heads in two: half are ordinary self-attention heads, half are
 span-based dynamic convolution heads, whose kernel at each position is computed from the query and a local
@@ -33,7 +38,8 @@ from torch import Tensor, nn
 
 from protlm.errors import ConfigError
 
-Kind = Literal["residue_classification", "protein_classification", "protein_regression", "contact"]
+Kind = Literal["residue_classification", "protein_classification", "protein_regression", "contact",
+               "protein_multilabel"]
 KINDS = get_args(Kind)
 Segments = tuple[tuple[int, int], ...]  # packed layout: (start, length) of each protein in the one row
 
@@ -290,24 +296,104 @@ class ConvBertHead(nn.Module):
         pooled = self.out(self.drop(masked_mean(x, mask, segments)))
         return pooled.squeeze(-1) if self.kind == "protein_regression" else pooled
 
-    def per_protein_loss(self, logits: Tensor, target: Tensor, segments: Segments | None = None) -> Tensor:
-        """(B,) loss of each protein, or (S,) for a packed row: its own mean over its scored elements.
+    @property
+    def pack_gap(self) -> int:
+        """Masked positions a packed row needs between proteins so that no convolution reaches across."""
+        return self.layers[0].mixer.kernel_size // 2
 
-        Targets: per-residue class ids with -1 for unscored residues (and gaps); per-protein class ids;
-        per-protein floats; contact maps as floats with -1 for unscored pairs. A protein with nothing scored
-        gets 0.
-        """
+    def per_protein_loss(self, logits: Tensor, target: Tensor, segments: Segments | None = None,
+                         class_weights: Tensor | None = None) -> Tensor:
+        return per_protein_loss(self.kind, logits, target, segments, class_weights)
+
+
+def per_protein_loss(kind: str, logits: Tensor, target: Tensor, segments: Segments | None = None,
+                     class_weights: Tensor | None = None) -> Tensor:
+    """(B,) loss of each protein, or (S,) for a packed row: its own mean over its scored elements.
+
+    Targets: per-residue class ids with -1 for unscored residues (and gaps); per-protein class ids;
+    per-protein floats; per-protein multi-hot floats (multi-label); contact maps as floats with -1 for unscored
+    pairs. A protein with nothing scored gets 0. ``class_weights`` (classification kinds) scales each element's
+    loss by the weight of its true class, and for multi-label is each class's weight of its positives (BCE's
+    ``pos_weight``): rare classes count more when classes are imbalanced.
+    """
+    if kind == "residue_classification":
+        ce = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), weight=class_weights,
+                             reduction="none")  # (B, L)
+        scored = (target >= 0).float()
+        if segments is not None:
+            m = segment_matrix(segments, ce.shape[1], ce)
+            return (m @ (ce * scored)[0]) / (m @ scored[0]).clamp_min(1.0)
+        return (ce * scored).sum(1) / scored.sum(1).clamp_min(1.0)
+    if kind == "protein_classification":
+        return F.cross_entropy(logits.float(), target, weight=class_weights, reduction="none")
+    if kind == "protein_regression":
+        return F.mse_loss(logits.float(), target.float(), reduction="none")
+    if kind == "protein_multilabel":
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=class_weights,
+                                                  reduction="none").mean(-1)
+    scored = (target >= 0).float()  # contact
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.clamp_min(0).float(), reduction="none")
+    return (bce * scored).sum((1, 2)) / scored.sum((1, 2)).clamp_min(1.0)
+
+
+@dataclass
+class LightHeadConfig:
+    """The light heads' shape. ``style`` "cnn_mlp": per residue ProtTrans's secondary-structure CNN (a kernel-7
+    convolution to 32 channels, ReLU, dropout 0.25, a kernel-7 convolution to the classes), per protein a small
+    MLP on the mean embedding (one hidden layer of 32, ReLU, dropout 0.25); "linear": one linear layer, per
+    residue or on the mean embedding."""
+
+    style: Literal["cnn_mlp", "linear"] = "cnn_mlp"
+    hidden: int = 32
+    kernel_size: int = 7
+    dropout: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.style not in ("cnn_mlp", "linear"):
+            raise ConfigError(f"light head: style must be cnn_mlp or linear, got {self.style!r}")
+        if self.hidden < 1 or self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise ConfigError(f"light head: hidden must be >= 1 and kernel_size odd (got {self.hidden}, "
+                              f"{self.kernel_size})")
+
+
+class LightHead(nn.Module):
+    """A light head on frozen embeddings (see :class:`LightHeadConfig`), with the ConvBERT head's calling
+    convention: padded (B, L, D) with a mask, or a packed row with ``segments``; padding and gaps are zeroed
+    before every convolution, so a protein's output does not depend on its neighbours in a batch."""
+
+    def __init__(self, in_dim: int, kind: str, n_out: int = 1, cfg: LightHeadConfig | None = None):
+        super().__init__()
+        if kind not in KINDS or kind == "contact":
+            raise ConfigError(f"light heads do not predict {kind!r} (per-residue and per-protein kinds only)")
+        cfg = cfg or LightHeadConfig()
+        self.kind, self.in_dim, self.cfg = kind, in_dim, cfg
+        out = 1 if kind == "protein_regression" else n_out
+        self.conv = kind == "residue_classification" and cfg.style == "cnn_mlp"
+        self.pack_gap = cfg.kernel_size // 2 if self.conv else 0
+        if cfg.style == "linear":
+            self.net = nn.Linear(in_dim, out)
+        elif self.conv:
+            pad = cfg.kernel_size // 2
+            self.conv1 = nn.Conv1d(in_dim, cfg.hidden, cfg.kernel_size, padding=pad)
+            self.conv2 = nn.Conv1d(cfg.hidden, out, cfg.kernel_size, padding=pad)
+        else:
+            self.net = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.ReLU(), Dropout(cfg.dropout),
+                                     nn.Linear(cfg.hidden, out))
+
+    def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            x = x.to(torch.get_autocast_dtype(device))
+        keep = mask.unsqueeze(-1).to(x.dtype)  # (B, L, 1)
         if self.kind == "residue_classification":
-            ce = F.cross_entropy(logits.float().transpose(1, 2), target.clamp_min(0), reduction="none")  # (B, L)
-            scored = (target >= 0).float()
-            if segments is not None:
-                m = segment_matrix(segments, ce.shape[1], ce)
-                return (m @ (ce * scored)[0]) / (m @ scored[0]).clamp_min(1.0)
-            return (ce * scored).sum(1) / scored.sum(1).clamp_min(1.0)
-        if self.kind == "protein_classification":
-            return F.cross_entropy(logits.float(), target, reduction="none")
-        if self.kind == "protein_regression":
-            return F.mse_loss(logits.float(), target.float(), reduction="none")
-        scored = (target >= 0).float()  # contact
-        bce = F.binary_cross_entropy_with_logits(logits.float(), target.clamp_min(0).float(), reduction="none")
-        return (bce * scored).sum((1, 2)) / scored.sum((1, 2)).clamp_min(1.0)
+            if not self.conv:
+                return self.net(x)
+            h = torch.relu(self.conv1((x * keep).transpose(1, 2))).transpose(1, 2)  # (B, L, hidden)
+            h = dropout(h, self.cfg.dropout, self.training) * keep
+            return self.conv2(h.transpose(1, 2)).transpose(1, 2)
+        out = self.net(masked_mean(x * keep, mask, segments))
+        return out.squeeze(-1) if self.kind == "protein_regression" else out
+
+    def per_protein_loss(self, logits: Tensor, target: Tensor, segments: Segments | None = None,
+                         class_weights: Tensor | None = None) -> Tensor:
+        return per_protein_loss(self.kind, logits, target, segments, class_weights)

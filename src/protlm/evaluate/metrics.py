@@ -4,6 +4,7 @@ Conventions (the ones ProtTrans, Ankh and TAPE report, made explicit):
 - Secondary structure accuracy (Q3/Q8) is pooled over residues: correct scored residues / scored residues, where
   residues outside the mask (unresolved, "disorder" 0) are not scored at all.
 - Per-protein classification accuracy (Q10, Q2) is the fraction of proteins predicted right.
+- Multi-label classification is scored by micro-averaged F1 (counts pooled over proteins and classes).
 - Spearman's rho ranks tied values by their average rank (scipy's default), so ties neither help nor hurt.
 - Contact precision at k is computed per protein, then averaged over proteins. Candidates are residue pairs i < j
   with a sequence separation in the chosen range and a known label. When scores tie at the cut-off, the tied
@@ -47,6 +48,16 @@ def accuracy(pred, target) -> float:
     pred = np.asarray(pred)
     target = np.asarray(target)
     return float((pred == target).mean()) if target.size else math.nan
+
+
+def multilabel_f1(pred: list[np.ndarray], target: list[np.ndarray]) -> float:
+    """Micro-averaged F1 of multi-label predictions: true/false positives and false negatives pooled over all
+    proteins and classes (each protein a (C,) bool vector), so frequent classes weigh more, as pooled residue
+    accuracy does; NaN when there is nothing to score."""
+    p = np.asarray(pred, dtype=bool)
+    t = np.asarray(target, dtype=bool)
+    tp, fp, fn = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
 
 
 def spearman(pred, target) -> float:

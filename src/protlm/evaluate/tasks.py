@@ -28,6 +28,7 @@ KIND_METRICS = {
     "residue_classification": ("accuracy",),
     "protein_classification": ("accuracy",),
     "protein_regression": ("spearman",),
+    "protein_multilabel": ("f1_micro",),
     "contact": tuple(f"{p}{'' if r == 'all' else '-' + r}" for r in ("all", "short", "medium", "long")
                      for p in ("P@L", "P@L/2", "P@L/5")),
 }

@@ -161,6 +161,8 @@ def _collate(batch: list[TaskExample], features: Features, kind: str, device: to
         y = torch.tensor([e.target for e in batch], dtype=torch.long)
     elif kind == "protein_regression":
         y = torch.tensor([(e.target - target_shift) / target_scale for e in batch], dtype=torch.float32)
+    elif kind == "protein_multilabel":  # (B, C) multi-hot
+        y = torch.from_numpy(np.stack([np.asarray(e.target, dtype=np.float32) for e in batch]))
     else:
         y = torch.full((len(batch), L, L), -1, dtype=torch.float32)
         for i, e in enumerate(batch):
@@ -211,6 +213,8 @@ def _collate_packed(batch: list[TaskExample], features: Features, kind: str, dev
         y = torch.tensor([e.target for e in batch], dtype=torch.long)
     elif kind == "protein_regression":
         y = torch.tensor([(e.target - target_shift) / target_scale for e in batch], dtype=torch.float32)
+    elif kind == "protein_multilabel":  # (B, C) multi-hot
+        y = torch.from_numpy(np.stack([np.asarray(e.target, dtype=np.float32) for e in batch]))
     else:
         raise ValueError("contact tasks are not packed")
     return x.to(device), mask.to(device), y.to(device), tuple(segments)
@@ -224,7 +228,7 @@ def _passes(head: ConvBertHead, examples: list[TaskExample], features: Features,
         for e in examples:
             yield (*_collate([e], features, head.kind, device, shift, scale), None, [e])
         return
-    gap = head.layers[0].mixer.kernel_size // 2
+    gap = head.pack_gap
     for batch in _packs(examples, budget, gap):
         yield (*_collate_packed(batch, features, head.kind, device, gap, shift, scale), batch)
 
@@ -274,6 +278,8 @@ def predict(head: ConvBertHead, examples: list[TaskExample], features: Features,
             out.append(int(logits.argmax()))
         elif head.kind == "protein_regression":
             out.append(float(logits) * target_scale + target_shift)
+        elif head.kind == "protein_multilabel":
+            out.append(logits.numpy() > 0)  # (C,) bool: probability above 1/2
         else:
             out.append(torch.sigmoid(logits).numpy())
     return out
@@ -289,6 +295,8 @@ def score(task: TaskSpec, examples: list[TaskExample], preds: list[Any]) -> dict
         return {"accuracy": M.accuracy(preds, [e.target for e in examples])}
     if kind == "protein_regression":
         return {"spearman": M.spearman(preds, [e.target for e in examples])}
+    if kind == "protein_multilabel":
+        return {"f1_micro": M.multilabel_f1(preds, [e.target for e in examples])}
     found = M.contact_metrics(preds, [e.target for e in examples], [e.positions for e in examples],
                               divisors=(1, 2, 5))
     return {m: found[m] for m in task.metrics}
@@ -308,6 +316,9 @@ def per_protein_rows(task: TaskSpec, examples: list[TaskExample], preds: list[An
             row["correct"] = int(p == e.target)
         elif task.kind == "protein_regression":
             row["pred"], row["target"] = float(p), float(e.target)
+        elif task.kind == "protein_multilabel":
+            p, t = np.asarray(p, bool), np.asarray(e.target, bool)
+            row["tp"], row["fp"], row["fn"] = int((p & t).sum()), int((p & ~t).sum()), int((~p & t).sum())
         else:
             found = M.contact_metrics([p], [e.target], [e.positions], divisors=(1, 2, 5))
             row.update({m: (None if math.isnan(found[m]) else found[m]) for m in task.metrics})
@@ -324,8 +335,35 @@ def score_rows(kind: str, metric: str, rows: list[dict[str, Any]]) -> float:
         return float(np.mean([r["correct"] for r in rows])) if rows else math.nan
     if kind == "protein_regression":
         return M.spearman([r["pred"] for r in rows], [r["target"] for r in rows])
+    if kind == "protein_multilabel":
+        tp, fp, fn = (sum(r[k] for r in rows) for k in ("tp", "fp", "fn"))
+        return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else math.nan
     vals = [r[metric] for r in rows if r.get(metric) is not None]
     return float(np.mean(vals)) if vals else math.nan
+
+
+def bootstrap_interval(kind: str, metric: str, models: list[list[dict[str, Any]]], resamples: int = 1000,
+                       confidence: float = 0.95, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a test metric averaged over ``models`` (e.g. head seeds), each given as
+    its per-protein rows of the same test proteins in the same order. Each draw takes the proteins with
+    replacement and rescores every model on that draw (:func:`score_rows`). The interval covers the sampling of
+    test proteins, not the variation between seeds. (NaN, NaN) when nothing is scorable."""
+    n = len(models[0]) if models else 0
+    if not n:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    draws = []
+    for _ in range(resamples):
+        idx = rng.integers(0, n, size=n)
+        vals = [score_rows(kind, metric, [rows[i] for i in idx]) for rows in models]
+        vals = [v for v in vals if not math.isnan(v)]
+        draws.append(float(np.mean(vals)) if vals else math.nan)
+    arr = np.asarray(draws, dtype=np.float64)
+    arr = arr[np.isfinite(arr)]
+    if not arr.size:
+        return math.nan, math.nan
+    alpha = (1 - confidence) / 2
+    return float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))
 
 
 def train_head(
@@ -340,17 +378,28 @@ def train_head(
     head_cfg: HeadConfig,
     device: torch.device | str = "cpu",
     progress: Callable[[int, int, str], None] | None = None,
+    *,
+    make_head: Callable[[], torch.nn.Module] | None = None,
+    class_weights: torch.Tensor | None = None,
+    patience: int | None = None,
 ) -> RunResult:
     """Train a fresh head on ``train``, pick the epoch that scores best on ``valid`` and score it on ``tests``.
 
     ``progress(done_steps, total_steps, note)`` is called after each optimiser step and each epoch.
+    ``make_head()`` builds the head instead of a ConvBERT head of ``head_cfg`` (``protlm train-head``'s light
+    heads); it is called after seeding, so a builder of the same ConvBERT head gives the same run.
+    ``class_weights`` go to the loss (see :func:`protlm.evaluate.heads.per_protein_loss`); with ``patience``
+    training stops once that many epochs in a row did not beat the best validation score (early stopping; the
+    learning-rate schedule stays the one planned for all epochs).
     """
     device = torch.device(device)
     start = time.perf_counter()
     cpu_start = time.process_time()
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    head = ConvBertHead(in_dim, task.kind, task.n_out, head_cfg).to(device)
+    head = (make_head() if make_head is not None else ConvBertHead(in_dim, task.kind, task.n_out, head_cfg)).to(device)
+    if class_weights is not None:
+        class_weights = class_weights.to(device)
     opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
     group = cfg.proteins_per_step
@@ -379,7 +428,7 @@ def train_head(
             for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift, scale):
                 with _autocast(device, precision):
                     logits = head(x, mask, segments)
-                loss = head.per_protein_loss(logits, y, segments).sum() / len(chunk)
+                loss = head.per_protein_loss(logits, y, segments, class_weights).sum() / len(chunk)
                 loss.backward()
                 step_loss += float(loss.detach())
             if cfg.max_grad_norm:
@@ -397,6 +446,8 @@ def train_head(
         value = -math.inf if math.isnan(value) else value
         if best is None or value > best[0]:
             best = (value, epoch, copy.deepcopy(head.state_dict()))
+        elif patience is not None and epoch - best[1] >= patience:
+            break
         if progress is not None:
             progress(step, total, f"epoch {epoch}/{cfg.epochs} valid {primary} {val[primary]:.4f}")
     head.load_state_dict(best[2])

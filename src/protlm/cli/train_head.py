@@ -1,0 +1,111 @@
+"""``protlm train-head``: a head on your own labelled proteins, trained on a model's frozen embeddings.
+
+    protlm train-head MODEL labels.csv -o runs/heads/mytask               # id,sequence,label
+    protlm train-head MODEL sequences.fasta -o OUT                         # biotrainer: >id TARGET=.. SET=..
+    protlm train-head MODEL labels.fasta --sequences seqs.fasta --mask mask.fasta -o OUT   # biotrainer per residue
+    protlm train-head MODEL labels.csv --head light --seeds 3 --class-weights --split 0.8,0.1,0.1 --seed 1 -o OUT
+
+The label kind (per-residue classes, per-protein classes, a number, several classes joined by ';') is read from
+the labels unless --kind says it. Train / validation / test come from the file's sets, else from a seeded random
+split. Writes OUT/report.md, OUT/results.json and the head bundle under OUT/heads/<task>/ (see docs/train-head.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train-head", help="train a head on your own labelled proteins (CSV/TSV or biotrainer FASTA)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model", help="checkpoint directory or Hub id to embed with; a preset with --random-init")
+    p.add_argument("labels", help="label file: CSV/TSV (id,sequence,label[,set]) or biotrainer FASTA (TARGET=, SET=)")
+    p.add_argument("-o", "--out", required=True, help="output directory")
+    p.add_argument("--kind", help="residue | protein | regression | multilabel (or a full kind name, or a "
+                                  "biotrainer protocol name); default: read from the labels")
+    p.add_argument("--sequences", help="biotrainer's per-residue protocol: the sequences FASTA (LABELS holds the "
+                                       "label strings)")
+    p.add_argument("--mask", help="with --sequences: biotrainer's 0/1 mask FASTA (0 = residue without a label)")
+    p.add_argument("--unlabelled", default="-", help="per-residue label character meaning 'no label' (default: -)")
+    p.add_argument("--separator", default=";", help="multi-label separator (default: ;)")
+    p.add_argument("--classes", help="comma-separated class names in output order (default: the training labels, "
+                                     "sorted); a label outside them is an error")
+    p.add_argument("--task", help="task name (default: the label file's stem)")
+    p.add_argument("--head", default="convbert", choices=["convbert", "light", "linear"],
+                   help="convbert: Ankh3's Table-4 head (default); light: ProtTrans's two-layer CNN per residue, a "
+                        "small MLP per protein; linear: one linear layer")
+    p.add_argument("--seeds", default="1", help="head seeds: a count N (seeds 0..N-1) or a list like 7,0,42 (default 1)")
+    p.add_argument("--split", help="train,validation,test fractions of a random split (default: the file's sets, "
+                                   "or 0.8,0.1,0.1 when it has none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random split (default 0)")
+    p.add_argument("--patience", type=int, default=None,
+                   help="early stopping: stop after this many epochs without a better validation score (default: "
+                        "train all epochs; the best epoch is kept either way)")
+    p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
+    p.add_argument("--keep-heads", default="best", choices=["best", "all"],
+                   help="bundle of the best seed by validation (default) or of every seed (heads/<task>/seed<S>/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="training.epochs=5, training.lr=1e-3, head.num_layers=2, light.hidden=64, ...")
+    p.add_argument("--random-init", action="store_true", help="random weights: MODEL is a preset or a checkpoint to copy")
+    p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init")
+    p.add_argument("--layer", type=int, default=-1, help="encoder layer to embed (default: -1, the last)")
+    p.add_argument("--prefix", default="auto", choices=["auto", "nlu", "s2s", "none"], help="task token (default auto)")
+    p.add_argument("--embed-dtype", default="auto", help="dtype of the embedding pass (default auto)")
+    p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--allow-missing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(run=run)
+
+
+def parse_seeds(text: str) -> list[int]:
+    from protlm.errors import ConfigError
+
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: a count or a comma-separated list of integers") from None
+    if not parts or (len(parts) == 1 and parts[0] < 1):
+        raise ConfigError(f"--seeds {text!r}: a count >= 1 or a list of seeds")
+    if len(parts) == 1 and "," not in text:
+        return list(range(parts[0]))
+    if len(set(parts)) != len(parts):
+        raise ConfigError(f"--seeds {text!r} repeats a seed")
+    return parts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from protlm.evaluate.custom import TrainHeadSettings, parse_fractions, run_train_head
+    from protlm.evaluate.embeddings import ModelSource
+    from protlm.evaluate.labels import read_labels
+    from protlm.settings import override, parse_sets
+
+    settings = override(TrainHeadSettings(), parse_sets(args.set), "--set") if args.set else TrainHeadSettings()
+    seeds = parse_seeds(args.seeds)
+    fractions = parse_fractions(args.split) if args.split else None
+    labels = read_labels(args.labels, args.kind, sequences=args.sequences, mask=args.mask,
+                         unlabelled=args.unlabelled, separator=args.separator)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cache = args.cache_dir or os.environ.get("PROTLM_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
+    source = ModelSource(args.model, random_init_of=args.model if args.random_init else None, layer=args.layer,
+                         prefix=args.prefix, cache_dir=cache, dtype=args.embed_dtype, device=device,
+                         threads=args.threads, seed=args.init_seed)
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    print(f"protlm train-head: {labels.path} ({labels.kind}), {source.name}, {args.head} head, seeds "
+          f"{','.join(map(str, seeds))}; output {args.out}")
+    out = run_train_head(labels, source, args.out, task_name=args.task or "", classes=classes, head=args.head,
+                         seeds=seeds, fractions=fractions, split_seed=args.seed, use_class_weights=args.class_weights,
+                         patience=args.patience, settings=settings, keep_heads=args.keep_heads, device=device,
+                         progress=not args.no_progress, allow_missing=args.allow_missing)
+    with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:
+        print(fh.read())
+    print(f"wrote {args.out}/report.md, results.json and {len(out['bundles'])} head bundle(s) "
+          f"({out['seconds']:.0f} s)")
+    return 0
