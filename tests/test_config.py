@@ -143,5 +143,5 @@ def test_mt5_missing_keys_take_mt5_defaults_and_umt5_is_refused(tmp_path):
     assert not ours.rescale_head  # mT5 never rescales its head (tied or not)
     with pytest.raises(ConfigError, match="model_type 'umt5' is not supported"):
         config_from_hf_dict({"model_type": "umt5"}, "config.json")
-    with pytest.raises(ConfigError, match=r"model_type 'bert' is not supported \(supported: t5, mt5, esm\)"):
-        config_from_hf_dict({"model_type": "bert"}, "config.json")
+    with pytest.raises(ConfigError, match=r"model_type 'llama' is not supported \(supported: t5, mt5, esm, gpt2"):
+        config_from_hf_dict({"model_type": "llama"}, "config.json")

@@ -300,10 +300,122 @@ class EsmConfig:
         return build(cls, data, source)
 
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "esm")
+# --- GPT-2 (ProtGPT2 keeps GPT-2's architecture) --------------------------------------------------------------
+GPT2_FAMILIES = ("protgpt2", "custom")
+
+# Keys of a GPT-2 config.json that do not change the network protlm builds: the sequence-classification summary
+# head of GPT2DoubleHeadsModel, n_ctx (old files: always n_positions), and generation settings.
+_HF_GPT2_PASSIVE_KEYS = _HF_PASSIVE_KEYS | frozenset({
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels", "summary_first_dropout",
+    "n_ctx", "n_special", "predict_special_tokens", "pad_token_id", "unk_token_id",
+})
+
+# transformers.GPT2Config's defaults for keys a config.json leaves out (checked field by field in
+# tests/test_gpt2.py): the GPT-2 small shape with OpenAI's vocabulary.
+HF_GPT2_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=None,
+    activation_function="gelu_new", resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, layer_norm_epsilon=1e-5,
+    initializer_range=0.02, scale_attn_weights=True, scale_attn_by_inverse_layer_idx=False,
+    reorder_and_upcast_attn=False, bos_token_id=50256, eos_token_id=50256, tie_word_embeddings=True,
+)
+GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu", "silu", "swish")
 
 
-def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig":
+@dataclass
+class GPT2Config:
+    """Shape and numerics of a GPT-2 decoder-only LM (field names follow ``transformers.GPT2Config``).
+
+    The defaults are transformers' except dropout (0: protlm runs inference) and the ids, which are those of
+    ProtGPT2's vocabulary (``<|endoftext|>`` is id 0 there).
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024  # learned positions: the longest input in tokens
+    n_embd: int = 768  # width of the residual stream
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None  # hidden width of the MLP; None: 4 * n_embd
+    activation_function: str = "gelu_new"  # the tanh GELU
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    scale_attn_weights: bool = True  # queries scaled by d_head**-0.5
+    scale_attn_by_inverse_layer_idx: bool = False  # and by 1/(layer index + 1) (Mistral's stability trick)
+    reorder_and_upcast_attn: bool = False  # fp32 attention scores; SDPA computes them in fp32 on every path
+    bos_token_id: int | None = 0
+    eos_token_id: int | None = 0
+    tie_word_embeddings: bool = True  # the LM head shares wte
+    # protlm-only: the published family ("protgpt2"); transformers ignores it.
+    protlm_family: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.protlm_family not in GPT2_FAMILIES:
+            raise ConfigError(f"protlm_family={self.protlm_family!r} is not one of {', '.join(GPT2_FAMILIES)}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.n_layer, int) or self.n_layer < 0:
+            raise ConfigError(f"n_layer must be a non-negative integer, got {self.n_layer!r}")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ConfigError(f"n_inner must be a positive integer or null, got {self.n_inner!r}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd {self.n_embd} is not a multiple of n_head {self.n_head}")
+        if self.activation_function not in GPT2_ACTIVATIONS:
+            raise ConfigError(f"activation_function={self.activation_function!r} is not supported; use one of "
+                              f"{', '.join(GPT2_ACTIVATIONS)}")
+
+    # the names the workflows read, whatever the family
+    @property
+    def d_model(self) -> int:
+        return self.n_embd
+
+    @property
+    def num_layers(self) -> int:
+        return self.n_layer
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
+        """The ``config.json`` content that ``transformers`` reads (``GPT2LMHeadModel``, or ``GPT2Model``)."""
+        return {**self.to_dict(), "model_type": "gpt2", "n_ctx": self.n_positions,
+                "architectures": ["GPT2Model" if encoder_only else "GPT2LMHeadModel"]}
+
+    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
+        from protlm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes: Any) -> "GPT2Config":
+        return build(GPT2Config, {**self.to_dict(), **changes}, "override")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "GPT2Config":
+        return build(cls, data, source)
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str) -> "GPT2Config":
+        """The content of a GPT-2 ``config.json`` as transformers reads it (missing keys take its defaults)."""
+        if data.get("add_cross_attention"):
+            raise ConfigError(f"{source}: add_cross_attention=true (a GPT-2 decoder of an encoder-decoder) is not "
+                              "supported; protlm's GPT-2 is decoder-only")
+        data = {**HF_GPT2_DEFAULTS, **data}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in fields or k not in _HF_GPT2_PASSIVE_KEYS}
+        return build(cls, data, source)
+
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "esm", "gpt2")
+
+
+def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig | GPT2Config":
     """The family's config for a ``config.json``, chosen by its ``model_type``."""
     model_type = data.get("model_type", "t5")
     if model_type == "esm":
@@ -313,6 +425,11 @@ def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmCon
                 cfg = cfg.replace(protlm_family="dplm")
             elif cfg.vocab_size == 33 and cfg.position_embedding_type == "rotary" and cfg.token_dropout:
                 cfg = cfg.replace(protlm_family="esm2")
+        return cfg
+    if model_type == "gpt2":
+        cfg = GPT2Config.from_hf_dict(data, source)
+        if cfg.protlm_family == "custom" and (cfg.n_layer, cfg.n_embd, cfg.n_head) == (36, 1280, 20):
+            cfg = cfg.replace(protlm_family="protgpt2")  # ProtGPT2's shape (nferruz/ProtGPT2 config.json)
         return cfg
     if model_type in ("t5", "mt5", "umt5"):
         return T5Config.from_hf_dict(data, source)  # umt5 is refused there, with the reason
@@ -389,7 +506,16 @@ _ESM_PRESETS: dict[str, dict[str, Any]] = {
     for name, (n, d, h) in _ESM_SHAPES.items()
 }
 
-PRESET_NAMES = tuple(_PRESETS) + tuple(_ESM_PRESETS)
+# ProtGPT2 follows nferruz/ProtGPT2's model card (36 layers, 1280 wide, 738M parameters) and config.json (20
+# heads, 1024 positions, GPT-2's 50257-entry vocabulary size); gpt2-medium is OpenAI's shape (for benchmarks);
+# gpt2-tiny is a CPU-scale stand-in for tests and demos.
+_GPT2_PRESETS: dict[str, dict[str, Any]] = {
+    "protgpt2": dict(n_layer=36, n_embd=1280, n_head=20, vocab_size=50257, n_positions=1024, protlm_family="protgpt2"),
+    "gpt2-medium": dict(n_layer=24, n_embd=1024, n_head=16, vocab_size=50257, n_positions=1024),
+    "gpt2-tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256),
+}
+
+PRESET_NAMES = tuple(_PRESETS) + tuple(_ESM_PRESETS) + tuple(_GPT2_PRESETS)
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -407,10 +533,12 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def preset(name: str, **overrides: Any) -> "T5Config | EsmConfig":
+def preset(name: str, **overrides: Any) -> "T5Config | EsmConfig | GPT2Config":
     """A named published (or CPU-scale) shape, optionally with fields overridden."""
     if name in _ESM_PRESETS:
         return EsmConfig.from_dict({**_ESM_PRESETS[name], **overrides}, source=f"preset {name}")
+    if name in _GPT2_PRESETS:
+        return GPT2Config.from_dict({**_GPT2_PRESETS[name], **overrides}, source=f"preset {name}")
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return T5Config.from_dict({**_PRESETS[name], **overrides}, source=f"preset {name}")

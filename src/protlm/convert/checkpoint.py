@@ -16,19 +16,22 @@ from dataclasses import dataclass
 
 import torch
 
-from protlm.config import PRESET_NAMES, EsmConfig, T5Config, config_from_hf_dict, preset, read_json_object
+from protlm.config import PRESET_NAMES, EsmConfig, GPT2Config, T5Config, config_from_hf_dict, preset, read_json_object
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.esm import ESM
+from protlm.model.gpt2 import GPT2
 from protlm.model.t5 import T5
 from protlm.precision import Precision, choose
+from protlm.tokenizer.bpe import BPETokenizer, load_bpe_tokenizer, residue_bpe_tokenizer
 from protlm.tokenizer.vocab import Tokenizer, esm_tokenizer, load_tokenizer, protlm_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.index.json", "pytorch_model*.bin", "tokenizer.json",
-                "spiece.model", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"]
+                "spiece.model", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                "merges.txt"]
 
-Model = T5 | ESM
-ModelConfig = T5Config | EsmConfig
+Model = T5 | ESM | GPT2
+ModelConfig = T5Config | EsmConfig | GPT2Config
 
 
 @dataclass
@@ -37,7 +40,7 @@ class Pretrained:
     config."""
 
     model: Model
-    tokenizer: Tokenizer
+    tokenizer: Tokenizer | BPETokenizer
     config: ModelConfig
     source: str  # the checkpoint directory or Hub id, or "random-init <preset|directory|Hub id> seed=<n>"
     precision: Precision | None = None  # the compute precision a dtype option resolved to, if one was given
@@ -55,6 +58,8 @@ _ESM_IGNORED = re.compile(r"(esm\.)?embeddings\.position_ids")  # an index buffe
 _ESM_UNUSED_ROTARY = re.compile(r"(esm\.)?embeddings\.position_embeddings\.weight")
 # BERT's old LayerNorm names, which transformers 5 writes back into the files it saves for ESM
 _ESM_LEGACY_NORM = re.compile(r"\.LayerNorm\.(gamma|beta)$")
+# GPT-2's causal-mask buffers, which files written by older transformers (ProtGPT2's among them) carry per layer
+_GPT2_MASK_BUFFERS = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
 
 
 def key_aliases(model: Model) -> dict[str, str]:
@@ -62,6 +67,9 @@ def key_aliases(model: Model) -> dict[str, str]:
     if isinstance(model, ESM):
         tied = model.lm_head is not None and model.config.tie_word_embeddings
         return {"lm_head.decoder.weight": "esm.embeddings.word_embeddings.weight"} if tied else {}
+    if isinstance(model, GPT2):
+        tied = model.lm_head is not None and model.config.tie_word_embeddings
+        return {"lm_head.weight": "transformer.wte.weight"} if tied else {}
     aliases = {"encoder.embed_tokens.weight": "shared.weight"}
     if model.decoder is not None:
         aliases["decoder.embed_tokens.weight"] = "shared.weight"
@@ -179,7 +187,7 @@ def load(
     """
     if random_init:
         pre = _random(spec, seed, encoder_only, revision)
-    elif isinstance(spec, (T5Config, EsmConfig)):
+    elif isinstance(spec, (T5Config, EsmConfig, GPT2Config)):
         raise ConfigError(f"a {type(spec).__name__} has no weights; pass random_init=True for random ones")
     else:
         if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
@@ -201,6 +209,8 @@ def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
     config = config_from_hf_dict(read_json_object(path), path)
     if isinstance(config, EsmConfig):
         return _esm_from_checkpoint(directory, config, encoder_only)
+    if isinstance(config, GPT2Config):
+        return _gpt2_from_checkpoint(directory, config, encoder_only)
     tokenizer = load_tokenizer(directory, config.protlm_family)
     family = infer_family(config, tokenizer)
     if family != config.protlm_family:
@@ -262,6 +272,27 @@ def _esm_from_checkpoint(directory: str, config: EsmConfig, encoder_only: bool |
     return Pretrained(model, tokenizer, config, directory)
 
 
+def _gpt2_from_checkpoint(directory: str, config: GPT2Config, encoder_only: bool | None) -> Pretrained:
+    tokenizer = load_bpe_tokenizer(directory)
+    if tokenizer is None:
+        raise CheckpointError(f"{directory}: no tokenizer.json (or vocab.json + merges.txt); protlm will not guess "
+                              f"the ids of a {config.vocab_size}-token BPE vocabulary")
+    if tokenizer.vocab_size > config.vocab_size:
+        raise CheckpointError(f"{directory}: the vocabulary has {tokenizer.vocab_size} tokens but config.json says "
+                              f"vocab_size {config.vocab_size}")
+    state = read_weights(directory)
+    if not any(k.startswith(("transformer.", "lm_head.")) for k in state):  # GPT2Model layout: no prefix
+        state = {f"transformer.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not _GPT2_MASK_BUFFERS.fullmatch(k)}
+    architectures = read_json_object(os.path.join(directory, "config.json")).get("architectures") or []
+    if encoder_only is None:  # a tied head is in no file: the architecture says whether there is one
+        encoder_only = "GPT2Model" in architectures and "lm_head.weight" not in state
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith("lm_head.")}
+    model = build_model(config, encoder_only=encoder_only, state=state, source=directory).eval()
+    return Pretrained(model, tokenizer, config, directory)
+
+
 def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple[ModelConfig, bool]:
     """(config, stored encoder-only) of a preset name, a checkpoint directory or a Hub id, without weights."""
     if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
@@ -269,12 +300,12 @@ def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple
     path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
     data = read_json_object(path)
     architectures = data.get("architectures") or []
-    return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel"} & set(architectures))
+    return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel", "GPT2Model"} & set(architectures))
 
 
 def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) -> Pretrained:
     """Random weights in the shape of a preset, a config, or a checkpoint (its twin)."""
-    if isinstance(spec, (T5Config, EsmConfig)):
+    if isinstance(spec, (T5Config, EsmConfig, GPT2Config)):
         config, name, stored_encoder_only = spec, "config", False
     else:
         config, stored_encoder_only = read_config(spec, revision)
@@ -285,6 +316,13 @@ def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) ->
         if config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"{name}: vocab_size {config.vocab_size} is smaller than ESM's {tokenizer.vocab_size}-token "
                               "alphabet, which a random-init ESM model uses")
+        model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
+        return Pretrained(model, tokenizer, config, f"random-init {name} seed={seed}")
+    if isinstance(config, GPT2Config):  # a residue-level BPE (no merges) inside the model's vocabulary
+        tokenizer = residue_bpe_tokenizer()
+        if config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"{name}: vocab_size {config.vocab_size} is smaller than the {tokenizer.vocab_size} "
+                              "tokens a random-init GPT-2 uses (<|endoftext|>, line break, residues)")
         model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
         return Pretrained(model, tokenizer, config, f"random-init {name} seed={seed}")
     if config.vocab_size < 256:
@@ -307,7 +345,8 @@ def build_model(config: ModelConfig, *, encoder_only: bool = False, state: dict[
     all come through here, so tying and the leftover-meta check live in one place.
     """
     with torch.device("meta"):
-        model = (ESM if isinstance(config, EsmConfig) else T5)(config, encoder_only=encoder_only, **parts)
+        family = ESM if isinstance(config, EsmConfig) else GPT2 if isinstance(config, GPT2Config) else T5
+        model = family(config, encoder_only=encoder_only, **parts)
     if state is None:
         materialize(model, device, seed)
     else:
@@ -392,6 +431,8 @@ def _retie(model: Model) -> None:
         return
     if isinstance(model, ESM):
         model.lm_head.decoder.weight = model.esm.embeddings.word_embeddings.weight
+    elif isinstance(model, GPT2):
+        model.lm_head.weight = model.transformer.wte.weight
     else:
         model.lm_head.weight = model.shared.weight
 
@@ -425,7 +466,8 @@ def _assign(model: Model, state: dict[str, torch.Tensor], source: str) -> None:
     missing = [k for k in expected if k not in state]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {_names(missing)}")
-    embedding = "esm.embeddings.word_embeddings.weight" if isinstance(model, ESM) else "shared.weight"
+    embedding = ("esm.embeddings.word_embeddings.weight" if isinstance(model, ESM)
+                 else "transformer.wte.weight" if isinstance(model, GPT2) else "shared.weight")
     vocab_rows = state[embedding].shape[0]
     if vocab_rows != model.config.vocab_size:
         raise CheckpointError(
@@ -473,7 +515,8 @@ def save_pretrained(model: Model, directory: str | os.PathLike, tokenizer: Token
     """Write ``config.json``, ``model.safetensors`` and the vocabulary in the Hugging Face layout.
 
     ``transformers.T5ForConditionalGeneration`` (or ``T5EncoderModel`` for an encoder-only model), or
-    ``EsmForMaskedLM`` (``EsmModel`` without the LM head), loads the result with no missing or unexpected keys.
+    ``EsmForMaskedLM`` (``EsmModel`` without the LM head), or ``GPT2LMHeadModel`` (``GPT2Model``), loads the
+    result with no missing or unexpected keys.
     Each file is written atomically.
     """
     from safetensors.torch import save_file
@@ -492,6 +535,9 @@ def save_pretrained(model: Model, directory: str | os.PathLike, tokenizer: Token
                 state[f"esm.encoder.layer.{i}.attention.self.rotary_embeddings.inv_freq"] = rot.inv_freq.detach().cpu().clone()
         if model.lm_head is None:  # EsmModel: its keys carry no "esm." prefix
             state = {k.removeprefix("esm."): v for k, v in state.items()}
+    elif isinstance(model, GPT2):
+        if model.lm_head is None:  # GPT2Model: its keys carry no "transformer." prefix
+            state = {k.removeprefix("transformer."): v for k, v in state.items()}
     elif model.lm_head is not None and model.config.tie_word_embeddings and not model.config.rescale_head:
         state["lm_head.weight"] = state["shared.weight"].clone()  # written as untied: see T5Config.to_hf_dict
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:

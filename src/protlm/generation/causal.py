@@ -1,0 +1,165 @@
+"""Generation and scoring with causal LMs (GPT-2 / ProtGPT2: ``model.kind == "causal-lm"``).
+
+Input follows ProtGPT2's convention (:mod:`protlm.tokenizer.bpe`): ``<|endoftext|>``, a line break, residues in
+lines of 60. A prompt is that text left open; the model continues it token by token (a token holds one or
+several residues, or a line break) until it writes ``<|endoftext|>`` or reaches ``max_new_tokens`` (tokens, not
+residues, as in transformers' ``generate``).
+
+- Sampling: repetition penalty (CTRL's, as transformers applies it: a logit of a token already in the row's
+  prompt or output is divided by the penalty when positive, multiplied when negative), then temperature, top-k
+  and top-p (:func:`protlm.generation.decoding.filter_logits`), then a draw from each row's own generator, so a
+  row's sample depends on (seed, prompt index, sample index) and not on the batch.
+- Only tokens made of residues, line breaks and ``<|endoftext|>`` may be emitted (``restrict``).
+- Prompts are left-padded into one batch; positions count real tokens, so padding changes nothing. Rows that
+  finish leave the batch and the key/value cache.
+
+Scores: the log-likelihood of a protein is the sum of log p(token | tokens before it) over every token after the
+opening ``<|endoftext|>``, the closing one included (the model's probability of writing exactly this protein
+and ending it). A variant's score is log-likelihood(mutant) - log-likelihood(wild type). A protein whose tokens
+exceed the model's ``n_positions`` is refused with the limit named: windows would score a different quantity.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from protlm.errors import InputError
+from protlm.generation.decoding import NEG_INF, Decoded, Sampling, choose, row_generators
+from protlm.generation.tokens import model_device
+
+
+def is_causal_lm(model) -> bool:
+    return getattr(model, "kind", None) == "causal-lm"
+
+
+def allowed_tokens(tokenizer, vocab_size: int, device) -> Tensor:
+    """(V,) bool: residue tokens, line-break tokens and <|endoftext|>."""
+    mask = torch.zeros(vocab_size, dtype=torch.bool)
+    mask[torch.as_tensor(tokenizer.residue_token_ids)] = True
+    mask[torch.as_tensor(tokenizer.newline_token_ids)] = True
+    mask[tokenizer.eos_id] = True
+    return mask.to(device)
+
+
+def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
+    """CTRL's penalty on the tokens of ``seen`` (B, V bool)."""
+    if penalty == 1.0:
+        return logits
+    penalised = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalised, logits)
+
+
+@torch.inference_mode()
+def decode_causal(model, prompts: list[list[int]], max_new: list[int], sampling: Sampling, eos_id: int,
+                  allowed: Tensor | None = None, generators: list[torch.Generator] | None = None,
+                  repetition_penalty: float = 1.0, stop_at_eos: bool = True, min_new: int = 0,
+                  use_cache: bool = True) -> list[Decoded]:
+    """Continue each prompt (token ids); ``Decoded.ids`` excludes the prompt and the final <|endoftext|>."""
+    device = model_device(model)
+    n, width = len(prompts), max(len(p) for p in prompts)
+    limit = model.config.n_positions
+    for i, p in enumerate(prompts):
+        if len(p) + max_new[i] > limit:
+            raise InputError(f"prompt {i + 1}: {len(p)} tokens plus {max_new[i]} new ones exceed the model's "
+                             f"{limit} positions (n_positions); lower max_new_tokens or shorten the prompt")
+    ids = torch.full((n, width), eos_id, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    for i, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+        ids[i, width - len(p):] = torch.as_tensor(p)
+        mask[i, width - len(p):] = 1
+    ids, mask = ids.to(device), mask.to(device)
+    vocab = model.config.vocab_size
+    seen = torch.zeros((n, vocab), dtype=torch.bool, device=device)
+    seen.scatter_(1, ids, mask.bool())
+    live = torch.arange(n, device=device)
+    limits = torch.as_tensor(max_new, device=device)
+    gens = list(generators) if generators is not None else None
+    no_eos = allowed.clone() if allowed is not None else torch.ones(vocab, dtype=torch.bool, device=device)
+    no_eos[eos_id] = False
+    steps = int(max(max_new))
+    tokens = torch.full((n, steps), -1, dtype=torch.long, device=device)
+    log_prob = torch.zeros(n, dtype=torch.float64, device=device)
+    cache = model.new_cache() if use_cache else None
+    step_in, history = ids, ids
+    for step in range(steps):
+        out = model.encode(step_in if use_cache else history, mask, cache=cache)
+        logits = model.lm_logits(out.last_hidden_state[:, -1]).float()
+        full = logits.log_softmax(-1)
+        scored = apply_repetition_penalty(logits, seen, repetition_penalty)
+        allow = no_eos if step < min_new else allowed
+        if allow is not None:
+            scored = scored.masked_fill(~allow, NEG_INF)
+        nxt = choose(scored, sampling, gens)
+        tokens[live, step] = nxt
+        log_prob[live] += full.gather(1, nxt[:, None])[:, 0].double()
+        seen[torch.arange(len(live), device=device), nxt] = True
+        done = ((limits[live] <= step + 1) | ((nxt == eos_id) if stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool))).tolist()
+        if all(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        history = torch.cat([history, nxt[:, None]], dim=1)
+        step_in = nxt[:, None]
+        if any(done):
+            keep = torch.as_tensor([i for i, d in enumerate(done) if not d], device=device)
+            live, step_in, mask, seen, history = live[keep], step_in[keep], mask[keep], seen[keep], history[keep]
+            if cache is not None:
+                cache.reorder(keep)
+            if gens is not None:
+                gens = [gens[i] for i in keep.tolist()]
+    results = []
+    for row, lp in zip(tokens.tolist(), log_prob.tolist()):
+        got = [t for t in row if t >= 0]
+        ended = stop_at_eos and bool(got) and got[-1] == eos_id
+        results.append(Decoded(got[:-1] if ended else got, lp, "eos" if ended else "length"))
+    return results
+
+
+def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, greedy: bool = False,
+                    temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                    seed: int = 0, restrict: bool = True, stop_at_eos: bool = True) -> list[list[int]]:
+    """New token ids for each residue prompt (a small library entry point; ``protlm generate`` goes through
+    :func:`protlm.generation.generate`)."""
+    rows = [tokenizer.encode(p, add_eos=False, record=f"prompt {i + 1}") for i, p in enumerate(prompts)]
+    sampling = Sampling(greedy=greedy, temperature=temperature, top_k=top_k, top_p=top_p)
+    gens = None if greedy else row_generators(seed, [(i, 0) for i in range(len(rows))])
+    allowed = allowed_tokens(tokenizer, model.config.vocab_size, model_device(model)) if restrict else None
+    decoded = decode_causal(model, rows, [max_new_tokens] * len(rows), sampling, tokenizer.eos_id, allowed, gens,
+                            repetition_penalty, stop_at_eos)
+    return [d.ids for d in decoded]
+
+
+# --- scores --------------------------------------------------------------------------------------------------
+@torch.inference_mode()
+def log_likelihoods(pre, sequences: list[str], records: list[str] | None = None,
+                    token_budget: int = 16384) -> np.ndarray:
+    """log p(protein) under a causal LM for each sequence (see the module docstring), float64."""
+    model, tok = pre.model, pre.tokenizer
+    device = model_device(model)
+    limit = model.config.n_positions
+    rows = []
+    for i, seq in enumerate(sequences):
+        rid = records[i] if records else f"<sequence {i}>"
+        ids = tok.encode(seq.strip(), record=rid)
+        if len(ids) > limit:
+            raise InputError(f"{rid}: {len(seq.strip())} residues make {len(ids)} tokens, above the model's {limit} "
+                             "positions (n_positions); a causal LM's likelihood is not windowed")
+        rows.append(ids)
+    out = np.zeros(len(rows), dtype=np.float64)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
+    start = 0
+    while start < len(order):
+        per = max(1, token_budget // len(rows[order[start]]))
+        chunk = order[start:start + per]
+        while len(chunk) > 1 and len(chunk) * len(rows[chunk[-1]]) > token_budget:
+            chunk = chunk[:-1]
+        batch = tok.pad([rows[r] for r in chunk])
+        ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
+        logp = model(ids, mask).float().log_softmax(-1)[:, :-1]  # predicts tokens 1..L-1
+        target = ids[:, 1:]
+        picked = logp.gather(-1, target[..., None])[..., 0] * mask[:, 1:]
+        for r, v in zip(chunk, picked.double().sum(-1).tolist()):
+            out[r] = v
+        start += len(chunk)
+    return out
