@@ -243,3 +243,33 @@ def test_bad_input_is_one_line(tmp_path, checkpoint):
     (empty / "config.json").write_text(json.dumps({"model_type": "gpt2", **dataclasses.asdict(tiny())}))
     with pytest.raises(CheckpointError, match="no tokenizer.json"):
         load(empty)
+
+
+# --- workflows -------------------------------------------------------------------------------------------------
+def test_embed_gives_each_residue_its_tokens_vector_and_means_over_residues(checkpoint):
+    from protlm.embedding.run import embed
+
+    pre = load(checkpoint[0])
+    seqs = {"a": CORPUS[1][:75], "b": "GSLEV"}
+    per_res = embed(pre, seqs, per_residue=True, dtype="fp32")
+    per_prot = embed(pre, seqs, dtype="fp32")
+    for oid, seq in seqs.items():
+        ids, index = pre.tokenizer.encode_residues(pre.tokenizer.residue_array(seq))
+        with torch.no_grad():
+            h = pre.model.encode(torch.as_tensor(ids)[None]).last_hidden_state[0].numpy()
+        assert per_res[oid].shape == (len(seq), tiny().n_embd)
+        np.testing.assert_allclose(per_res[oid], h[index], atol=1e-5)
+        np.testing.assert_allclose(per_prot[oid], h[index].mean(0), atol=1e-5)
+    assert len(set(map(tuple, per_res["a"][:, :3].round(5)))) < 75  # tokens of several residues repeat rows
+
+
+def test_embed_windows_long_proteins_and_refuses_a_window_beyond_the_positions(checkpoint):
+    from protlm.embedding.run import embed
+
+    pre = load(checkpoint[0])
+    long = (CORPUS[0] * 2)[:150]  # > max_residues (91 for 97 positions)
+    assert len(long) > pre.model.max_residues
+    out = embed(pre, {"p": long}, per_residue=True, dtype="fp32")
+    assert out["p"].shape == (150, tiny().n_embd) and np.isfinite(out["p"]).all()
+    with pytest.raises(ConfigError, match=f"limit of {pre.model.max_residues} residues"):
+        embed(pre, {"p": long}, per_residue=True, dtype="fp32", window=pre.model.max_residues + 1)

@@ -3,7 +3,8 @@
 :class:`Embedder` owns the model for a run: it casts the weights to the compute dtype once (bf16 weights ran
 about 1.3x faster than bf16 autocast on our 2-core CPU, as measured for issue 4, and halve the memory), runs
 every batch under ``torch.inference_mode``, slices each row to its residues (``<cls>``, task token and end token
-dropped: one row per residue, whatever the family) and stitches windows of long proteins back together (see
+dropped: one row per residue, whatever the family; with a byte-level BPE (GPT-2 family), where a token holds
+several residues, each residue takes its token's row through the tokenizer's residue -> token map) and stitches windows of long proteins back together (see
 :mod:`protlm.embedding.batching` for the rule).
 
 The window follows the model: a family trained on crops of a fixed length (ESM-2: 1,022 residues, its
@@ -169,8 +170,13 @@ class Embedder:
 
     def _forward(self, units: list[Unit], sequences: list[np.ndarray]) -> list[np.ndarray]:
         n_pre = len(self.prefix_ids)
-        rows = [np.concatenate([self.prefix_ids, sequences[u.seq][u.start:u.end], [self.tokenizer.eos_id]]).astype(np.int64)
-                for u in units]
+        token_of = None  # per unit: the row position of each residue's token, when tokens span several residues
+        if getattr(self.tokenizer, "multi_residue_tokens", False):  # byte-level BPE (GPT-2 family)
+            encoded = self.tokenizer.encode_residue_batch([sequences[u.seq][u.start:u.end] for u in units])
+            rows, token_of = [ids for ids, _ in encoded], [index for _, index in encoded]
+        else:
+            rows = [np.concatenate([self.prefix_ids, sequences[u.seq][u.start:u.end], [self.tokenizer.eos_id]]).astype(np.int64)
+                    for u in units]
         batch = self.tokenizer.pad(rows)
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
@@ -192,6 +198,8 @@ class Embedder:
                    else "the checkpoint may be corrupt")
             )
         # copies, so that a buffered result does not keep the whole batch alive
+        if token_of is not None:  # each residue takes the vector of the token holding it
+            return [np.ascontiguousarray(stacked[:, i, token_of[i]]) for i in range(len(units))]
         return [np.ascontiguousarray(stacked[:, i, n_pre:n_pre + u.length]) for i, u in enumerate(units)]
 
     def _encode(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[int, torch.Tensor]:

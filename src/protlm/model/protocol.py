@@ -3,19 +3,23 @@
 A family is one file in :mod:`protlm.model` (``t5.py``, ``esm.py``). Its model exposes:
 
 - ``config``: its typed config (``protlm_family`` names the published family);
-- ``kind``: ``"encoder-decoder"`` (T5: outputs come from a decoder that attends to the encoder) or
-  ``"masked-lm"`` (ESM-2, DPLM: outputs come from an LM head on the encoder's own positions);
+- ``kind``: ``"encoder-decoder"`` (T5: outputs come from a decoder that attends to the encoder),
+  ``"masked-lm"`` (ESM-2, DPLM: outputs come from an LM head on the encoder's own positions) or
+  ``"causal-lm"`` (GPT-2, ProtGPT2: one causal stack, exposed as ``encoder``, whose LM head predicts the next
+  token);
 - ``encoder``: a stack (below); ``decoder``: a stack or None; ``encoder_only``;
 - ``max_residues``: the longest protein one window may hold (None: no trained limit);
 - for ``masked-lm``: ``mlm_logits(h)`` maps the final representation (after the final norm) to vocabulary logits;
-  for ``encoder-decoder``: ``decode(...)`` and ``lm_logits(h)``.
+  for ``encoder-decoder``: ``decode(...)`` and ``lm_logits(h)``; for ``causal-lm``: ``lm_logits(h)`` (next-token
+  logits), ``new_cache()`` and ``encode(ids, mask, cache=)`` for incremental decoding.
 
 A stack is run whole (``stack(input_ids, attention_mask, output_layers=...)`` -> :class:`StackOutput`) or block by
 block (:class:`protlm.analysis.blocks.StackRunner`) through these parts:
 
 - ``embed(input_ids, attention_mask)``: the stream entering block 1 (h[0]);
 - ``self_mask(attention_mask, q_len, k_len, offset, dtype)``: what every block of one batch needs (T5: position
-  bias plus padding as one additive mask; ESM: the padding mask and the rotary tables), built once per batch;
+  bias plus padding as one additive mask; ESM: the padding mask and the rotary tables; GPT-2: causality plus
+  padding), built once per batch;
 - ``block``: the list of blocks; ``block[i](h, self_mask, enc, cross_mask, cache, return_updates=)`` ->
   :class:`BlockOutput`;
 - ``final_layer_norm(h)``: the norm the last block's output goes through;
