@@ -199,3 +199,37 @@ def test_same_split_and_seed_as_evaluate_gives_the_same_metric(tmp_path):
     other = run_train_head(read_labels(FLIP_LABELS, **FLIP), src, str(tmp_path / "th2"), classes=["H", "E", "C"],
                            seeds=[5], settings=settings, progress=False, log=lambda m: None)
     assert other["per_seed"][0]["valid"] != th["per_seed"][0]["valid"] or other["results"][0]["values"][0] != ev_acc
+
+
+@pytest.mark.slow
+def test_per_residue_end_to_end_keeps_every_seed(tmp_path):
+    out = str(tmp_path / "out")
+    code = main(["train-head", "debug", "--random-init", FLIP_LABELS, "--sequences", FLIP["sequences"], "--mask",
+                 FLIP["mask"], "-o", out, "--task", "SSP-3", "--seeds", "7,0", "--keep-heads", "all", "--class-weights",
+                 "--cache-dir", str(tmp_path / "c"), *QUICK])
+    assert code == 0
+    res = json.load(open(os.path.join(out, "results.json")))
+    assert res["kind"] == "residue_classification" and res["classes"] == ["C", "E", "H"]
+    assert res["proteins"] == {"train": 40, "valid": 10, "test": 10}
+    (r,) = res["results"]
+    assert r["ci95"][0] <= r["mean"] <= r["ci95"][1] and r["ci95"][0] < r["ci95"][1]
+    for seed, value in zip((7, 0), r["values"]):
+        b = load_bundle(os.path.join(out, "heads", "SSP-3", f"seed{seed}"))
+        assert b.meta.seed == seed and b.meta.head_type == "convbert"
+        assert b.meta.metrics["test"]["accuracy"] == pytest.approx(value)
+
+
+def test_early_stopping_stops_when_validation_does_not_improve(tmp_path):
+    """With a learning rate too small to change any prediction, validation never beats epoch 1: patience 2 stops
+    after epoch 3 of 10, while without patience all 10 run."""
+    labels = read_labels(_write(tmp_path / "p.csv", "id,sequence,label\n" + "\n".join(
+        f"{rid},{seq},{loc}" for rid, seq, loc in _deeploc_rows(12)) + "\n"), "protein")
+    src = ModelSource("debug", random_init_of="debug", cache_dir=str(tmp_path / "c"), threads=1)
+    settings = override(TrainHeadSettings(), {"training.epochs": 10, "training.lr": 1e-12, "training.warmup_steps": 0,
+                                              "training.precision": "fp32"})
+    kw = dict(head="linear", classes=sorted({r[2] for r in _deeploc_rows(12)}), settings=settings, progress=False,
+              log=lambda m: None)
+    stopped = run_train_head(labels, src, str(tmp_path / "a"), patience=2, **kw)
+    full = run_train_head(labels, src, str(tmp_path / "b"), **kw)
+    assert stopped["per_seed"][0]["epochs_run"] == 3 and full["per_seed"][0]["epochs_run"] == 10
+    assert stopped["per_seed"][0]["best_epoch"] == 1

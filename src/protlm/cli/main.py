@@ -10,7 +10,8 @@ from protlm import __version__
 from protlm.cli.allocator import restart_with_allocator
 from protlm.errors import ProtlmError
 
-# Sub-command modules under protlm.cli; each defines add_parser(subparsers) and run(args) -> int | None.
+# Sub-commands; each is the module protlm.cli.<name with - as _>, which defines add_parser(subparsers) and
+# run(args) -> int | None.
 COMMANDS = [
     "info",
     "pretrain",
@@ -18,7 +19,7 @@ COMMANDS = [
     "project", "transfer",
     "generate", "infill", "score",
     "analyze",
-    "data", "evaluate", "train_head", "predict",
+    "data", "evaluate", "train-head", "predict",
     "demo",
     "ablate",
 ]
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"protlm {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        importlib.import_module(f"protlm.cli.{name}").add_parser(sub)
+        importlib.import_module(f"protlm.cli.{name.replace('-', '_')}").add_parser(sub)
     return parser
 
 
