@@ -229,7 +229,8 @@ def test_a_failing_unit_process_is_a_clear_error_and_keeps_finished_units(tmp_pa
     with pytest.raises(ProtlmError, match=r"GB1 \| seed (7|0): the unit process ended with exit code 1"):
         run_suite(load_suite(suite_file), [OneHotSource()], out, quick=True, tasks=["SSP-3", "GB1"],
                   progress=False, log=lambda s: None, jobs=2)
-    assert sorted(os.listdir(os.path.join(out, "units", "one-hot", "SSP-3"))) == ["seed0.json", "seed7.json"]
+    assert sorted(os.listdir(os.path.join(out, "units", "one-hot", "SSP-3"))) == [
+        "seed0.head", "seed0.json", "seed7.head", "seed7.json"]  # each finished unit with its head bundle
 
 
 def test_unit_cost_counts_residues_attention_and_folds():

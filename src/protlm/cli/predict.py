@@ -22,8 +22,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="apply trained head bundles (protlm evaluate / train-head) to new proteins",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="MODEL FASTA",
-                   help="the model the heads were trained on (checkpoint directory or Hub id; none with "
-                        "--embeddings), then the FASTA/CSV of proteins")
+                   help="the model the heads were trained on (checkpoint directory or Hub id; 'one-hot' for "
+                        "one-hot heads; none with --embeddings), then the FASTA/CSV of proteins")
     p.add_argument("--heads", nargs="+", required=True, metavar="DIR",
                    help="head bundle directories (head.json + head.safetensors), or folders of them")
     p.add_argument("-o", "--output", help="TSV of predictions (default: standard output; with a file, resumable)")
@@ -80,9 +80,12 @@ def run(args: argparse.Namespace) -> int:
     if args.embeddings:
         records, read = P.stored_features(args.embeddings, records, bundles, args.allow_missing)
         predictor = P.Predictor(bundles, None, device=device)
+    elif model == P.ONE_HOT:  # one-hot heads read the sequences only
+        predictor = P.Predictor(bundles, None, device=device)
     else:
         from protlm.cli.common import load_model
 
+        P.check_backbone(bundles, P.backbone_of_spec(model, args.random_init, args.init_seed))
         dtype = args.dtype or P.shared_setting(bundles, "embed_dtype") or "auto"
         pre = load_model(model, random_init=args.random_init, dtype=dtype, device=device, encoder_only=True,
                          seed=args.init_seed)
@@ -95,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     out = None
     if args.output:
         out = PartialOutput(args.output, [
-            P.backbone_of(pre) if pre is not None else os.path.abspath(args.embeddings),
+            P.backbone_of(pre) if pre is not None else os.path.abspath(args.embeddings or model),
             [(os.path.abspath(b.path), b.meta.to_dict(), _stamp(os.path.join(b.path, "head.safetensors"))) for b in bundles],
             args.dtype, args.window, args.overlap, records, args.h5 and os.path.abspath(args.h5)])
         if out.done:

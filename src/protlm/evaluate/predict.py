@@ -86,13 +86,23 @@ def head_names(bundles: list[HeadBundle]) -> list[str]:
 
 def backbone_of(pre) -> dict[str, Any]:
     """The identity of a loaded model, as a bundle's ``backbone`` records it."""
-    source = str(pre.source)
-    ident: dict[str, Any] = {"model": model_name(source), "random_init": False}
+    return {**_named(str(pre.source)), "config_hash": config_hash(pre.config)}
+
+
+def _named(source: str) -> dict[str, Any]:
+    """Identity from a model's source string (``Pretrained.source``, an embeddings file's ``model``)."""
     if source.startswith("random-init "):  # "random-init <spec> seed=<n>"
         spec, _, seed = source[len("random-init "):].rpartition(" seed=")
-        ident = {"model": model_name(spec), "random_init": True, "init_seed": int(seed)}
-    ident["config_hash"] = config_hash(pre.config)
-    return ident
+        return {"model": model_name(spec), "random_init": True, "init_seed": int(seed)}
+    return {"model": model_name(source), "random_init": False}
+
+
+def backbone_of_spec(spec: str, random_init: bool = False, seed: int = 0) -> dict[str, Any]:
+    """The identity of a model argument, from its config alone (checked before the weights are loaded)."""
+    from protlm.convert import read_config
+
+    return {"model": model_name(spec), "random_init": random_init, "init_seed": seed if random_init else None,
+            "config_hash": config_hash(read_config(spec)[0])}
 
 
 def describe_backbone(b: dict[str, Any]) -> str:
@@ -104,19 +114,23 @@ def describe_backbone(b: dict[str, Any]) -> str:
     return text
 
 
-def check_backbone(bundles: list[HeadBundle], pre) -> None:
-    """Every head that reads model embeddings must have been trained on ``pre``: same model, same config."""
-    mine = backbone_of(pre)
+def check_backbone(bundles: list[HeadBundle], mine: dict[str, Any]) -> None:
+    """Every head that reads model embeddings must have been trained on the model ``mine`` identifies
+    (:func:`backbone_of`): same model, same config, and for a random-init twin the same seed."""
     for b in bundles:
         theirs = b.meta.backbone
-        if theirs.get("model") == ONE_HOT:
-            continue
-        same = (theirs.get("model") == mine["model"] and bool(theirs.get("random_init")) == mine["random_init"]
-                and (not mine["random_init"] or theirs.get("init_seed") == mine.get("init_seed"))
-                and theirs.get("config_hash") in (None, mine["config_hash"]))
-        if not same:
+        if theirs.get("model") != ONE_HOT and not same_backbone(theirs, mine):
             raise CheckpointError(f"{b.path}: head {b.meta.task!r} was trained on {describe_backbone(theirs)}, "
                                   f"but MODEL is {describe_backbone(mine)}; give the model the head was trained on")
+
+
+def same_backbone(theirs: dict[str, Any], mine: dict[str, Any]) -> bool:
+    """Same model name, same random-init seed if any, and the same config where both sides know it."""
+    def name(b: dict[str, Any]) -> tuple:
+        return b.get("model"), bool(b.get("random_init")), b.get("init_seed") if b.get("random_init") else None
+
+    hashes = theirs.get("config_hash"), mine.get("config_hash")
+    return name(theirs) == name(mine) and (None in hashes or hashes[0] == hashes[1])
 
 
 def shared_setting(bundles: list[HeadBundle], field: str) -> Any:
@@ -151,7 +165,7 @@ class Predictor:
         if pretrained is not None and self.model_heads:
             from protlm.embedding.run import EmbedOptions, _Run, embed_precision
 
-            check_backbone(self.model_heads, pretrained)
+            check_backbone(self.model_heads, backbone_of(pretrained))
             prefix = shared_setting(self.model_heads, "prefix")
             dtype = embed.pop("dtype", None) or shared_setting(self.model_heads, "embed_dtype") or "auto"
             opts = EmbedOptions(layers=self.layers, prefix=prefix, dtype=dtype,
@@ -220,6 +234,9 @@ def _crop(length: int, max_length: int | None) -> np.ndarray | None:
 def _output(meta, logits: torch.Tensor) -> HeadOutput:
     if meta.kind == "protein_regression":
         return HeadOutput(float(logits) * meta.target_scale + meta.target_shift, None)
+    if meta.kind == "protein_multilabel":  # independent classes: each one present above probability 1/2
+        probs = torch.sigmoid(logits).numpy().astype(np.float32)
+        return HeadOutput(",".join(c for c, p in zip(meta.classes, probs) if p > 0.5), probs)
     probs = torch.softmax(logits, dim=-1).numpy().astype(np.float32)
     best = probs.argmax(-1)
     if meta.kind == "residue_classification":
@@ -256,10 +273,10 @@ def stored_features(path: str, records: list[tuple[str, str]] | None, bundles: l
     if kind not in (None, "per_residue"):
         raise InputError(f"{path}: holds {kind} embeddings; heads need per-residue ones (protlm embed --per-residue)")
     for b in model_heads:
-        theirs = b.meta.backbone.get("model")
-        if attrs.get("model") is not None and theirs is not None and str(attrs["model"]) != str(theirs):
-            raise CheckpointError(f"{b.path}: head {b.meta.task!r} was trained on {theirs}, but {path} holds "
-                                  f"embeddings of {attrs['model']}")
+        theirs = b.meta.backbone
+        if attrs.get("model") is not None and not same_backbone(theirs, _named(str(attrs["model"]))):
+            raise CheckpointError(f"{b.path}: head {b.meta.task!r} was trained on {describe_backbone(theirs)}, but "
+                                  f"{path} holds embeddings of {describe_backbone(_named(str(attrs['model'])))}")
         if stored_layers is not None and b.meta.layer not in stored_layers:
             raise InputError(f"{path}: head {b.meta.task!r} reads layer {b.meta.layer}, the file holds layers "
                              f"{stored_layers}")
