@@ -273,3 +273,81 @@ def test_embed_windows_long_proteins_and_refuses_a_window_beyond_the_positions(c
     assert out["p"].shape == (150, tiny().n_embd) and np.isfinite(out["p"]).all()
     with pytest.raises(ConfigError, match=f"limit of {pre.model.max_residues} residues"):
         embed(pre, {"p": long}, per_residue=True, dtype="fp32", window=pre.model.max_residues + 1)
+
+
+def test_scores_are_log_likelihoods_and_their_ratios(checkpoint):
+    from protlm.generation import pseudo_log_likelihood, score_variants
+
+    path, ref = checkpoint
+    pre = load(path)
+    wt = CORPUS[2][:40]
+    seqs = [wt, "GSLEV", CORPUS[0][:70]]
+    ll = pseudo_log_likelihood(pre, seqs, token_budget=64)  # small budget: several batches
+    for seq, got in zip(seqs, ll):  # transformers' own numbers, one sequence at a time
+        ids = torch.tensor([pre.tokenizer.encode(seq)])
+        with torch.no_grad():
+            logp = ref(input_ids=ids).logits[0, :-1].log_softmax(-1)
+        assert abs(got - logp.gather(1, ids[0, 1:, None]).sum().item()) < 1e-4
+    assert wt.startswith("MAL")
+    scores = score_variants(pre, wt, ["M1A", "M1A:L3W", "WT"])
+    mutant = "A" + wt[1:]
+    assert scores[0] == pytest.approx(pseudo_log_likelihood(pre, [mutant])[0] - ll[0], abs=1e-9)
+    assert scores[2] == 0.0
+    with pytest.raises(ConfigError, match="does not apply to causal-lm"):
+        score_variants(pre, wt, ["M1A"], strategy="masked-marginal")
+    with pytest.raises(InputError, match="above the model's 97 positions"):
+        pseudo_log_likelihood(pre, [CORPUS[0] * 2])
+
+
+@pytest.mark.slow
+def test_cli_score_embed_and_generate_end_to_end(tmp_path, checkpoint):
+    from protlm.cli.main import main
+
+    path = str(checkpoint[0])
+    fasta = tmp_path / "in.fasta"
+    fasta.write_text(">a\n" + CORPUS[1][:70] + "\n>b\nGSLEV\n")
+    assert main(["score", path, "--pll", "--input", str(fasta), "-o", str(tmp_path / "pll.csv")]) == 0
+    rows = (tmp_path / "pll.csv").read_text().splitlines()
+    assert rows[0] == "id,length,pll,pll_per_residue" and len(rows) == 3
+    variants = tmp_path / "v.csv"
+    variants.write_text("mutant\nM1A\nS2G\n")
+    assert main(["score", path, "--wildtype", CORPUS[1][:50], "--variants", str(variants),
+                 "-o", str(tmp_path / "v_out.csv")]) == 0
+    assert json.loads((tmp_path / "v_out.csv.json").read_text())["method"] == "llr"
+    out = tmp_path / "gen.fasta"
+    assert main(["generate", path, "--prefix", "MKT", "--num", "2", "--max-new-tokens", "8", "--top-k", "20",
+                 "--top-p", "0.9", "--temperature", "0.8", "--repetition-penalty", "1.2", "-o", str(out)]) == 0
+    text = out.read_text()
+    assert text.count(">") == 2 and "repetition_penalty=1.2" in text
+    for line in text.splitlines():
+        if not line.startswith(">"):
+            assert set(line) <= set("LAGSVERTIDPKNFQYHMCWXUZOB")
+    assert main(["embed", path, str(fasta), "--per-protein", str(tmp_path / "e.h5"), "--no-progress"]) == 0
+    import h5py
+
+    with h5py.File(tmp_path / "e.h5") as fh:
+        assert fh.attrs["model_type"] == "gpt2" and len(fh) == 2
+
+
+def test_sampling_pieces_match_transformers_and_the_cache_changes_nothing(checkpoint):
+    from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+    from protlm.generation import generate
+    from protlm.generation.causal import apply_repetition_penalty
+
+    g = torch.Generator().manual_seed(0)
+    logits, ids = torch.randn(3, 61, generator=g), torch.randint(0, 61, (3, 9), generator=g)
+    seen = torch.zeros(3, 61, dtype=torch.bool).scatter_(1, ids, True)
+    expected = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
+    assert torch.equal(apply_repetition_penalty(logits, seen, 1.3), expected)
+
+    pre = load(checkpoint[0])
+    opts = dict(num_return=3, max_new_tokens=10, top_k=15, top_p=0.9, temperature=0.9, repetition_penalty=1.2, seed=4)
+    cached = generate(pre, ["MKT", "GSLEVQ"], **opts)
+    uncached = generate(pre, ["MKT", "GSLEVQ"], use_cache=False, batch_size=2, **opts)
+    assert [c.continuation for c in cached] == [c.continuation for c in uncached]
+    assert len({c.continuation for c in cached}) > 1  # samples differ
+    for c in cached:
+        assert set(c.continuation) <= set("LAGSVERTIDPKNFQYHMCW")
+    with pytest.raises(ConfigError, match="beam search is not implemented for causal LMs"):
+        generate(pre, ["MKT"], strategy="beam", num_beams=2)

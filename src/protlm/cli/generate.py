@@ -10,10 +10,11 @@ from protlm.errors import ConfigError, InputError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="complete protein prefixes (Ankh3 [S2S] task)",
-                       description="Complete each prefix with the decoder (encoder input: [S2S] + prefix + </s>). "
-                                   "Only residues are generated; </s> ends a sequence. Output is FASTA with the "
-                                   "settings in each header.")
+    p = sub.add_parser("generate", help="complete protein prefixes (Ankh3 [S2S] task, or a causal LM)",
+                       description="Complete each prefix with the decoder (encoder input: [S2S] + prefix + </s>), "
+                                   "or, for a causal LM such as ProtGPT2, by continuing '<|endoftext|>\\n' + prefix "
+                                   "(--max-new-tokens then counts BPE tokens). Only residues are generated; </s> "
+                                   "(<|endoftext|>) ends a sequence. Output is FASTA with the settings in each header.")
     add_model_args(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prefix", action="append", help="a prefix sequence (repeat for several)")
@@ -31,6 +32,9 @@ def add_parser(sub) -> None:
     p.add_argument("--temperature", type=float, help="sampling temperature (default 1.0)")
     p.add_argument("--top-k", type=int, help="sample from the k most likely residues (default: all)")
     p.add_argument("--top-p", type=float, help="nucleus sampling threshold (default 1.0 = off)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="causal LMs (ProtGPT2): divide the logits of tokens already present by this (default 1.0 "
+                        "= off; ProtGPT2's card uses 1.2)")
     p.add_argument("--beams", type=int, help="beam search with this many beams (returns the --num best)")
     p.add_argument("--length-penalty", type=float, default=1.0, help="beam score = log p / length**this (default 1)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -63,6 +67,7 @@ def build_config(args: argparse.Namespace):
         strategy=strategy, num_return=args.num, max_new_tokens=args.max_new_tokens, length_ratio=args.length_ratio,
         min_new_tokens=args.min_new_tokens,
         num_beams=args.beams or 1, length_penalty=args.length_penalty, seed=args.seed, batch_size=args.batch_size,
+        repetition_penalty=args.repetition_penalty,
         residues=args.residues, use_cache=not args.no_cache, **sampling_opts, **extra,
     )
 

@@ -35,11 +35,13 @@ def add_parser(sub) -> None:
     p.add_argument("--where", action="append", default=[], metavar="COL=VALUE",
                    help="keep only rows where COL equals VALUE (repeatable), e.g. set=test")
     p.add_argument("--target", help="numeric column to correlate with the scores (prints Spearman's rho)")
-    p.add_argument("--strategy", choices=["masked-marginal", "wt-marginal", "joint"], default="masked-marginal",
+    p.add_argument("--strategy", choices=["masked-marginal", "wt-marginal", "joint", "llr"], default=None,
                    help="masked-marginal: each position masked on its own, log p(mt) - log p(wt) summed over a "
-                        "variant's mutations (default); wt-marginal (masked-LM models): the same difference read "
-                        "from one pass on the unmasked wild type; joint (encoder-decoder models): all of a "
-                        "variant's positions masked together, decoded in order")
+                        "variant's mutations (default for masked-LM and encoder-decoder models); wt-marginal "
+                        "(masked-LM models): the same difference read from one pass on the unmasked wild type; "
+                        "joint (encoder-decoder models): all of a variant's positions masked together, decoded in "
+                        "order; llr (causal LMs such as ProtGPT2, their default): log-likelihood of the mutant "
+                        "minus that of the wild type")
     p.add_argument("--first-index", type=int, default=1, help="number of the first residue in the notation (default 1)")
     p.add_argument("--pll", action="store_true", help="score the sequences of --input by pseudo-log-likelihood")
     p.add_argument("--input", help="FASTA/CSV of sequences for --pll")
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         pre = load(args)
         scores = score_variants(pre, wildtype, variants, strategy=args.strategy, first_index=args.first_index,
                                 token_budget=args.token_budget)
-        method = args.strategy
+        method = args.strategy or ("llr" if pre.model.kind == "causal-lm" else "masked-marginal")
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow([*header, "mutations", "score"])
@@ -100,7 +102,7 @@ def run_pll(args: argparse.Namespace) -> int:
         raise InputError(f"{args.model} scores substitutions only; --pll needs a model")
     records = [(r.id, r.sequence) for r in read_sequences(args.input)]
     summary = {"model": args.model, "random_init": args.random_init, "method": "pseudo-log-likelihood",
-               "input": args.input, "n": len(records)}
+               "input": args.input, "n": len(records)}  # causal LMs: the exact log-likelihood (same columns)
     header = "id,length,pll,pll_per_residue\n"
     if not args.output:
         sys.stdout.write(header + _pll_rows(load(args), records, args.token_budget))
@@ -129,7 +131,8 @@ def _pll_rows(pre, records: list[tuple[str, str]], token_budget: int) -> str:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     for (rid, seq), lp in zip(records, per_pos):
-        w.writerow([rid, len(seq), f"{lp.sum():.6g}", f"{lp.mean():.6g}"])
+        # per residue: causal LMs give one entry per token, so divide by the residues, not the entries
+        w.writerow([rid, len(seq), f"{lp.sum():.6g}", f"{lp.sum() / len(seq):.6g}"])
     return buf.getvalue()
 
 

@@ -130,11 +130,53 @@ def generate_tokens(model, tokenizer, prompts: list[str], max_new_tokens: int, g
     return [d.ids for d in decoded]
 
 
+def complete(pre, records: list[tuple[str, str]], config, first_index: int = 0) -> list[tuple]:
+    """``protlm generate`` for a causal LM: (id, sample, prefix, continuation, log_prob, stop, None) per output,
+    in input order (the fields of :class:`protlm.generation.completion.Completion`)."""
+    from protlm.errors import ConfigError
+
+    if config.strategy == "beam":
+        raise ConfigError("beam search is not implemented for causal LMs (GPT-2, ProtGPT2); sample or use --greedy")
+    model, tok = pre.model, pre.tokenizer
+    device = model_device(model)
+    allowed = allowed_tokens(tok, model.config.vocab_size, device)
+    if config.residues == "standard":  # drop tokens holding X, U, Z, O or B
+        from protlm.tokenizer.vocab import STANDARD
+
+        standard = set(STANDARD)
+        for t, i in tok.vocab.items():
+            if i in set(tok.residue_token_ids.tolist()) and not set(t) <= standard:
+                allowed[i] = False
+    rows = []  # (record index, prompt ids, limit)
+    for i, (rid, seq) in enumerate(records):
+        if not isinstance(seq, str) or not seq.strip():
+            raise InputError(f"{rid}: empty prefix; completion needs at least one residue")
+        seq = seq.strip().upper()
+        ids = tok.encode(seq, add_eos=False, record=rid)
+        rows.append((i, ids, config.limit_for(len(seq))))
+    sampling = Sampling(greedy=config.strategy == "greedy", temperature=config.temperature, top_k=config.top_k,
+                        top_p=config.top_p)
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][1]))
+    expanded = [(rows[r], k) for r in order for k in range(config.num_return)]
+    out = {}
+    for start in range(0, len(expanded), config.batch_size):
+        chunk = expanded[start:start + config.batch_size]
+        gens = None if sampling.greedy else row_generators(config.seed, [(first_index + row[0], k) for row, k in chunk])
+        decoded = decode_causal(model, [row[1] for row, _ in chunk], [row[2] for row, _ in chunk], sampling,
+                                tok.eos_id, allowed, gens, config.repetition_penalty, True, config.min_new_tokens,
+                                config.use_cache)
+        for (row, k), d in zip(chunk, decoded):
+            rid, seq = records[row[0]]
+            out[(row[0], k)] = (rid, k, seq.strip().upper(), tok.decode(d.ids), d.log_prob, d.stop, None)
+    return [out[key] for key in sorted(out)]
+
+
 # --- scores --------------------------------------------------------------------------------------------------
 @torch.inference_mode()
-def log_likelihoods(pre, sequences: list[str], records: list[str] | None = None,
-                    token_budget: int = 16384) -> np.ndarray:
-    """log p(protein) under a causal LM for each sequence (see the module docstring), float64."""
+def token_log_probs(pre, sequences: list[str], records: list[str] | None = None,
+                    token_budget: int = 16384) -> list[np.ndarray]:
+    """Per sequence: log p(token | tokens before it) for every token after the opening <|endoftext|> (float64);
+    the sum is the protein's log-likelihood (see the module docstring)."""
     model, tok = pre.model, pre.tokenizer
     device = model_device(model)
     limit = model.config.n_positions
@@ -146,20 +188,25 @@ def log_likelihoods(pre, sequences: list[str], records: list[str] | None = None,
             raise InputError(f"{rid}: {len(seq.strip())} residues make {len(ids)} tokens, above the model's {limit} "
                              "positions (n_positions); a causal LM's likelihood is not windowed")
         rows.append(ids)
-    out = np.zeros(len(rows), dtype=np.float64)
+    out: list[np.ndarray] = [np.zeros(0)] * len(rows)
     order = sorted(range(len(rows)), key=lambda r: len(rows[r]))
     start = 0
     while start < len(order):
-        per = max(1, token_budget // len(rows[order[start]]))
-        chunk = order[start:start + per]
-        while len(chunk) > 1 and len(chunk) * len(rows[chunk[-1]]) > token_budget:
-            chunk = chunk[:-1]
+        end = start + 1  # rows are sorted by length, so a chunk's last row sets its padded width
+        while end < len(order) and (end + 1 - start) * len(rows[order[end]]) <= token_budget:
+            end += 1
+        chunk = order[start:end]
         batch = tok.pad([rows[r] for r in chunk])
         ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-        logp = model(ids, mask).float().log_softmax(-1)[:, :-1]  # predicts tokens 1..L-1
-        target = ids[:, 1:]
-        picked = logp.gather(-1, target[..., None])[..., 0] * mask[:, 1:]
-        for r, v in zip(chunk, picked.double().sum(-1).tolist()):
-            out[r] = v
+        logp = model(ids, mask).float().log_softmax(-1)[:, :-1]  # position t predicts token t + 1
+        picked = logp.gather(-1, ids[:, 1:, None])[..., 0].double().cpu().numpy()
+        for j, r in enumerate(chunk):
+            out[r] = picked[j, :len(rows[r]) - 1]
         start += len(chunk)
     return out
+
+
+def log_likelihoods(pre, sequences: list[str], records: list[str] | None = None,
+                    token_budget: int = 16384) -> np.ndarray:
+    """log p(protein) under a causal LM for each sequence, float64."""
+    return np.array([lp.sum() for lp in token_log_probs(pre, sequences, records, token_budget)], dtype=np.float64)

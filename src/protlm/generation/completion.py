@@ -34,6 +34,7 @@ class GenerationConfig:
     temperature: float = 1.0  # sampling only
     top_k: int = 0  # sampling only; 0 = off
     top_p: float = 1.0  # sampling only; 1.0 = off
+    repetition_penalty: float = 1.0  # causal LMs (sampling or greedy): CTRL's penalty on tokens already present
     num_beams: int = 4  # beam only
     length_penalty: float = 1.0  # beam only: score = log p / length**length_penalty
     seed: int = 0  # sampling only; outputs depend on (seed, input index, sample index), not on batching
@@ -66,6 +67,8 @@ class GenerationConfig:
             raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         if self.strategy == "greedy" and self.num_return > 1:
@@ -94,6 +97,8 @@ class GenerationConfig:
             parts += [f"beams={self.num_beams}", f"length_penalty={self.length_penalty:g}"]
         if self.min_new_tokens:
             parts.append(f"min_new_tokens={self.min_new_tokens}")
+        if self.repetition_penalty != 1.0:
+            parts.append(f"repetition_penalty={self.repetition_penalty:g}")
         if self.residues != "standard":
             parts.append(f"residues={self.residues}")
         return " ".join(parts)
@@ -144,7 +149,9 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, first_index:
     override fields of ``config`` (e.g. ``strategy="greedy"``, ``max_new_tokens=50``).
 
     The encoder gets ``[S2S]`` when the vocabulary has it (Ankh3) and no prefix otherwise; only models trained
-    with the completion task (Ankh3, protlm pretraining) give meaningful continuations.
+    with the completion task (Ankh3, protlm pretraining) give meaningful continuations. A causal LM (GPT-2,
+    ProtGPT2) continues the prefix itself (:mod:`protlm.generation.causal`); there ``max_new_tokens`` counts BPE
+    tokens, as in transformers' ``generate``.
 
     Sampled outputs depend on (seed, index of the prefix, sample index). ``first_index`` is the index of the
     first prefix here, so that a long input done in parts (``protlm generate`` resuming) samples exactly what
@@ -153,6 +160,12 @@ def generate(pre, prefixes, config: GenerationConfig | None = None, first_index:
     config = GenerationConfig(**{**(config.to_dict() if config else {}), **overrides})
     config.validate()
     model, tok = pre.model, pre.tokenizer
+    if getattr(model, "kind", None) == "causal-lm":  # GPT-2 / ProtGPT2: the prompt is continued directly
+        from protlm.generation.causal import complete
+
+        return [Completion(*c) for c in complete(pre, _as_records(prefixes), config, first_index)]
+    if config.repetition_penalty != 1.0:
+        raise ConfigError("repetition_penalty applies to causal LMs (GPT-2, ProtGPT2) only")
     require_decoder(model)
     records = _as_records(prefixes)
     if not records:

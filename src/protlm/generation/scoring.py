@@ -2,7 +2,9 @@
 
 Every function here takes any model of the protocol and branches on ``model.kind``: masked-LM models (ESM-2,
 DPLM) are scored by :mod:`protlm.generation.masked` (its docstring has their definitions, including
-``strategy="wt-marginal"`` and long sequences); the rest of this docstring is about encoder-decoder (T5) models.
+``strategy="wt-marginal"`` and long sequences); causal LMs (GPT-2, ProtGPT2) by :mod:`protlm.generation.causal`
+(``strategy="llr"``: log-likelihood of the mutant minus that of the wild type; the "pseudo"-log-likelihood of a
+causal LM is its exact log-likelihood); the rest of this docstring is about encoder-decoder (T5) models.
 
 A position is "masked" by replacing it with sentinel 0 in the encoder input (``[NLU]`` + residues + ``</s>``);
 the decoder reads ``<start> sentinel_0`` and its next-token distribution is the model's belief about that
@@ -26,14 +28,15 @@ import numpy as np
 import torch
 
 from protlm.errors import ConfigError, InputError
-from protlm.generation import masked
+from protlm.generation import causal, masked
 from protlm.generation.infilling import denoising_input
 from protlm.generation.mutations import STANDARD_RESIDUES, Variant, check_wildtype, parse_variant
 from protlm.generation.tokens import model_device, require_decoder
 
-STRATEGIES = ("masked-marginal", "wt-marginal", "joint")
+STRATEGIES = ("masked-marginal", "wt-marginal", "joint", "llr")
 MASKED_LM_STRATEGIES = ("masked-marginal", "wt-marginal")
 ENCODER_DECODER_STRATEGIES = ("masked-marginal", "joint")
+CAUSAL_LM_STRATEGIES = ("llr",)
 DEFAULT_TOKEN_BUDGET = 16384  # encoder tokens per forward pass
 
 
@@ -109,7 +112,8 @@ def pseudo_log_likelihood(pre, sequences, token_budget: int = DEFAULT_TOKEN_BUDG
                           per_position: bool = False):
     """Pseudo-log-likelihood of each sequence (sum over positions of log p(x_i | rest)).
 
-    Returns an array of floats, or with ``per_position`` a list of (L,) arrays. ``sequences`` is a string or a
+    Returns an array of floats, or with ``per_position`` a list of (L,) arrays (causal LMs: one entry per token
+    after the opening <|endoftext|>, whose sum is the exact log-likelihood). ``sequences`` is a string or a
     list of strings / (id, sequence) pairs.
     """
     items = [sequences] if isinstance(sequences, str) else list(sequences)
@@ -122,6 +126,8 @@ def pseudo_log_likelihood(pre, sequences, token_budget: int = DEFAULT_TOKEN_BUDG
         records.append((rid, seq))
     if is_masked_lm(pre.model):
         results = masked.pll_per_position(pre, records, token_budget)
+    elif causal.is_causal_lm(pre.model):  # per token (the closing <|endoftext|> included), not per residue
+        results = causal.token_log_probs(pre, [s for _, s in records], [r for r, _ in records], token_budget)
     else:
         results = [_t5_pll(pre, rid, seq, token_budget) for rid, seq in records]
     if per_position:
@@ -140,22 +146,30 @@ def parse_variants(wildtype: str, variants, first_index: int = 1) -> list[Varian
     return [v if isinstance(v, Variant) else parse_variant(v, wildtype, first_index) for v in variants]
 
 
-def score_variants(pre, wildtype: str, variants, strategy: str = "masked-marginal", first_index: int = 1,
+def score_variants(pre, wildtype: str, variants, strategy: str | None = None, first_index: int = 1,
                    token_budget: int = DEFAULT_TOKEN_BUDGET) -> np.ndarray:
     """Zero-shot score of each variant (higher = more like the wild type's family, by the model).
 
     ``variants`` are strings (``"A23G"``, ``"A23G:V40L"``; wild-type residues are checked) or
     :class:`~protlm.generation.mutations.Variant` objects. The wild type itself scores 0. ``strategy``:
-    "masked-marginal" (both kinds), "wt-marginal" (masked-LM models), "joint" (encoder-decoder models).
+    "masked-marginal" (masked-LM and encoder-decoder models), "wt-marginal" (masked-LM models), "joint"
+    (encoder-decoder models), "llr" (causal LMs); None: the first of those the model's kind allows.
     """
+    causal_lm = causal.is_causal_lm(pre.model)
+    allowed = (CAUSAL_LM_STRATEGIES if causal_lm else MASKED_LM_STRATEGIES if is_masked_lm(pre.model)
+               else ENCODER_DECODER_STRATEGIES)
+    strategy = allowed[0] if strategy is None else strategy
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    allowed = MASKED_LM_STRATEGIES if is_masked_lm(pre.model) else ENCODER_DECODER_STRATEGIES
     if strategy not in allowed:
         raise ConfigError(f"strategy {strategy!r} does not apply to {pre.model.kind} models "
                           f"(use {' or '.join(allowed)})")
     wildtype = check_wildtype(wildtype)
     parsed = parse_variants(wildtype, variants, first_index)
+    if strategy == "llr":  # each distinct sequence scored once, the wild type among them
+        seqs = sorted({v.apply(wildtype) for v in parsed} | {wildtype})
+        ll = dict(zip(seqs, causal.log_likelihoods(pre, seqs, token_budget=token_budget)))
+        return np.array([ll[v.apply(wildtype)] - ll[wildtype] for v in parsed], dtype=np.float64)
     if strategy == "joint":
         return _joint_scores(pre, wildtype, parsed, token_budget)
     positions = sorted({p for v in parsed for p in v.positions})
