@@ -351,3 +351,17 @@ def test_sampling_pieces_match_transformers_and_the_cache_changes_nothing(checkp
         assert set(c.continuation) <= set("LAGSVERTIDPKNFQYHMCW")
     with pytest.raises(ConfigError, match="beam search is not implemented for causal LMs"):
         generate(pre, ["MKT"], strategy="beam", num_beams=2)
+
+
+def test_commands_without_a_causal_lm_path_refuse_in_one_line(tmp_path, checkpoint):
+    from protlm.analysis.depth import DepthOptions, resolve_plan
+    from protlm.cli.info import describe
+    from protlm.generation import infill
+
+    pre = load(checkpoint[0])
+    with pytest.raises(ConfigError, match="cannot fill positions"):
+        infill(pre, "MK??A")
+    with pytest.raises(ConfigError, match="does not run on causal LMs"):
+        resolve_plan(pre.model, DepthOptions())
+    rows = dict(describe(pre))
+    assert "heads=3x12" in rows["shape"] and "<|endoftext|> 0" in rows["vocabulary"]

@@ -111,6 +111,9 @@ def output_of(model) -> str | None:
 
 
 def resolve_plan(model, options: DepthOptions) -> DepthPlan:
+    if model.kind == "causal-lm":  # its logit lens (next-token, through ln_f and the tied head) is not written yet
+        raise ConfigError("analyze depth does not run on causal LMs (GPT-2, ProtGPT2) yet; it supports T5 "
+                          "(Ankh, ProtT5), ESM-2 and DPLM models")
     has_decoder = model.decoder is not None
     output = output_of(model)
     if not has_decoder and (options.decoder or options.decoder_layers is not None) and model.kind == "masked-lm":

@@ -32,9 +32,20 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(pre) -> list[tuple[str, str]]:
     """(field, text) rows for the shape and the vocabulary, in each family's own terms."""
-    from protlm.config import EsmConfig
+    from protlm.config import EsmConfig, GPT2Config
 
     cfg, tok = pre.config, pre.tokenizer
+    if isinstance(cfg, GPT2Config):
+        return [
+            ("shape", f"n_embd={cfg.n_embd} n_inner={cfg.n_inner or 4 * cfg.n_embd} heads={cfg.n_head}x"
+                      f"{cfg.n_embd // cfg.n_head} layers={cfg.n_layer} positions={cfg.n_positions} (learned) "
+                      f"activation={cfg.activation_function}"),
+            ("windows", f"up to {pre.model.max_residues} residues (whose tokens surely fit {cfg.n_positions} "
+                        "positions); longer proteins are embedded in overlapping windows"),
+            ("heads", "LM head (tied to wte)" if pre.model.lm_head is not None else "none (embeddings only)"),
+            ("vocabulary", f"{len(tok)} byte-level BPE tokens from {tok.source}; <|endoftext|> {tok.eot_id}; "
+                           "no task tokens"),
+        ]
     if isinstance(cfg, EsmConfig):
         d_head = cfg.hidden_size // cfg.num_attention_heads
         parts = [name for name, present in (("LM head", pre.model.lm_head is not None),

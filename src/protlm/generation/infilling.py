@@ -141,6 +141,9 @@ def infill(pre, masked, num: int = 1, strategy: str = "greedy", temperature: flo
               for i, m in enumerate(items)]
     if model.kind == "masked-lm":
         return _fill_masked_lm(pre, inputs, num, sampling, seed, residues)
+    if model.kind == "causal-lm":
+        raise ConfigError("a causal LM (GPT-2, ProtGPT2) reads left to right and cannot fill positions inside a "
+                          "protein; use 'protlm generate' to continue a prefix, or a T5/ESM-2 model to infill")
     require_decoder(model)
     device = model_device(model)
     allowed = allowed_mask(tok, model.config.vocab_size, residues, allow_eos=False, device=device)
