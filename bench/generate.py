@@ -8,6 +8,11 @@ kept (the machine is shared; the best run is the least disturbed). The outputs a
 
     .venv/bin/python bench/generate.py                       # tiny preset, random weights
     .venv/bin/python bench/generate.py --model ../runs/tiny-cpu/final --batch 1 8
+    .venv/bin/python bench/generate.py --model gpt2-medium --batch 1 4 --new-tokens 32   # GPT-2 (ProtGPT2 family)
+
+A GPT-2 model (a causal LM) is timed against ``GPT2LMHeadModel.generate``: both continue ``<|endoftext|>\n`` +
+prefix greedily, with the same token mask (residue, line-break and <|endoftext|> tokens) and <|endoftext|> held
+back until ``--new-tokens``.
 
 Prints one line per batch size and a JSON summary (with ``uptime`` before and after, since the cores are shared).
 """
@@ -68,6 +73,8 @@ def main() -> None:
 
     before = uptime()
     pre = protlm.load(args.model) if os.path.isdir(args.model) else protlm.random_init(args.model, seed=0)
+    if pre.model.kind == "causal-lm":
+        return run_causal(args, pre, before)
     tok = pre.tokenizer
     with tempfile.TemporaryDirectory() as tmp:
         protlm.save_pretrained(pre.model, tmp, tok)
@@ -120,6 +127,78 @@ def main() -> None:
               f"{row['transformers_tok_s']:8.1f} new tok/s | speedup {row['speedup']:.2f}x | identical output: {same}",
               flush=True)
     summary = {"model": args.model, "params": sum(p.numel() for p in pre.model.parameters()),
+               "machine": describe_cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+               "transformers": transformers.__version__, "uptime_before": before, "uptime_after": uptime(),
+               "results": results}
+    print(json.dumps(summary, indent=1))
+
+
+def run_causal(args, pre, before: str) -> None:
+    """GPT-2: protlm's cached causal decoding against transformers' ``generate`` (greedy, same token mask)."""
+    import transformers
+
+    from protlm.generation.causal import allowed_tokens
+
+    tok = pre.tokenizer
+    with tempfile.TemporaryDirectory() as tmp:
+        protlm.save_pretrained(pre.model, tmp, tok)
+        hf = transformers.GPT2LMHeadModel.from_pretrained(tmp, attn_implementation="sdpa").eval()
+    allowed = allowed_tokens(tok, pre.config.vocab_size, "cpu")
+
+    class Allowed(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            return scores.masked_fill(~allowed, float("-inf"))
+
+    processors = transformers.LogitsProcessorList([Allowed()])
+    min_new = 0 if args.natural_end else args.new_tokens
+    results = []
+    for batch in args.batch:
+        seqs = prefixes(args.fasta, batch, args.prefix_len)
+        prompts = [tok.encode(s, add_eos=False) for s in seqs]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((batch, width), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        for i, p in enumerate(prompts):  # left padding, as protlm pads prompts
+            ids[i, width - len(p):] = torch.as_tensor(p)
+            mask[i, width - len(p):] = 1
+
+        def run_hf():
+            with torch.inference_mode():
+                out = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
+                                  max_new_tokens=args.new_tokens, min_new_tokens=min_new, logits_processor=processors,
+                                  eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+            rows = [row[width:] for row in out.tolist()]
+            return [tok.decode(row[:row.index(tok.eos_id)] if tok.eos_id in row else row) for row in rows]
+
+        def run_ours():
+            out = generate(pre, seqs, strategy="greedy", max_new_tokens=args.new_tokens, min_new_tokens=min_new,
+                           batch_size=batch, residues="all")
+            return [c.continuation for c in out]
+
+        times = {"protlm": [], "transformers": []}
+        outputs = {}
+        run_ours(), run_hf()  # warm-up (allocator, thread pool)
+        for _ in range(args.repeats):
+            for name, fn in (("protlm", run_ours), ("transformers", run_hf)):
+                t0 = time.perf_counter()
+                outputs[name] = fn()
+                times[name].append(time.perf_counter() - t0)
+        same = outputs["protlm"] == outputs["transformers"]
+        n_tokens = batch * args.new_tokens if not args.natural_end else None
+        if n_tokens is None:  # rows that ended early: count what was generated (tokens, not residues)
+            n_tokens = sum(min(len(tok.encode(s + c, add_eos=False)) - len(tok.encode(s, add_eos=False)) + 1,
+                               args.new_tokens) for s, c in zip(seqs, outputs["protlm"]))
+        rate = {k: n_tokens / min(v) for k, v in times.items()}
+        row = {"batch": batch, "max_new_tokens": args.new_tokens, "natural_end": args.natural_end,
+               "new_tokens": n_tokens, "prefix_len": args.prefix_len,
+               "protlm_tok_s": round(rate["protlm"], 1), "transformers_tok_s": round(rate["transformers"], 1),
+               "speedup": round(rate["protlm"] / rate["transformers"], 2), "identical_output": same,
+               "times_s": {k: [round(t, 3) for t in v] for k, v in times.items()}}
+        results.append(row)
+        print(f"batch {batch:3d}: protlm {row['protlm_tok_s']:8.1f} new tok/s | transformers "
+              f"{row['transformers_tok_s']:8.1f} new tok/s | speedup {row['speedup']:.2f}x | identical output: {same}",
+              flush=True)
+    summary = {"model": args.model, "kind": "causal-lm", "params": sum(p.numel() for p in pre.model.parameters()),
                "machine": describe_cpu(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                "transformers": transformers.__version__, "uptime_before": before, "uptime_after": uptime(),
                "results": results}

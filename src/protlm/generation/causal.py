@@ -95,7 +95,10 @@ def decode_causal(model, prompts: list[list[int]], max_new: list[int], sampling:
         tokens[live, step] = nxt
         log_prob[live] += full.gather(1, nxt[:, None])[:, 0].double()
         seen[torch.arange(len(live), device=device), nxt] = True
-        done = ((limits[live] <= step + 1) | ((nxt == eos_id) if stop_at_eos else torch.zeros_like(nxt, dtype=torch.bool))).tolist()
+        finished = limits[live] <= step + 1
+        if stop_at_eos:
+            finished |= nxt == eos_id
+        done = finished.tolist()
         if all(done):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

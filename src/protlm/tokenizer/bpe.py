@@ -122,7 +122,8 @@ class BPETokenizer:
         """(token ids, index of the token holding each residue) for one protein (ASCII codes)."""
         return self.encode_residue_batch([codes], close)[0]
 
-    def encode_residue_batch(self, proteins: list[np.ndarray], close: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    def encode_residue_batch(self, proteins: list[np.ndarray],
+                             close: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
         texts = [self.text(np.asarray(c, dtype=np.uint8).tobytes().decode("ascii"), close) for c in proteins]
         out = []
         for codes, enc in zip(proteins, self.hf.encode_batch(texts, add_special_tokens=False)):
