@@ -355,8 +355,8 @@ def test_preset_shapes_and_sizes(name):
 
 # --- 5. bad input -------------------------------------------------------------------------------------------
 def test_unsupported_model_type(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "vocab_size": 30}))
-    with pytest.raises(ConfigError, match=r"config\.json: model_type 'bert' is not supported \(supported: .*esm"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "protein-gizmo", "vocab_size": 30}))
+    with pytest.raises(ConfigError, match=r"config\.json: model_type 'protein-gizmo' is not supported \(supported: .*esm"):
         load(str(tmp_path))
 
 

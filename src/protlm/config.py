@@ -412,12 +412,137 @@ class GPT2Config:
         return build(cls, data, source)
 
 
-SUPPORTED_MODEL_TYPES = ("t5", "mt5", "esm", "gpt2")
+# --- BERT (ProtBERT, ProtBERT-BFD keep BERT's architecture) ----------------------------------------------------
+BERT_FAMILIES = ("prot-bert", "custom")
+BERT_ACTIVATIONS = ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "swish")
+
+# Keys of a BERT config.json that do not change the network protlm builds (the classifier's dropout; BertModel's
+# decoder/cache settings, refused below when they would matter).
+_HF_BERT_PASSIVE_KEYS = _HF_PASSIVE_KEYS | frozenset({
+    "classifier_dropout", "gradient_checkpointing", "pooler_fc_size", "pooler_num_attention_heads",
+    "pooler_num_fc_layers", "pooler_size_per_head", "pooler_type", "directionality", "eos_token_id",
+})
+
+# transformers.BertConfig's defaults for keys a config.json leaves out (checked field by field in
+# tests/test_bert.py). Rostlab/prot_bert's file gives neither layer_norm_eps nor pad_token_id (nor model_type).
+HF_BERT_DEFAULTS: dict[str, Any] = dict(
+    vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+    hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512,
+    type_vocab_size=2, initializer_range=0.02, layer_norm_eps=1e-12, pad_token_id=0, tie_word_embeddings=True,
+)
 
 
-def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig | GPT2Config":
+@dataclass
+class BertConfig:
+    """Shape and numerics of a post-LN BERT masked LM (field names follow ``transformers.BertConfig``).
+
+    The defaults are ProtBERT's conventions (its 30-token vocabulary, exact GELU, eps 1e-12, no dropout) in a
+    CPU-scale shape.
+    """
+
+    vocab_size: int = 30
+    hidden_size: int = 256  # width of the residual stream
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 8
+    intermediate_size: int = 1024  # hidden width of the feed-forward block
+    hidden_act: str = "gelu"  # exact (erf) GELU, as ProtBERT
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    max_position_embeddings: int = 512  # learned absolute positions: the longest input in tokens
+    type_vocab_size: int = 2  # segment embeddings; protlm feeds segment 0, as transformers does by default
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int | None = 0
+    tie_word_embeddings: bool = True  # the MLM decoder shares the word embeddings
+    position_embedding_type: str = "absolute"  # transformers 4.x also had relative_key(_query); not supported
+    # protlm-only: the published family ("prot-bert"); transformers ignores it.
+    protlm_family: str = "custom"
+
+    def __post_init__(self) -> None:
+        if self.protlm_family not in BERT_FAMILIES:
+            raise ConfigError(f"protlm_family={self.protlm_family!r} is not one of {', '.join(BERT_FAMILIES)}")
+        for name in ("vocab_size", "hidden_size", "num_attention_heads", "intermediate_size",
+                     "max_position_embeddings", "type_vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_hidden_layers, int) or self.num_hidden_layers < 0:
+            raise ConfigError(f"num_hidden_layers must be a non-negative integer, got {self.num_hidden_layers!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                              f"{self.num_attention_heads}")
+        if self.hidden_act not in BERT_ACTIVATIONS:
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported; use one of {', '.join(BERT_ACTIVATIONS)}")
+        if self.position_embedding_type != "absolute":
+            raise ConfigError(f"position_embedding_type={self.position_embedding_type!r} is not supported; protlm's "
+                              "BERT has absolute positions (as ProtBERT and transformers 5)")
+
+    # the names the workflows read, whatever the family
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
+        """The ``config.json`` content that ``transformers`` reads (``BertForMaskedLM``, or ``BertModel``)."""
+        return {**self.to_dict(), "model_type": "bert",
+                "architectures": ["BertModel" if encoder_only else "BertForMaskedLM"]}
+
+    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
+        from protlm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes: Any) -> "BertConfig":
+        return build(BertConfig, {**self.to_dict(), **changes}, "override")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "BertConfig":
+        return build(cls, data, source)
+
+    @classmethod
+    def from_hf_dict(cls, data: dict[str, Any], source: str) -> "BertConfig":
+        """The content of a BERT ``config.json`` as transformers reads it (missing keys take its defaults)."""
+        if data.get("is_decoder") or data.get("add_cross_attention"):
+            raise ConfigError(f"{source}: is_decoder/add_cross_attention (a BERT decoder) is not supported; protlm's "
+                              "BERT is a bidirectional encoder")
+        data = {**HF_BERT_DEFAULTS, **data}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in data.items() if k in fields or k not in _HF_BERT_PASSIVE_KEYS}
+        return build(cls, data, source)
+
+
+def _model_type(data: dict[str, Any]) -> str:
+    """A config.json's model_type; files written before transformers stored it (Rostlab/prot_bert's) name only
+    their architecture."""
+    if "model_type" in data:
+        return data["model_type"]
+    if any(str(a).startswith("Bert") for a in data.get("architectures") or []):
+        return "bert"
+    return "t5"
+
+
+SUPPORTED_MODEL_TYPES = ("t5", "mt5", "esm", "gpt2", "bert")
+
+
+def config_from_hf_dict(data: dict[str, Any], source: str) -> "T5Config | EsmConfig | GPT2Config | BertConfig":
     """The family's config for a ``config.json``, chosen by its ``model_type``."""
-    model_type = data.get("model_type", "t5")
+    model_type = _model_type(data)
+    if model_type == "bert":
+        cfg = BertConfig.from_hf_dict(data, source)
+        if cfg.protlm_family == "custom" and cfg.vocab_size == 30:  # ProtBERT's (and ProtBERT-BFD's) vocabulary
+            cfg = cfg.replace(protlm_family="prot-bert")
+        return cfg
     if model_type == "esm":
         cfg = EsmConfig.from_hf_dict(data, source)
         if cfg.protlm_family == "custom":  # name the published family from what marks it
@@ -515,7 +640,16 @@ _GPT2_PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-tiny": dict(n_layer=2, n_embd=64, n_head=4, vocab_size=512, n_positions=256),
 }
 
-PRESET_NAMES = tuple(_PRESETS) + tuple(_ESM_PRESETS) + tuple(_GPT2_PRESETS)
+# ProtBERT follows Rostlab/prot_bert's config.json (30 layers, 1024 wide, 16 heads, FFN 4096, 40000 positions, 30
+# tokens; ProtTrans, Elnaggar et al. 2021); bert-tiny is a CPU-scale stand-in in ProtBERT's vocabulary.
+_BERT_PRESETS: dict[str, dict[str, Any]] = {
+    "prot_bert": dict(num_hidden_layers=30, hidden_size=1024, num_attention_heads=16, intermediate_size=4096,
+                      vocab_size=30, max_position_embeddings=40000, protlm_family="prot-bert"),
+    "bert-tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=96,
+                      vocab_size=30, max_position_embeddings=256, protlm_family="prot-bert"),
+}
+
+PRESET_NAMES = tuple(_PRESETS) + tuple(_ESM_PRESETS) + tuple(_GPT2_PRESETS) + tuple(_BERT_PRESETS)
 
 
 def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
@@ -533,12 +667,14 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def preset(name: str, **overrides: Any) -> "T5Config | EsmConfig | GPT2Config":
+def preset(name: str, **overrides: Any) -> "T5Config | EsmConfig | GPT2Config | BertConfig":
     """A named published (or CPU-scale) shape, optionally with fields overridden."""
     if name in _ESM_PRESETS:
         return EsmConfig.from_dict({**_ESM_PRESETS[name], **overrides}, source=f"preset {name}")
     if name in _GPT2_PRESETS:
         return GPT2Config.from_dict({**_GPT2_PRESETS[name], **overrides}, source=f"preset {name}")
+    if name in _BERT_PRESETS:
+        return BertConfig.from_dict({**_BERT_PRESETS[name], **overrides}, source=f"preset {name}")
     if name not in _PRESETS:
         raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESET_NAMES)}")
     return T5Config.from_dict({**_PRESETS[name], **overrides}, source=f"preset {name}")

@@ -16,22 +16,24 @@ from dataclasses import dataclass
 
 import torch
 
-from protlm.config import PRESET_NAMES, EsmConfig, GPT2Config, T5Config, config_from_hf_dict, preset, read_json_object
+from protlm.config import (PRESET_NAMES, BertConfig, EsmConfig, GPT2Config, T5Config, config_from_hf_dict, preset,
+                           read_json_object)
 from protlm.errors import CheckpointError, ConfigError
+from protlm.model.bert import BERT
 from protlm.model.esm import ESM
 from protlm.model.gpt2 import GPT2
 from protlm.model.t5 import T5
 from protlm.precision import Precision, choose
 from protlm.tokenizer.bpe import BPETokenizer, load_bpe_tokenizer, residue_bpe_tokenizer
-from protlm.tokenizer.vocab import Tokenizer, esm_tokenizer, load_tokenizer, protlm_tokenizer
+from protlm.tokenizer.vocab import Tokenizer, esm_tokenizer, load_tokenizer, prot_bert_tokenizer, protlm_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
 HUB_PATTERNS = ["config.json", "*.safetensors", "*.index.json", "pytorch_model*.bin", "tokenizer.json",
                 "spiece.model", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                 "merges.txt"]
 
-Model = T5 | ESM | GPT2
-ModelConfig = T5Config | EsmConfig | GPT2Config
+Model = T5 | ESM | GPT2 | BERT
+ModelConfig = T5Config | EsmConfig | GPT2Config | BertConfig
 
 
 @dataclass
@@ -60,6 +62,9 @@ _ESM_UNUSED_ROTARY = re.compile(r"(esm\.)?embeddings\.position_embeddings\.weigh
 _ESM_LEGACY_NORM = re.compile(r"\.LayerNorm\.(gamma|beta)$")
 # GPT-2's causal-mask buffers, which files written by older transformers (ProtGPT2's among them) carry per layer
 _GPT2_MASK_BUFFERS = re.compile(r"(transformer\.)?h\.\d+\.attn\.(bias|masked_bias)")
+# BERT files may carry the index buffers (older transformers saved them) and, from BertForPreTraining, the
+# next-sentence head, which ProtBERT never trained (each protein is one document) and no workflow reads
+_BERT_IGNORED = re.compile(r"(bert\.)?embeddings\.(position_ids|token_type_ids)|cls\.seq_relationship\..*")
 
 
 def key_aliases(model: Model) -> dict[str, str]:
@@ -70,6 +75,13 @@ def key_aliases(model: Model) -> dict[str, str]:
     if isinstance(model, GPT2):
         tied = model.lm_head is not None and model.config.tie_word_embeddings
         return {"lm_head.weight": "transformer.wte.weight"} if tied else {}
+    if isinstance(model, BERT):  # the decoder's bias is cls.predictions.bias (transformers 4.x stores both)
+        if model.cls is None:
+            return {}
+        aliases = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
+        if model.config.tie_word_embeddings:
+            aliases["cls.predictions.decoder.weight"] = "bert.embeddings.word_embeddings.weight"
+        return aliases
     aliases = {"encoder.embed_tokens.weight": "shared.weight"}
     if model.decoder is not None:
         aliases["decoder.embed_tokens.weight"] = "shared.weight"
@@ -187,7 +199,7 @@ def load(
     """
     if random_init:
         pre = _random(spec, seed, encoder_only, revision)
-    elif isinstance(spec, (T5Config, EsmConfig, GPT2Config)):
+    elif isinstance(spec, (T5Config, EsmConfig, GPT2Config, BertConfig)):
         raise ConfigError(f"a {type(spec).__name__} has no weights; pass random_init=True for random ones")
     else:
         if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
@@ -211,6 +223,8 @@ def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
         return _esm_from_checkpoint(directory, config, encoder_only)
     if isinstance(config, GPT2Config):
         return _gpt2_from_checkpoint(directory, config, encoder_only)
+    if isinstance(config, BertConfig):
+        return _bert_from_checkpoint(directory, config, encoder_only)
     tokenizer = load_tokenizer(directory, config.protlm_family)
     family = infer_family(config, tokenizer)
     if family != config.protlm_family:
@@ -293,6 +307,33 @@ def _gpt2_from_checkpoint(directory: str, config: GPT2Config, encoder_only: bool
     return Pretrained(model, tokenizer, config, directory)
 
 
+def _bert_from_checkpoint(directory: str, config: BertConfig, encoder_only: bool | None) -> Pretrained:
+    tokenizer = load_tokenizer(directory, config.protlm_family)
+    if tokenizer is None:
+        raise CheckpointError(f"{directory}: no vocab.txt (or tokenizer.json); protlm will not guess the ids of a "
+                              f"{config.vocab_size}-token BERT vocabulary")
+    if tokenizer.bos_id is None or tokenizer.mask_id is None:
+        raise CheckpointError(f"{directory}: the vocabulary ({tokenizer.source}) has no [CLS] or [MASK] token, "
+                              "which every BERT input and masked position uses")
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(f"{directory}: the vocabulary has {tokenizer.vocab_size} tokens but config.json "
+                              f"says vocab_size {config.vocab_size}")
+    state = read_weights(directory)
+    if not any(k.startswith(("bert.", "cls.")) for k in state):  # BertModel layout: no "bert." prefix
+        state = {f"bert.{k}": v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not _BERT_IGNORED.fullmatch(k)}
+    has_head = any(k.startswith("cls.predictions.") for k in state)
+    encoder_only = (not has_head) if encoder_only is None else encoder_only
+    if encoder_only:
+        state = {k: v for k, v in state.items() if not k.startswith("cls.")}
+    elif not has_head:
+        raise CheckpointError(f"{directory}: no MLM head (cls.predictions.*) in the weights; this is a BertModel "
+                              "checkpoint, usable for embeddings only")
+    model = build_model(config, encoder_only=encoder_only, state=state, source=directory,
+                        pooler="bert.pooler.dense.weight" in state).eval()
+    return Pretrained(model, tokenizer, config, directory)
+
+
 def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple[ModelConfig, bool]:
     """(config, stored encoder-only) of a preset name, a checkpoint directory or a Hub id, without weights."""
     if os.fspath(spec) in PRESET_NAMES and not os.path.exists(spec):
@@ -300,12 +341,12 @@ def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple
     path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
     data = read_json_object(path)
     architectures = data.get("architectures") or []
-    return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel", "GPT2Model"} & set(architectures))
+    return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel", "GPT2Model", "BertModel"} & set(architectures))
 
 
 def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) -> Pretrained:
     """Random weights in the shape of a preset, a config, or a checkpoint (its twin)."""
-    if isinstance(spec, (T5Config, EsmConfig, GPT2Config)):
+    if isinstance(spec, (T5Config, EsmConfig, GPT2Config, BertConfig)):
         config, name, stored_encoder_only = spec, "config", False
     else:
         config, stored_encoder_only = read_config(spec, revision)
@@ -316,6 +357,13 @@ def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) ->
         if config.vocab_size < tokenizer.vocab_size:
             raise ConfigError(f"{name}: vocab_size {config.vocab_size} is smaller than ESM's {tokenizer.vocab_size}-token "
                               "alphabet, which a random-init ESM model uses")
+        model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
+        return Pretrained(model, tokenizer, config, f"random-init {name} seed={seed}")
+    if isinstance(config, BertConfig):
+        tokenizer = prot_bert_tokenizer()
+        if config.vocab_size < tokenizer.vocab_size:
+            raise ConfigError(f"{name}: vocab_size {config.vocab_size} is smaller than ProtBERT's "
+                              f"{tokenizer.vocab_size}-token vocabulary, which a random-init BERT model uses")
         model = build_model(config, encoder_only=encoder_only, seed=seed).eval()
         return Pretrained(model, tokenizer, config, f"random-init {name} seed={seed}")
     if isinstance(config, GPT2Config):  # a residue-level BPE (no merges) inside the model's vocabulary
@@ -345,7 +393,8 @@ def build_model(config: ModelConfig, *, encoder_only: bool = False, state: dict[
     all come through here, so tying and the leftover-meta check live in one place.
     """
     with torch.device("meta"):
-        family = ESM if isinstance(config, EsmConfig) else GPT2 if isinstance(config, GPT2Config) else T5
+        family = (ESM if isinstance(config, EsmConfig) else GPT2 if isinstance(config, GPT2Config)
+                  else BERT if isinstance(config, BertConfig) else T5)
         model = family(config, encoder_only=encoder_only, **parts)
     if state is None:
         materialize(model, device, seed)
@@ -433,6 +482,8 @@ def _retie(model: Model) -> None:
         model.lm_head.decoder.weight = model.esm.embeddings.word_embeddings.weight
     elif isinstance(model, GPT2):
         model.lm_head.weight = model.transformer.wte.weight
+    elif isinstance(model, BERT):
+        model.cls.predictions.decoder.weight = model.bert.embeddings.word_embeddings.weight
     else:
         model.lm_head.weight = model.shared.weight
 
@@ -467,7 +518,8 @@ def _assign(model: Model, state: dict[str, torch.Tensor], source: str) -> None:
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {_names(missing)}")
     embedding = ("esm.embeddings.word_embeddings.weight" if isinstance(model, ESM)
-                 else "transformer.wte.weight" if isinstance(model, GPT2) else "shared.weight")
+                 else "transformer.wte.weight" if isinstance(model, GPT2)
+                 else "bert.embeddings.word_embeddings.weight" if isinstance(model, BERT) else "shared.weight")
     vocab_rows = state[embedding].shape[0]
     if vocab_rows != model.config.vocab_size:
         raise CheckpointError(
@@ -538,6 +590,9 @@ def save_pretrained(model: Model, directory: str | os.PathLike, tokenizer: Token
     elif isinstance(model, GPT2):
         if model.lm_head is None:  # GPT2Model: its keys carry no "transformer." prefix
             state = {k.removeprefix("transformer."): v for k, v in state.items()}
+    elif isinstance(model, BERT):
+        if model.cls is None:  # BertModel: its keys carry no "bert." prefix
+            state = {k.removeprefix("bert."): v for k, v in state.items()}
     elif model.lm_head is not None and model.config.tie_word_embeddings and not model.config.rescale_head:
         state["lm_head.weight"] = state["shared.weight"].clone()  # written as untied: see T5Config.to_hf_dict
     with atomic_path(os.path.join(directory, "model.safetensors")) as tmp:

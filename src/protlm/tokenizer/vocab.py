@@ -4,11 +4,13 @@ Encoding is a table lookup (one id per residue), whatever the source of the tabl
 - protlm's own Ankh3-layout vocabulary (:func:`ankh3_vocab`), used for new T5 models;
 - ESM's 33-token alphabet (:func:`esm_tokenizer`), used for new ESM models;
 - a published checkpoint's ``tokenizer.json`` (Hugging Face ``tokenizers``), ``spiece.model`` (SentencePiece) or
-  ``vocab.txt`` (ESM: one token per line, the line number is the id), read so that a published model is never
-  fed another model's ids.
+  ``vocab.txt`` (ESM, BERT: one token per line, the line number is the id), read so that a published model is
+  never fed another model's ids;
+- ProtBERT's 30-token vocabulary (:func:`prot_bert_tokenizer`), used for new BERT models.
 
-Encoder input is ``[<cls>] [prefix] residues </s>``: ``<cls>`` where the vocabulary has one (ESM), the prefix is
-Ankh3's task token (``[NLU]`` or ``[S2S]``) or none, and the end token is ``</s>`` (T5) or ``<eos>`` (ESM).
+Encoder input is ``[<cls>] [prefix] residues </s>``: ``<cls>`` (ESM) or ``[CLS]`` (BERT) where the vocabulary has
+one, the prefix is Ankh3's task token (``[NLU]`` or ``[S2S]``) or none, and the end token is ``</s>`` (T5),
+``<eos>`` (ESM) or ``[SEP]`` (BERT).
 """
 
 from __future__ import annotations
@@ -81,11 +83,12 @@ class Tokenizer:
         self.space_separated = space_separated
         self.aliases = dict(aliases or {})
         self.source = source
-        self.pad_id = vocab.get("<pad>", 0)
-        self.eos_id = vocab.get("</s>", vocab.get("<eos>", 1))
-        self.unk_id = vocab.get("<unk>", 2)
-        self.bos_id = vocab.get("<cls>")  # ESM starts every input with <cls>; T5 vocabularies have none
-        self.mask_id = vocab.get("<mask>")  # the masked-LM families' mask token
+        # each special under its T5/ESM spelling, or BERT's ([PAD] [UNK] [CLS] [SEP] [MASK])
+        self.pad_id = _special(vocab, ("<pad>", "[PAD]"), 0)
+        self.eos_id = _special(vocab, ("</s>", "<eos>", "[SEP]"), 1)
+        self.unk_id = _special(vocab, ("<unk>", "[UNK]"), 2)
+        self.bos_id = _special(vocab, ("<cls>", "[CLS]"))  # ESM and BERT open every input; T5 vocabularies do not
+        self.mask_id = _special(vocab, ("<mask>", "[MASK]"))  # the masked-LM families' mask token
         self.prefix_ids = {k: vocab[t] for k, t in PREFIXES.items() if t in vocab}
         self.sentinel_ids = []
         while sentinel_token(len(self.sentinel_ids)) in vocab:
@@ -109,6 +112,11 @@ class Tokenizer:
 
     def __len__(self) -> int:
         return len(self.vocab)
+
+    @property
+    def is_bert(self) -> bool:
+        """A BERT WordPiece vocabulary (``[CLS]``/``[SEP]``): saved as ``vocab.txt`` for ``BertTokenizer``."""
+        return "[CLS]" in self.vocab and "[SEP]" in self.vocab
 
     # --- encoding -------------------------------------------------------------------------------------------
     def residue_array(self, seq: str, record: str = "<sequence>", unknown: str = "error") -> np.ndarray:
@@ -200,6 +208,8 @@ class Tokenizer:
         from protlm.utils import atomic_write_text
 
         directory = os.fspath(directory)
+        if self.is_bert:
+            return self._save_bert(directory)
         if self.bos_id is not None and "<eos>" in self.vocab:
             tokens = [self.id_to_token[i] for i in range(self.vocab_size)]
             atomic_write_text(os.path.join(directory, "vocab.txt"), "\n".join(tokens) + "\n")
@@ -213,6 +223,20 @@ class Tokenizer:
         path = os.path.join(directory, "tokenizer.json")
         atomic_write_text(path, self.to_tokenizers_json())
         return path
+
+    def _save_bert(self, directory: str) -> str:
+        """``vocab.txt`` (line number = id) and ``BertTokenizer`` settings: cased, as ProtBERT's card loads it."""
+        from protlm.utils import atomic_write_text
+
+        tokens = [self.id_to_token[i] for i in range(self.vocab_size)]
+        atomic_write_text(os.path.join(directory, "vocab.txt"), "\n".join(tokens) + "\n")
+        specials = {"cls_token": "[CLS]", "pad_token": "[PAD]", "sep_token": "[SEP]", "unk_token": "[UNK]",
+                    "mask_token": "[MASK]"}
+        atomic_write_text(os.path.join(directory, "tokenizer_config.json"),
+                          json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": False, **specials},
+                                     indent=2) + "\n")
+        atomic_write_text(os.path.join(directory, "special_tokens_map.json"), json.dumps(specials, indent=2) + "\n")
+        return os.path.join(directory, "vocab.txt")
 
     def to_tokenizers_json(self) -> str:
         specials = [t for t in self.vocab if t not in self.residue_ids]
@@ -257,6 +281,26 @@ def esm_tokenizer(source: str = "protlm esm alphabet") -> Tokenizer:
     return _vocab_tokenizer({t: i for i, t in enumerate(ESM_TOKENS)}, source)
 
 
+# ProtBERT's vocabulary (Rostlab/prot_bert and prot_bert_bfd vocab.txt): BERT's specials, then the residues.
+BERT_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"LAGVESIKRDTPNQFYMHCWXUBZO")
+
+
+def prot_bert_tokenizer(source: str = "protlm prot_bert vocabulary") -> Tokenizer:
+    """ProtBERT's 30-token vocabulary and input convention (for random-init BERT models)."""
+    return _prot_trans_tokenizer({t: i for i, t in enumerate(BERT_TOKENS)}, source)
+
+
+def _prot_trans_tokenizer(vocab: dict[str, int], source: str) -> Tokenizer:
+    """ProtTrans's convention (ProtT5, ProtBERT model cards): residues are space-separated words, and the rare
+    residues U, Z, O, B are written as X before tokenising, whether or not the vocabulary has their tokens."""
+    residue_ids = {aa: i for aa, i in _residue_ids_from_vocab(vocab, True, source).items() if aa not in RARE}
+    return Tokenizer(vocab, residue_ids, space_separated=True, aliases={r: "X" for r in RARE}, source=source)
+
+
+def _special(vocab: dict[str, int], names: tuple[str, ...], default: int | None = None) -> int | None:
+    return next((vocab[n] for n in names if n in vocab), default)
+
+
 def _vocab_tokenizer(vocab: dict[str, int], source: str) -> Tokenizer:
     return Tokenizer(vocab, _residue_ids_from_vocab(vocab, False, source), source=source)
 
@@ -283,7 +327,7 @@ def load_tokenizer(directory: str | os.PathLike, family: str = "custom") -> Toke
     from protlm.errors import CheckpointError
 
     directory = os.fspath(directory)
-    spaced = family == "prot-t5"
+    spaced = family in ("prot-t5", "prot-bert")
     aliases = {r: "X" for r in RARE} if spaced else {}
     tj = os.path.join(directory, "tokenizer.json")
     sp = os.path.join(directory, "spiece.model")
@@ -301,7 +345,7 @@ def load_tokenizer(directory: str | os.PathLike, family: str = "custom") -> Toke
             if not t:
                 raise CheckpointError(f"{vt}: line {i + 1} is empty; every line holds one token")
             vocab.setdefault(t, i)
-        return _vocab_tokenizer(vocab, vt)
+        return _prot_trans_tokenizer(vocab, vt) if spaced else _vocab_tokenizer(vocab, vt)
     if os.path.exists(tj):
         try:
             from tokenizers import Tokenizer as HFTokenizer
