@@ -90,6 +90,27 @@ def test_quick_demo_writes_report_plots_and_verdict(finished):
     assert "## 5. Completion" in report and "| protein |" in report
 
 
+def test_demo_keeps_the_pretrained_heads_for_predict(finished, tmp_path, capsys):
+    from protlm.evaluate.bundle import read_meta
+
+    results = json.load(open(os.path.join(finished, "evaluate", "results.json"), encoding="utf-8"))
+    tasks = {r["task"] for r in results["results"]}
+    assert sorted(os.listdir(os.path.join(finished, "heads"))) == sorted(tasks)
+    meta = read_meta(os.path.join(finished, "heads", "SSP-3"))
+    assert meta.source == "pretrained" and meta.backbone["model"] == os.path.abspath(os.path.join(finished, "pretrain", "final"))
+    for test, metrics in meta.metrics.items():  # the kept seed's numbers are among the report's
+        row = next(r for r in results["results"] if (r["source"], r["task"], r["dataset"]) == ("pretrained", "SSP-3", test))
+        assert metrics["accuracy"] in row["values"]
+    fasta = tmp_path / "my.fasta"
+    fasta.write_text(">a\nMKTAYIAKQRQISFVKSHFSRQ\n>b\nMSEQNNTEMTFQIQRIYTKDISFEAPNAPHVFQKDW\n")
+    capsys.readouterr()
+    assert main(["predict", os.path.join(finished, "pretrain", "final"), "--heads", os.path.join(finished, "heads", "SSP-3"),
+                 str(fasta)]) == 0
+    rows = [line.split("\t") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:3] == ["id", "length", "SSP-3"] and [r[0] for r in rows[1:]] == ["a", "b"]
+    assert all(len(r[2]) == int(r[1]) and set(r[2]) <= set(meta.classes) for r in rows[1:])
+
+
 def test_rerun_skips_finished_stages(finished, tmp_path):
     out = str(tmp_path / "copy")
     shutil.copytree(finished, out)
@@ -203,7 +224,8 @@ def test_interrupt_then_rerun_resumes(tmp_path, monkeypatch):
     state = _state(out)
     assert state["stages"]["pretrain"]["done"] and state["stages"]["pretrain"]["step"] > first_step
     assert state["stages"]["embed"]["done"] and not state["stages"]["evaluate"]["done"]
-    unit_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "evaluate", "units")) for f in fs]
+    unit_files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(out, "evaluate", "units")) for f in fs
+                  if not d.endswith(".head")]  # (each finished unit also keeps its head bundle in seed<S>.head/)
     assert len(unit_files) == 1
     stamp = os.path.getmtime(unit_files[0])
     monkeypatch.setattr(eval_runner, "_train_unit", real_unit)
@@ -211,6 +233,7 @@ def test_interrupt_then_rerun_resumes(tmp_path, monkeypatch):
     result = run_demo(DemoOptions(out_dir=out, **QUICK), log=lambda _: None)
     assert result.ran == ["evaluate", "depth", "complete", "report"]
     assert os.path.getmtime(unit_files[0]) == stamp  # the finished head was read back, not trained again
+    assert os.path.exists(os.path.join(out, "heads", "SSP-3", "head.json"))  # and its bundle is still kept
     assert os.path.exists(result.report)
 
 

@@ -109,6 +109,8 @@ SUBSTITUTIONS = [
      "the CPU ablation recipe needs ../shared/data: the miniature recipe of tests/test_ablate.py (2 variants)"),
     ("src/protlm/resources/demo", os.path.join(ROOT, "src", "protlm", "resources", "demo"),
      "the demo's bundle, named from the repository root"),
+    ("runs/demo/", "runs/demo-30min/", "the main job's run: the demo of the line above"),
+    ("my.fasta", os.path.join(DATA, "ecoli_k12_excerpt.fasta"), "your proteins: 80 E. coli proteins"),
     ("--out runs/demo-30min/esm2", "--out runs/demo-30min/esm2 --quick",
      "the demo line runs the quick profile, so the evaluation beside it does too (one seed, subsets, one epoch)"),
     ("torchrun --nproc_per_node 4", "torchrun --standalone --nproc_per_node 2", "4 GPUs: 2 CPU processes (gloo)"),

@@ -64,6 +64,21 @@ def run_evaluation(suite: Suite, sources: list[ModelSource], out_dir: str, quick
     return os.path.join(out_dir, "results.json")
 
 
+def export_heads(evaluate_dir: str, heads_dir: str, source: ModelSource, log) -> list[str]:
+    """Copy the pretrained model's head bundles (the best seed of each task) from the evaluation to
+    ``heads_dir/<task>/``: the demo's starter set for ``protlm predict``. Returns the tasks copied."""
+    from protlm.evaluate.bundle import META_FILE, copy_bundle
+
+    src = os.path.join(evaluate_dir, "heads", source.key)
+    tasks = sorted(t for t in os.listdir(src) if os.path.isfile(os.path.join(src, t, META_FILE))) if os.path.isdir(src) else []
+    for task in tasks:
+        copy_bundle(os.path.join(src, task), os.path.join(heads_dir, task))
+    if not tasks:
+        log(f"no head bundles under {src} (an evaluation finished before protlm kept heads); delete "
+            f"{os.path.join(evaluate_dir, 'units')} and re-run to train them")
+    return tasks
+
+
 @dataclass
 class Verdict:
     """Whether the pretrained model beats its random-init twin on a task, computed from the results file."""

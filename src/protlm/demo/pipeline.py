@@ -6,7 +6,8 @@ own saved work):
 1. ``pretrain`` - the tiny Ankh3 model, both objectives, for ``minutes`` (checkpoints every ~50 steps);
 2. ``embed``    - per-residue embeddings of the evaluation proteins (pretrained model and random-init twin), and
    t-SNE maps of the CB513 proteins' per-protein embeddings;
-3. ``evaluate`` - ConvBERT heads, seeds 7/0/42, against one-hot and the twin (finished heads are files);
+3. ``evaluate`` - ConvBERT heads, seeds 7/0/42, against one-hot and the twin (finished heads are files); the
+   pretrained model's best head per task is kept under ``DIR/heads/<task>/`` for ``protlm predict``;
 4. ``depth``    - the depth analysis of the pretrained model;
 5. ``complete`` - completion of held-out proteins from their first half;
 6. ``report``   - ``DIR/report.md`` with the tables and plots (rewritten on every run; it only reads files).
@@ -140,6 +141,8 @@ def run_demo(options: DemoOptions, log: Callable[[str], None] | None = None) -> 
     stage("evaluate", titles["evaluate"],
           lambda: {"results": os.path.relpath(evaluation.run_evaluation(
               suite, sources(), evaluate_dir, quick, options.device, options.progress, say), out)})
+    # The starter heads for `protlm predict` (cheap, so copied on every run: also after a resumed evaluation)
+    evaluation.export_heads(evaluate_dir, os.path.join(out, "heads"), sources()[1], say)
     depth_info = stage("depth", titles["depth"],
                        lambda: depth.run_depth(final_dir, os.path.join(out, "depth"), quick, options.progress))
     n_complete = 3 if quick else options.completions
