@@ -279,3 +279,28 @@ def test_build_model_accounts_for_every_tensor():
     state.pop("bert.encoder.layer.1.output.LayerNorm.weight")
     with pytest.raises(CheckpointError, match="missing tensor"):
         build_model(tiny(), state=state)
+
+
+def test_depth_analysis_and_truncation_run_on_bert():
+    """Masked-LM depth analysis runs unchanged; a cut after block K outputs the full model's layer K (post-LN: no
+    final norm to apply), and the block updates add up to the block's output."""
+    import os
+
+    from protlm.analysis import DepthOptions, analyze_depth, truncate_encoder
+
+    from .conftest import DATA
+
+    pre = load(tiny(), random_init=True, seed=0)
+    scramble(pre.model)
+    report = analyze_depth(pre, os.path.join(DATA, "ecoli_k12_excerpt.fasta"),
+                           DepthOptions(max_length=30, probe_task=None), max_proteins=3)
+    assert report is not None
+    ids, mask = batch(pre.tokenizer)
+    cut = truncate_encoder(pre.model, 2)
+    with torch.no_grad():
+        full = pre.model.encode(ids, mask, output_layers=[1, 2])
+        assert torch.equal(cut.encode(ids, mask).last_hidden_state, full.hidden_states[2])
+        ctx = pre.model.bert.self_mask(mask, ids.shape[1], ids.shape[1], 0, torch.float32)
+        out = pre.model.bert.block[1](full.hidden_states[1], ctx, return_updates=True)
+        assert torch.allclose(full.hidden_states[1] + out.attn_update + out.ffn_update, out.hidden, atol=1e-6)
+        assert torch.equal(out.hidden, full.hidden_states[2])

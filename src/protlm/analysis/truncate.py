@@ -31,9 +31,12 @@ def truncate_encoder(model, layers: int):
     check_cut(model.encoder.n_layers, layers)
     cfg = model.config
     if model.kind == "masked-lm":
-        # transformers' EsmConfig names the block count num_hidden_layers; the contact head cannot survive a cut
-        cfg, drop, parts = cfg.replace(num_hidden_layers=layers), ("lm_head.", "esm.contact_head."), {
-            "contact_head": False, "pooler": getattr(model.encoder, "pooler", None) is not None}
+        # transformers' EsmConfig and BertConfig name the block count num_hidden_layers; the contact head cannot
+        # survive a cut; BERT's MLM head is cls.*
+        cfg, drop = cfg.replace(num_hidden_layers=layers), ("lm_head.", "esm.contact_head.", "cls.")
+        parts = {"pooler": getattr(model.encoder, "pooler", None) is not None}
+        if hasattr(model.encoder, "contact_head"):  # ESM's
+            parts["contact_head"] = False
     else:
         cfg = cfg.replace(num_layers=layers, num_decoder_layers=cfg.n_decoder_layers)
         drop, parts = ("decoder.", "lm_head."), {}
