@@ -206,3 +206,57 @@ def write_plots(report, out_dir: str) -> dict[str, str]:
         if path:
             out[name] = os.path.basename(path)
     return out
+
+
+# --- depth across models (protlm analyze depth --compare) --------------------------------------------------------
+# One line style per objective, one colour per model: a reader can tell objectives apart in grey print too.
+OBJECTIVE_STYLE = {"masked": "-", "diffusion": "--", "autoregressive": "-.", "encoder-decoder denoising": ":"}
+
+
+def plot_compare(cmp, path: str) -> str | None:
+    """One panel per measure of :data:`protlm.analysis.compare.MEASURES` against relative depth l/N, one curve per
+    run (its encoder stack); a run without a measure is named under that panel instead of drawn."""
+    from protlm.analysis.compare import MEASURES
+
+    if not cmp.rows:
+        return None
+    plt = pyplot()
+    ncols = 3
+    nrows = -(-len(MEASURES) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.2 * ncols, 3.9 * nrows), squeeze=False, constrained_layout=True)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = {}
+    for ax, (measure, title, _) in zip(axes.flat, MEASURES):
+        values, absent = [], []
+        for i, run in enumerate(cmp.runs):
+            pts = [(row["relative_depth"], row[measure]) for row in cmp.rows
+                   if row["model"] == run.label and row["stack"] == "encoder" and row[measure] is not None]
+            if not pts:
+                absent.append(f"{run.label}: {run.missing.get(measure, 'no values')}")
+                continue
+            x, y = zip(*pts)
+            values += y
+            weights = "random init" if run.model.get("random_init") else "trained"
+            label = f"{run.label} — {run.objective} ({weights})"
+            (line,) = ax.plot(x, y, OBJECTIVE_STYLE.get(run.objective, "-"), marker="o", ms=3, lw=1.6,
+                              color=colours[i % len(colours)], label=label)
+            handles.setdefault(label, line)
+        if measure in ("layer_rel", "skip_kl"):
+            _auto_scale(ax, np.asarray(values, dtype=float))
+        else:
+            ax.set_ylim(-0.02, 1.02)
+        if absent:
+            ax.text(0.02, 0.02, "not drawn: " + "; ".join(absent), transform=ax.transAxes, fontsize=6.5,
+                    va="bottom", ha="left", wrap=True, color="dimgrey")
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xlabel("relative depth l / N")
+        ax.set_title(title, fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(MEASURES):]:
+        ax.set_visible(False)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncol=min(len(handles), 2),
+               fontsize=8, frameon=False)
+    inp = cmp.runs[0].data["inputs"]
+    fig.suptitle(f"Depth across models: {inp.get('n_proteins')} proteins from {os.path.basename(str(inp.get('path')))}"
+                 " (encoder stack; T5: encoder, exits into its decoder)", fontsize=10)
+    return save_figure(fig, path, **PNG)

@@ -1,4 +1,5 @@
-"""``protlm analyze depth MODEL INPUT -o DIR``: which layers of a model do the work (JSON, PNG plots, markdown)."""
+"""``protlm analyze depth MODEL INPUT -o DIR``: which layers of a model do the work (JSON, PNG plots, markdown);
+``protlm analyze depth --compare RUN_DIR ... -o DIR``: finished runs of several models on one relative-depth axis."""
 
 from __future__ import annotations
 
@@ -14,10 +15,17 @@ def add_parser(sub) -> None:
                                      "logit lens, linear probes and linear CKA, for the encoder and (encoder-decoder "
                                      "models) the decoder. The output measures read the decoder (T5) or, for a "
                                      "masked LM (ESM-2, DPLM), the LM head at the masked positions. Writes "
-                                     "depth.json, depth.md and PNG plots into DIR.")
-    d.add_argument("model", help="checkpoint directory or Hub id (a preset name with --random-init)")
-    d.add_argument("input", help="FASTA (optionally .gz) or CSV of proteins")
+                                     "depth.json, depth.md and PNG plots into DIR. With --compare, reads finished "
+                                     "runs instead and draws them on one relative-depth axis (compare.png, "
+                                     "compare.csv, compare.json, compare.md).")
+    d.add_argument("model", nargs="?", help="checkpoint directory or Hub id (a preset name with --random-init)")
+    d.add_argument("input", nargs="?", help="FASTA (optionally .gz) or CSV of proteins")
     d.add_argument("-o", "--out", required=True, help="output directory")
+    d.add_argument("--compare", nargs="+", default=None, metavar="RUN_DIR",
+                   help="compare finished depth runs (their -o directories) instead of analysing a model; they must "
+                        "share proteins, crop length, mask rate, CKA budget, probe and analyses")
+    d.add_argument("--labels", nargs="+", default=None, metavar="NAME",
+                   help="with --compare: one legend name per run (default: the model's name)")
     d.add_argument("--random-init", action="store_true", help="random weights: MODEL is a preset, or a checkpoint whose shape is copied (its twin)")
     d.add_argument("--seed", type=int, default=0, help="seed for random init, masking, cropping and sampling (default 0)")
     d.add_argument("--max-proteins", type=int, default=None, help="use the first N records of INPUT")
@@ -58,6 +66,12 @@ def run_depth(args: argparse.Namespace) -> int:
     from protlm.cli.common import load_model
     from protlm.errors import ConfigError, InputError
 
+    if args.compare is not None:
+        return run_compare(args)
+    if args.labels is not None:
+        raise ConfigError("--labels names the runs of --compare; it has no use without it")
+    if args.model is None or args.input is None:
+        raise ConfigError("analyze depth needs MODEL and INPUT (or --compare RUN_DIR ... to compare finished runs)")
     if not os.path.exists(args.input):
         raise InputError(f"{args.input}: no such file")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
@@ -78,4 +92,23 @@ def run_depth(args: argparse.Namespace) -> int:
     for name, path in written.items():
         print(f"{name:12s} {path}")
     print(f"time         {report.timing['total']:.1f} s")
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    from protlm.analysis.compare import compare_runs, write_comparison
+    from protlm.errors import ConfigError
+
+    if args.model is not None:  # a positional before --compare would otherwise be silently ignored
+        raise ConfigError(f"--compare reads finished runs; drop {args.model!r}{' ' + repr(args.input) if args.input else ''} "
+                          "(or add it to the runs after --compare)")
+    cmp = compare_runs(args.compare, args.labels)
+    written = write_comparison(cmp, args.out)
+    for note in cmp.notes:
+        print(note)
+    for r in cmp.runs:
+        missing = ", ".join(f"{m} ({why})" for m, why in r.missing.items())
+        print(f"{r.label}: {r.objective}, {r.data['encoder']['n_layers']} layers" + (f"; not drawn: {missing}" if missing else ""))
+    for name, path in written.items():
+        print(f"{name:12s} {path}")
     return 0
