@@ -93,6 +93,7 @@ SUBSTITUTIONS = [
     ("ElnaggarLab/ankh3-large", "{ankh3}", "published Ankh3: a tiny random Ankh3-family checkpoint"),
     ("Rostlab/prot_t5_xl_uniref50", "{prott5}", "published ProtT5: a tiny random checkpoint with ProtT5's file layout"),
     ("facebook/esm2_t33_650M_UR50D", "{esm2}", "published ESM-2: a tiny random checkpoint with ESM-2's file layout"),
+    ("airkingbd/dplm_150m", "{dplm}", "published DPLM: a tiny random ESM-layout checkpoint marked as DPLM"),
     ("runs/ankh3-large/final", "{ankh3}", "the export of a finished pretraining run: the tiny checkpoint"),
     ("data/uniref50.fasta.gz", os.path.join(DATA, "ecoli_k12_excerpt.fasta.gz"), "UniRef50: 80 E. coli proteins"),
     ("data/uniref50-parquet/", "{parquet}", "UniRef50 as parquet: the CATH excerpt in two parquet files"),
@@ -237,6 +238,16 @@ def _esm2_like(path: str) -> str:
     return path
 
 
+def _dplm_like(path: str) -> str:
+    """DPLM keeps ESM-2's layout; protlm_family marks the objective (depth --compare labels it diffusion)."""
+    from protlm.config import EsmConfig
+
+    pre = protlm.load(EsmConfig(hidden_size=40, num_hidden_layers=6, num_attention_heads=4, intermediate_size=37,
+                                protlm_family="dplm"), random_init=True, seed=4)
+    protlm.save_pretrained(pre.model, path, pre.tokenizer)
+    return path
+
+
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("standins")
@@ -244,7 +255,7 @@ def standins(tmp_path_factory):
     protlm.save_pretrained(ankh3.model, tmp / "ankh3", ankh3.tokenizer)
     _prott5_like(str(tmp / "prott5"))
     return {"ankh3": str(tmp / "ankh3"), "prott5": str(tmp / "prott5"), "esm2": _esm2_like(str(tmp / "esm2")),
-            "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
+            "dplm": _dplm_like(str(tmp / "dplm")), "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
             "ablation": mini_ablation_recipe(_mkdir(tmp / "ablation"))}
 
 

@@ -245,11 +245,10 @@ def plot_compare(cmp, path: str) -> str | None:
             _auto_scale(ax, np.asarray(values, dtype=float))
         else:
             ax.set_ylim(-0.02, 1.02)
-        if absent:
-            ax.text(0.02, 0.02, "not drawn: " + "; ".join(absent), transform=ax.transAxes, fontsize=6.5,
-                    va="bottom", ha="left", wrap=True, color="dimgrey")
         ax.set_xlim(-0.02, 1.02)
-        ax.set_xlabel("relative depth l / N")
+        # under the axis, where it never hides a curve
+        ax.set_xlabel("relative depth l / N" + "".join(f"\nnot drawn: {a}" for a in absent),
+                      fontsize=None if not absent else 8)
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(MEASURES):]:
