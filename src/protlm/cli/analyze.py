@@ -85,6 +85,9 @@ def run_depth(args: argparse.Namespace) -> int:
         flip_threshold=args.flip_threshold,
     )
     pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device, seed=args.seed)
+    from protlm.convert.fallback import refuse_fallback
+
+    refuse_fallback(pre.model, "analyze depth")
     report, written = run_depth_analysis(pre, args.input, args.out, options, max_proteins=args.max_proteins,
                                          progress=not args.quiet, truncate_at=args.truncate_at)
     print(report.summary)

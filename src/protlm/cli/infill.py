@@ -52,6 +52,7 @@ def read_inputs(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    from protlm.convert.fallback import refuse_fallback
     from protlm.generation import infill
     from protlm.utils import atomic_write_text
 
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     settings = dict(strategy="sample" if sample else "greedy", temperature=args.temperature or 1.0,
                     top_k=args.top_k or 0, top_p=args.top_p if args.top_p is not None else 1.0)
     pre = load(args)
+    refuse_fallback(pre.model, "protlm infill")
     results = infill(pre, inputs, num=args.num, seed=args.seed, residues=args.residues, **settings)
     header = f"strategy={settings['strategy']}"
     if sample:

@@ -13,7 +13,8 @@ import json
 import os
 import sys
 
-from protlm.cli.common import add_model_args, load
+from protlm.cli.common import add_model_args
+from protlm.cli.common import load as _load
 from protlm.errors import InputError
 from protlm.generation.variant_table import MUTATION_COLUMNS, SEQUENCE_COLUMNS, read_variant_csv, read_wildtype, spearman
 
@@ -48,6 +49,15 @@ def add_parser(sub) -> None:
     p.add_argument("--token-budget", type=int, default=16384, help="encoder tokens per forward pass, padding included (default 16384)")
     p.add_argument("-o", "--output", help="output CSV (default: stdout)")
     p.set_defaults(run=run)
+
+
+def load(args: argparse.Namespace):
+    """MODEL; a model loaded through transformers' AutoModel (fallback) is refused in one line: it has no LM head."""
+    from protlm.convert.fallback import refuse_fallback
+
+    pre = _load(args)
+    refuse_fallback(pre.model, "protlm score")
+    return pre
 
 
 def run(args: argparse.Namespace) -> int:

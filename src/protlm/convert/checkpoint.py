@@ -18,6 +18,7 @@ import torch
 
 from protlm.config import (PRESET_NAMES, BertConfig, EsmConfig, GPT2Config, T5Config, config_from_hf_dict, preset,
                            read_json_object)
+from protlm.convert import fallback
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.bert import BERT
 from protlm.model.esm import ESM
@@ -218,7 +219,10 @@ def load(
 
 def _from_checkpoint(directory: str, encoder_only: bool | None) -> Pretrained:
     path = os.path.join(directory, "config.json")
-    config = config_from_hf_dict(read_json_object(path), path)
+    data = read_json_object(path)
+    if fallback.fallback_wanted(data, path):  # another Hub encoder: transformers' AutoModel, marked in the log
+        return fallback.load_hf_encoder(directory, data, path)
+    config = config_from_hf_dict(data, path)
     if isinstance(config, EsmConfig):
         return _esm_from_checkpoint(directory, config, encoder_only)
     if isinstance(config, GPT2Config):
@@ -340,6 +344,8 @@ def read_config(spec: "str | os.PathLike", revision: str | None = None) -> tuple
         return preset(os.fspath(spec)), False
     path = os.path.join(resolve_path(spec, revision, config_only=True), "config.json")
     data = read_json_object(path)
+    if fallback.fallback_wanted(data, path):
+        return fallback.HFEncoderConfig.from_hf_dict(data, path), True
     architectures = data.get("architectures") or []
     return config_from_hf_dict(data, path), bool({"T5EncoderModel", "EsmModel", "GPT2Model", "BertModel"} & set(architectures))
 
@@ -351,6 +357,8 @@ def _random(spec, seed: int, encoder_only: bool | None, revision: str | None) ->
     else:
         config, stored_encoder_only = read_config(spec, revision)
         name = os.path.abspath(spec) if os.path.isdir(spec) else os.fspath(spec)
+        if isinstance(config, fallback.HFEncoderConfig):
+            raise fallback.random_init_refusal(name)
     encoder_only = stored_encoder_only if encoder_only is None else encoder_only
     if isinstance(config, EsmConfig):
         tokenizer = esm_tokenizer()
