@@ -304,3 +304,11 @@ def test_depth_analysis_and_truncation_run_on_bert():
         out = pre.model.bert.block[1](full.hidden_states[1], ctx, return_updates=True)
         assert torch.allclose(full.hidden_states[1] + out.attn_update + out.ffn_update, out.hidden, atol=1e-6)
         assert torch.equal(out.hidden, full.hidden_states[2])
+
+
+def test_info_describes_bert(tmp_path):
+    from protlm.cli.info import describe
+
+    rows = dict(describe(load(_tiny_checkpoint(tmp_path))))
+    assert "layers=3 (post-LN)" in rows["shape"] and "up to 38 residues" in rows["windows"]
+    assert "[CLS] 2, [SEP] 3, [MASK] 4, [PAD] 0" in rows["vocabulary"]

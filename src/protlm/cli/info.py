@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
 def describe(pre) -> list[tuple[str, str]]:
     """(field, text) rows for the shape and the vocabulary, in each family's own terms."""
-    from protlm.config import EsmConfig, GPT2Config
+    from protlm.config import BertConfig, EsmConfig, GPT2Config
 
     cfg, tok = pre.config, pre.tokenizer
     if isinstance(cfg, GPT2Config):
@@ -46,6 +46,21 @@ def describe(pre) -> list[tuple[str, str]]:
             ("vocabulary", f"{len(tok)} byte-level BPE tokens from {tok.source}; <|endoftext|> {tok.eot_id}; "
                            "no task tokens"),
         ]
+    if isinstance(cfg, BertConfig):
+        return [
+            ("shape", f"hidden={cfg.hidden_size} ffn={cfg.intermediate_size} heads={cfg.num_attention_heads}x"
+                      f"{cfg.hidden_size // cfg.num_attention_heads} layers={cfg.num_hidden_layers} (post-LN) "
+                      f"positions={cfg.max_position_embeddings} (learned) activation={cfg.hidden_act}"),
+            ("windows", f"up to {pre.model.max_residues} residues (its positions less [CLS] and [SEP]); longer "
+                        "proteins are embedded in overlapping windows"),
+            ("heads", "MLM head (tied to the word embeddings)" if pre.model.cls is not None else "none (embeddings only)"),
+            ("vocabulary", f"{len(tok)} tokens from {tok.source}; [CLS] {tok.bos_id}, [SEP] {tok.eos_id}, "
+                           f"[MASK] {tok.mask_id}, [PAD] {tok.pad_id}; no task tokens"),
+        ]
+    if getattr(pre.model, "kind", None) == "hf-encoder":
+        return [("shape", f"{cfg.model_type} through transformers' AutoModel (fallback: embed and evaluate only): "
+                          f"hidden={cfg.hidden_size} layers={cfg.num_hidden_layers}"),
+                ("vocabulary", f"{len(tok)} tokens from {tok.source}")]
     if isinstance(cfg, EsmConfig):
         d_head = cfg.hidden_size // cfg.num_attention_heads
         parts = [name for name, present in (("LM head", pre.model.lm_head is not None),
