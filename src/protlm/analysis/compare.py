@@ -301,18 +301,21 @@ def markdown(cmp: Comparison, figure: str | None) -> str:
     first = cmp.runs[0].data
     inp, opt = first["inputs"], first["options"]
     lines = ["# Depth across models", "",
-             f"{len(cmp.runs)} depth runs on the same {inp.get('n_proteins')} proteins ({inp.get('n_residues')} "
+             f"{len(cmp.runs)} model{'s' if len(cmp.runs) > 1 else ''} analysed on the same {inp.get('n_proteins')} "
+             f"proteins ({inp.get('n_residues')} "
              f"residues, cropped to {opt.get('max_length')}) from `{inp.get('path')}`, mask rate "
              f"{opt.get('mask_rate')}. Layer l of an N-block stack is drawn at relative depth l/N; the curves read "
              "each model's encoder stack (a masked or causal LM's only stack; T5's decoder rows are in "
              "compare.csv).", "",
-             "| model | objective | weights | source | layers | d_model | measures missing |", "|---|---|---|---|---|---|---|"]
+             "| model | objective | weights | source | layers | d_model | precision | analysis time | measures missing |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in cmp.runs:
         missing = "; ".join(f"{m}: {why}" for m, why in r.missing.items()) or "none"
         layers = str(r.data["encoder"]["n_layers"]) + (f" + {r.data['decoder']['n_layers']} decoder"
                                                        if r.data.get("decoder") else "")
         lines.append(f"| {r.label} | {r.objective} | {'random init' if r.model.get('random_init') else 'trained'} "
-                     f"| `{r.model['source']}` | {layers} | {r.model.get('d_model')} | {missing} |")
+                     f"| `{r.model['source']}` | {layers} | {r.model.get('d_model')} | {r.model.get('dtype')} | "
+                     f"{(r.data.get('timing') or {}).get('total', math.nan):.0f} s | {missing} |")
     lines.append("")
     if any(r.model.get("random_init") for r in cmp.runs):
         lines += ["A random-init model's curves describe its architecture at initialisation, not what its "
