@@ -10,7 +10,8 @@ stack sits at relative depth l/N, so a 6-layer and a 33-layer model share the ax
 stack: T5's encoder, a masked LM's only stack, a causal LM's only stack (the protocol exposes it as ``encoder``);
 T5's decoder rows are in the table too.
 
-Runs may differ in model (shape, family, weights, precision), seed and layer subset. They must not differ in
+Runs may differ in model (shape, family, weights, precision), seed (unless probes ran: the seed picks the probe's
+proteins, which the probe's ``source`` records) and layer subset. They must not differ in
 what was measured: the proteins (ids), the crop length, the mask rate, the CKA token budget, the probe (task,
 data, train/test proteins) and the analyses that ran, except for one a model cannot run (early exit without an
 output head).
