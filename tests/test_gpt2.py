@@ -351,6 +351,8 @@ def test_sampling_pieces_match_transformers_and_the_cache_changes_nothing(checkp
         assert set(c.continuation) <= set("LAGSVERTIDPKNFQYHMCW")
     with pytest.raises(ConfigError, match="beam search is not implemented for causal LMs"):
         generate(pre, ["MKT"], strategy="beam", num_beams=2)
+    with pytest.raises(InputError, match="exceed the model's 97 positions"):
+        generate(pre, [CORPUS[0][:80]], max_new_tokens=40)
 
 
 def test_commands_without_a_causal_lm_path_refuse_in_one_line(tmp_path, checkpoint):

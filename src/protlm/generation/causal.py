@@ -146,9 +146,9 @@ def complete(pre, records: list[tuple[str, str]], config, first_index: int = 0) 
     if config.residues == "standard":  # drop tokens holding X, U, Z, O or B
         from protlm.tokenizer.vocab import STANDARD
 
-        standard = set(STANDARD)
+        standard, residue_tokens = set(STANDARD), set(tok.residue_token_ids.tolist())
         for t, i in tok.vocab.items():
-            if i in set(tok.residue_token_ids.tolist()) and not set(t) <= standard:
+            if i in residue_tokens and not set(t) <= standard:
                 allowed[i] = False
     rows = []  # (record index, prompt ids, limit)
     for i, (rid, seq) in enumerate(records):
