@@ -164,6 +164,8 @@ def test_labels_and_two_runs_of_one_model(runs, tmp_path):
     (lambda d: d["encoder"].update(probe=None) or d["options"]["analyses"].remove("probe"),
      r"has probe task ssp3 on FLIP secondary_structure split in .*ssp3_flip_excerpt.*, run .* has no probe"),
     (lambda d: d["encoder"]["probe"].update(source="FLIP split in elsewhere"), r"has probe task ssp3 on .*elsewhere"),
+    (lambda d: d["options"].update(seed=5) or d["encoder"]["probe"].update(source=d["encoder"]["probe"]["source"] + "!"),
+     r"drew its probe proteins with --seed 0, run .* with --seed 5; with probes, rerun with the same --seed"),
     (lambda d: d["inputs"]["ids"].__setitem__(1, "other"), r"analysed 4 proteins .* \(record 2: .* vs other\)"),
     (lambda d: d["encoder"].update(similarity=None) or d["options"]["analyses"].remove("cka"),
      r"ran the cka analysis, run .* did not"),

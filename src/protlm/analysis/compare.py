@@ -155,6 +155,10 @@ def check_comparable(runs: list[DepthRun]) -> list[str]:
                                   f"{b['options'].get(key)}")
         pa, pb = _probe_of(first), _probe_of(run)
         if pa != pb:
+            seeds = (a["options"].get("seed"), b["options"].get("seed"))
+            if None not in (pa, pb) and seeds[0] != seeds[1]:  # the seed draws the probe's proteins
+                raise ConfigError(f"--compare: {first.name} drew its probe proteins with --seed {seeds[0]}, {run.name} "
+                                  f"with --seed {seeds[1]}; with probes, rerun with the same --seed")
             raise ConfigError(f"--compare: {first.name} has {_describe_probe(pa)}, {run.name} has "
                               f"{_describe_probe(pb)}; rerun with the same --task/--probe-data/--probe-train/--probe-test")
         sa, sb = set(a["options"].get("analyses") or []), set(b["options"].get("analyses") or [])
