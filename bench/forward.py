@@ -1,18 +1,25 @@
-"""Encoder throughput of protlm against transformers (T5EncoderModel, EsmModel), same weights, same proteins, same run.
+"""Encoder throughput of protlm against transformers (T5EncoderModel, EsmModel, BertModel, GPT2Model), same weights,
+same proteins, same run.
 
     .venv/bin/python bench/forward.py            # full: 12-layer d768 (300 proteins) and ankh-base shape (60)
     .venv/bin/python bench/forward.py --quick    # a couple of minutes: 4-layer d768 on 24 proteins
     .venv/bin/python bench/forward.py --dtypes fp32 bf16   # both dtypes instead of the one "auto" picks here
     .venv/bin/python bench/forward.py --shapes esm2_t12_35M esm2_t33_650M   # ESM-2 against transformers' EsmModel
+    .venv/bin/python bench/forward.py --shapes prot_bert_l8 gpt2-medium_l8  # BertModel and GPT2Model (8 layers each)
 
 By default both sides run in the dtype that protlm's ``auto`` picks on this CPU (:mod:`protlm.precision`: fp32
 where bf16 is emulated, as on AVX2-only CPUs; bf16 where a measured bf16 matmul beats fp32), and transformers
 gets its best set-up in that dtype.
 
 For each model shape the script makes random weights, saves them once in the Hugging Face layout and loads
-that directory on both sides (``protlm.load`` and ``T5EncoderModel`` / ``EsmModel`` ``.from_pretrained(
-attn_implementation="sdpa")``; ESM shapes are the published ESM-2 presets, encoder only, no pooler).
-Proteins are a seeded sample of a real FASTA file (default: the E. coli K-12 proteome in ``../shared/data``).
+that directory on both sides (``protlm.load`` and ``T5EncoderModel`` / ``EsmModel`` / ``BertModel`` / ``GPT2Model`` ``.from_pretrained(
+attn_implementation="sdpa")``; ESM shapes are the published ESM-2 presets, encoder only, no pooler; the BERT and
+GPT-2 shapes are the ``prot_bert`` and ``gpt2-medium`` presets cut to 8 layers so that they fit a 2-core CPU's
+time, ``_full`` names the whole depth). Proteins are a seeded sample of a real FASTA file (default: the E. coli
+K-12 proteome in ``../shared/data``). Tokens are protlm's, the same ids on both sides: one per residue plus the
+family's specials for T5, ESM and BERT; for GPT-2, ProtGPT2's text (``<|endoftext|>``, lines of 60 residues)
+through the residue-level BPE a random-init GPT-2 gets, so about one token per residue (ProtGPT2's own vocabulary
+would give about a quarter as many tokens; residues/s counts residues either way).
 
 Every measurement runs in a fresh subprocess, so peak memory (the kernel's VmHWM, reset after loading) belongs
 to that run alone, and one run's freed memory cannot flatter the next. transformers gets its best set-up: it is
@@ -43,7 +50,7 @@ import time
 import torch
 
 import protlm
-from protlm.config import EsmConfig, preset
+from protlm.config import BertConfig, EsmConfig, GPT2Config, T5Config, preset
 from protlm.precision import choose, describe_cpu
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -55,6 +62,10 @@ SHAPES = {
     "ankh-base": ("ankh-base", dict(), 60),
     "esm2_t12_35M": ("esm2_t12_35M", dict(), 120),
     "esm2_t33_650M": ("esm2_t33_650M", dict(), 24),
+    "prot_bert_l8": ("prot_bert", dict(num_hidden_layers=8), 60),
+    "prot_bert_full": ("prot_bert", dict(), 24),
+    "gpt2-medium_l8": ("gpt2-medium", dict(n_layer=8), 60),
+    "gpt2-medium_full": ("gpt2-medium", dict(), 24),
 }
 QUICK_SHAPES = {"d768x4": ("ankh-base", dict(num_layers=4), 24)}
 
@@ -80,11 +91,18 @@ def matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 / best
 
 
+def family(cfg) -> str:
+    return {EsmConfig: "esm", BertConfig: "bert", GPT2Config: "gpt2", T5Config: "t5"}[type(cfg)]
+
+
 def encoder_flops(cfg, lengths: list[int]) -> float:
     """Useful FLOPs of the encoder on these token counts: the projections, the FFN and the two attention
-    matmuls (scores and weighted values); padding and elementwise work are not counted."""
-    if isinstance(cfg, EsmConfig):
+    matmuls (scores and weighted values, counted in full also for GPT-2's causal attention); padding and
+    elementwise work are not counted."""
+    if isinstance(cfg, (EsmConfig, BertConfig)):
         d, inner, ff, ff_mats = cfg.hidden_size, cfg.hidden_size, cfg.intermediate_size, 2
+    elif isinstance(cfg, GPT2Config):
+        d, inner, ff, ff_mats = cfg.n_embd, cfg.n_embd, cfg.n_inner or 4 * cfg.n_embd, 2
     else:
         d, inner, ff, ff_mats = cfg.d_model, cfg.num_heads * cfg.d_kv, cfg.d_ff, 3 if cfg.is_gated else 2
     per_token = 2 * (4 * d * inner + ff_mats * d * ff)
@@ -139,19 +157,24 @@ def pad(rows: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Ten
 def worker(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
     with open(spec["rows"]) as fh:
-        rows: list[list[int]] = json.load(fh)
+        data = json.load(fh)
+    rows: list[list[int]] = data["rows"]
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     autocast = spec["mode"] == "autocast"
     if spec["impl"] == "protlm":
         model = protlm.load(spec["model_dir"], dtype=dtype).model.encoder
         run = lambda ids, mask: model(ids, mask).last_hidden_state  # noqa: E731
     else:
-        from transformers import EsmModel, T5EncoderModel
+        from transformers import BertModel, EsmModel, GPT2Model, T5EncoderModel
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
         if spec["family"] == "esm":
             model = EsmModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa", add_pooling_layer=False)
+        elif spec["family"] == "bert":
+            model = BertModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa", add_pooling_layer=False)
+        elif spec["family"] == "gpt2":
+            model = GPT2Model.from_pretrained(spec["model_dir"], attn_implementation="sdpa")
         else:
             model = T5EncoderModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa")
         if not autocast:
@@ -177,7 +200,7 @@ def worker(spec: dict) -> dict:
         forward(ids, mask)
     wall = time.perf_counter() - t0
     cpu = time.process_time() - cpu0
-    residues = sum(len(r) - spec["specials"] for r in rows)  # </s> (T5), <cls> and <eos> (ESM) are not residues
+    residues = sum(data["residues"])  # special tokens (</s>, <cls>, line breaks, ...) are not residues
     return dict(
         wall=wall, cpu=cpu, residues=residues, res_per_s=residues / wall, res_per_cpu_s=residues / cpu,
         batches=len(plan),
@@ -216,17 +239,31 @@ def hf_candidates(dtype: str, budgets: list[int]) -> list[tuple[str, int]]:
     return [(m, b) for m in modes for b in [0, *budgets]]
 
 
+def describe_shape(cfg) -> str:
+    fam = family(cfg)
+    if fam == "t5":
+        return f"{cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, {cfg.feed_forward_proj}"
+    if fam == "gpt2":
+        return (f"{cfg.n_layer} layers, d_model {cfg.n_embd}, d_ff {cfg.n_inner or 4 * cfg.n_embd}, {cfg.n_head} heads, "
+                f"pre-LN, causal, learned positions, {cfg.activation_function}")
+    kind = "rotary, GELU" if fam == "esm" else f"post-LN, learned positions, {cfg.hidden_act}"
+    return (f"{cfg.num_layers} layers, d_model {cfg.hidden_size}, d_ff {cfg.intermediate_size}, "
+            f"{cfg.num_attention_heads} heads, {kind}")
+
+
 def run_shape(name, base_preset, overrides, n_proteins, args, peaks, out) -> None:
     cfg = preset(base_preset, **overrides)
-    esm = isinstance(cfg, EsmConfig)
-    if not esm:
+    fam = family(cfg)
+    if fam == "t5":
         cfg = cfg.replace(num_decoder_layers=0)
     pre = protlm.random_init(cfg, seed=0, encoder_only=True)
     proteins = sample_proteins(args.fasta, n_proteins, args.seed)
-    # ESM windows hold max_residues; longer proteins are cut to it here (protlm embed would tile them)
-    limit = pre.model.max_residues if esm else None
-    rows = [pre.tokenizer.encode(seq[:limit], record=pid, unknown="x") for pid, seq in proteins]
-    specials = 2 if esm else 1
+    # ESM, BERT and GPT-2 hold max_residues per window; longer proteins are cut to it here (protlm embed would
+    # tile them)
+    limit = None if fam == "t5" else pre.model.max_residues
+    seqs = [(pid, seq[:limit]) for pid, seq in proteins]
+    rows = [pre.tokenizer.encode(seq, record=pid, unknown="x") for pid, seq in seqs]
+    residues = [len(seq) for _, seq in seqs]
     lengths = [len(r) for r in rows]
     flops = encoder_flops(cfg, lengths)
     pad_id = pre.tokenizer.pad_id
@@ -236,20 +273,15 @@ def run_shape(name, base_preset, overrides, n_proteins, args, peaks, out) -> Non
         del pre
         rows_path = os.path.join(tmp, "rows.json")
         with open(rows_path, "w") as fh:
-            json.dump(rows, fh)
-        pilot_rows = rows[: max(8, len(rows) // args.pilot_fraction)]
+            json.dump(dict(rows=rows, residues=residues), fh)
+        n_pilot = max(8, len(rows) // args.pilot_fraction)
         pilot_path = os.path.join(tmp, "pilot.json")
         with open(pilot_path, "w") as fh:
-            json.dump(pilot_rows, fh)
-        shape = (f"{cfg.num_layers} layers, d_model {cfg.hidden_size}, d_ff {cfg.intermediate_size}, "
-                 f"{cfg.num_attention_heads} heads, rotary, GELU" if esm else
-                 f"{cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, "
-                 f"{cfg.feed_forward_proj}")
-        print(f"\n## {name}: {shape}; {len(rows)} proteins, {sum(lengths) - specials * len(rows)} residues "
-              f"(length min {min(lengths) - specials}, median {sorted(lengths)[len(lengths) // 2] - specials}, "
-              f"max {max(lengths) - specials})")
-        base = dict(model_dir=model_dir, threads=args.threads or torch.get_num_threads(),
-                    family="esm" if esm else "t5", pad_id=pad_id, specials=specials)
+            json.dump(dict(rows=rows[:n_pilot], residues=residues[:n_pilot]), fh)
+        print(f"\n## {name}: {describe_shape(cfg)}; {len(rows)} proteins, {sum(residues)} residues in "
+              f"{sum(lengths)} tokens (residues min {min(residues)}, median {sorted(residues)[len(residues) // 2]}, "
+              f"max {max(residues)})")
+        base = dict(model_dir=model_dir, threads=args.threads or torch.get_num_threads(), family=fam, pad_id=pad_id)
         key = "res_per_cpu_s" if args.metric == "cpu" else "res_per_s"
         for dtype in args.dtypes:
             # transformers' best set-up, chosen on a pilot subset
@@ -297,7 +329,7 @@ def main() -> None:
                     help="compute dtypes to compare in (default: auto, what protlm picks on this CPU)")
     ap.add_argument("--fasta", default=DEFAULT_FASTA, help="proteins to encode (FASTA, .gz allowed)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the protein sample")
-    ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60 / 120 / 24)")
+    ap.add_argument("--proteins", type=int, help="override the number of proteins per shape (300 / 60 / 120 / 24 ...)")
     ap.add_argument("--max-tokens", type=int, default=512,
                     help="protlm's padded-token budget per batch (default: protlm embed's CPU default)")
     ap.add_argument("--hf-budgets", type=int, nargs="*", default=[512, 1536],
