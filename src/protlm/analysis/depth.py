@@ -20,11 +20,16 @@ What "the output" is depends on ``model.kind`` (:mod:`protlm.model.protocol`), n
   are sentinels in the encoder input);
 - masked-LM (ESM-2, DPLM): ``mlm_logits(final_layer_norm(h_N))`` at the positions shown as ``<mask>``; its early
   exit is the logit lens of the encoder: ``mlm_logits(final_layer_norm(h_l))``;
+- causal-LM (GPT-2, ProtGPT2): next-token prediction ``log_softmax(lm_logits(ln_f(h_N)))`` at every position
+  that has a next token, on the clean protein in the model's text convention (nothing is masked); its early exit
+  is the logit lens through ``ln_f`` and the tied head. Its single causal stack is analysed as "the encoder";
 - an encoder without a head (``encoder_only``): no output measures; everything runs on the clean input.
 
 Representations for probes and CKA are final_layer_norm(h_l): what a model truncated after block l outputs.
 A masked LM's CKA and probes read the clean input ``<cls> residues <eos>`` (as ``protlm embed`` feeds it), not
-the masked one its output measures need.
+the masked one its output measures need. A causal LM's tokens span several residues: its CKA is over tokens
+(those holding a residue) and its probes over residues, each residue given the vector of the token holding it
+(as ``protlm embed`` does).
 Everything runs block by block through :class:`~protlm.analysis.blocks.StackRunner` under inference mode, one
 token-budget batch at a time, so memory stays bounded by the batch, never by the number of proteins.
 """
@@ -86,11 +91,18 @@ class DepthPlan:
     decoder: bool  # the decoder's own layers are analysed
     encoder_layers: list[int]
     decoder_layers: list[int]
-    output: str | None = None  # what the output measures read: "decoder", "lm-head" (masked LM) or None
+    output: str | None = None  # what the output measures read: "decoder", "lm-head" (masked LM), "next-token"
+    #                            (causal LM) or None
+    causal_lm: bool = False  # the model is a causal LM (clean input, BPE tokens), with or without its head
 
     @property
     def masked_lm(self) -> bool:
         return self.output == "lm-head"
+
+    @property
+    def head_on_stack(self) -> bool:
+        """The output is an LM head read off the analysed stack's own positions (masked or causal LM)."""
+        return self.output in ("lm-head", "next-token")
 
 
 OUTPUT_MEANS = {
@@ -98,6 +110,9 @@ OUTPUT_MEANS = {
                "the encoder's final representation is what the decoder reads)",
     "lm-head": "the masked-LM head's prediction at each position shown as <mask>: "
                "mlm_logits(final_layer_norm(h_N)); early exit reads layer l the same way (logit lens)",
+    "next-token": "the causal LM's next-token prediction at every position that has a next token: "
+                  "log_softmax(lm_head(ln_f(h_N))) with the head tied to the embeddings; early exit reads layer l "
+                  "the same way (logit lens)",
 }
 
 
@@ -107,15 +122,17 @@ def output_of(model) -> str | None:
         return "decoder"
     if model.kind == "masked-lm" and not model.encoder_only:
         return "lm-head"
+    if model.kind == "causal-lm" and not model.encoder_only:
+        return "next-token"
     return None
 
 
 def resolve_plan(model, options: DepthOptions) -> DepthPlan:
-    if model.kind == "causal-lm":  # its logit lens (next-token, through ln_f and the tied head) is not written yet
-        raise ConfigError("analyze depth does not run on causal LMs (GPT-2, ProtGPT2) yet; it supports T5 "
-                          "(Ankh, ProtT5), ESM-2 and DPLM models")
     has_decoder = model.decoder is not None
     output = output_of(model)
+    if not has_decoder and (options.decoder or options.decoder_layers is not None) and model.kind == "causal-lm":
+        raise ConfigError("this model is a causal LM: its one causal stack is analysed as the encoder (there is no "
+                          "separate decoder); drop --decoder / --decoder-layers")
     if not has_decoder and (options.decoder or options.decoder_layers is not None) and model.kind == "masked-lm":
         raise ConfigError("this model is a masked LM: it has no decoder (its output is the LM head on the "
                           "encoder's own positions); drop --decoder / --decoder-layers")
@@ -130,7 +147,7 @@ def resolve_plan(model, options: DepthOptions) -> DepthPlan:
             if a not in ANALYSES:
                 raise ConfigError(f"unknown analysis {a!r}; choose from {', '.join(ANALYSES)}")
         if "early-exit" in analyses and not output:
-            if model.kind == "masked-lm":
+            if model.kind in ("masked-lm", "causal-lm"):
                 raise ConfigError("early-exit needs the LM head (the encoder's layers are read through it); this "
                                   "model was loaded without it (encoder-only)")
             raise ConfigError("early-exit needs a decoder (the encoder's layers are read through it); this model is encoder-only")
@@ -154,7 +171,8 @@ def resolve_plan(model, options: DepthOptions) -> DepthPlan:
     if limit is not None and options.max_length > limit:
         raise ConfigError(f"--max-length {options.max_length} is longer than the {limit} residues this model was "
                           f"trained on; use --max-length {limit} or less")
-    return DepthPlan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers, output)
+    return DepthPlan(tuple(analyses), has_decoder, analyse_decoder, enc_layers, dec_layers, output,
+                     model.kind == "causal-lm")
 
 
 # --- result records ------------------------------------------------------------------------------------------
@@ -333,19 +351,21 @@ class _Analyser:
         last = self.dec.run(h, dm, 0, enc=enc_out)[-1]
         return self._logp(last)
 
-    def _mlm_logp(self, h: Tensor, b: DepthBatch) -> Tensor:
-        """A masked LM's log-probabilities (n, V) read from encoder stream ``h`` (B, L, D) through the final norm
-        and the LM head, at the n masked positions only (the head's cost then scales with them, not with L)."""
-        return F.log_softmax(self.model.mlm_logits(self.enc.normed(h[b.pred_mask])).float(), dim=-1)
+    def _head_logp(self, h: Tensor, b: DepthBatch) -> Tensor:
+        """A masked or causal LM's log-probabilities (n, V) read from stream ``h`` (B, L, D) through the final
+        norm and the LM head, at the n predicting positions only (masked LM: the masked ones; causal LM: those with
+        a next token), so the head's cost scales with them."""
+        head = self.model.mlm_logits if self.plan.masked_lm else self.model.lm_logits
+        return F.log_softmax(head(self.enc.normed(h[b.pred_mask])).float(), dim=-1)
 
     def _output_logp(self, enc_last: Tensor, b: DepthBatch, base: "_Baseline") -> Tensor:
         """The model's output when the encoder's last stream (before the final norm) is ``enc_last``."""
-        if self.plan.masked_lm:
-            return self._mlm_logp(enc_last, b)
+        if self.plan.head_on_stack:
+            return self._head_logp(enc_last, b)
         return self._decode_logp(self.enc.normed(enc_last), b, base.dec_masks)
 
     def _record_output(self, key: tuple, logp_full: Tensor, logp: Tensor, b: DepthBatch, accuracy: bool = False) -> None:
-        if logp.dim() == 2:  # a masked LM's head ran at the masked positions only: put them back in (B, L)
+        if logp.dim() == 2:  # a masked/causal LM's head ran at the predicting positions only: put them back
             cmp = compare_outputs(logp_full, logp, b.labels[b.pred_mask])
             cmp = type(cmp)(*(_at(b.pred_mask, v) for v in (cmp.kl, cmp.top1_agree, cmp.correct)))
         else:
@@ -397,8 +417,8 @@ class _Analyser:
         h0 = self.enc.embed(b.input_ids, b.attention_mask)
         base = _Baseline(self.enc.masks(h0, b.attention_mask))
         base.enc = self._forward(self.enc, "encoder", h0, base.enc_masks, b.enc_tokens, idx)
-        if self.plan.masked_lm:
-            base.logp = self._mlm_logp(base.enc[-1], b)
+        if self.plan.head_on_stack:
+            base.logp = self._head_logp(base.enc[-1], b)
             labels = b.labels[b.pred_mask]
             correct = (base.logp.argmax(-1) == labels).float()
             nll = -base.logp.gather(-1, labels[:, None])[:, 0]
@@ -445,10 +465,10 @@ class _Analyser:
     def _exit_step(self, b: DepthBatch, base: "_Baseline") -> None:
         n_enc = self.enc.n_layers
         for layer in self.plan.encoder_layers:
-            # exiting after the last block is the full model itself (a masked LM's head is cheap at the masked
+            # exiting after the last block is the full model itself (a masked/causal LM's head is cheap at its
             # positions, so it is re-read there: the logit lens path is then checked against the output path)
-            logp = base.logp if layer == n_enc and not self.plan.masked_lm else self._output_logp(base.enc[layer], b,
-                                                                                                  base)
+            logp = base.logp if layer == n_enc and not self.plan.head_on_stack else self._output_logp(
+                base.enc[layer], b, base)
             self._record_output(("encoder", "exit", layer), base.logp, logp, b, accuracy=True)
         if self.plan.decoder:
             for layer in self.plan.decoder_layers:
@@ -468,6 +488,9 @@ class _Analyser:
         if stack == "encoder" and self.plan.masked_lm:
             tokens = ("unmasked residue positions of the masked input (output measures: the masked positions; CKA: "
                       "every residue of the clean input)")
+        if stack == "encoder" and self.plan.causal_lm:
+            tokens = ("tokens of the clean input that hold a residue (a BPE token spans several; output measures: "
+                      "every position that has a next token; CKA: the residue-holding tokens)")
         rep = StackReport(stack, n, tokens)
         blocks = list(range(1, n + 1))
         if self.want("contribution"):
@@ -502,8 +525,8 @@ class _Analyser:
 
 def embedding_prefix(model) -> str | None:
     """The task prefix ``protlm embed`` uses for this model family (Ankh3: [NLU]; others: none)."""
-    if model.kind == "masked-lm":
-        return None  # a masked LM has no task tokens: its input is <cls> residues <eos>
+    if model.kind in ("masked-lm", "causal-lm"):
+        return None  # no task tokens: <cls> residues <eos> (masked LM), ProtGPT2's text (causal LM)
     prefix = PREFIX_BY_FAMILY.get(model.config.protlm_family, "none")
     return None if prefix == "none" else prefix
 
@@ -517,33 +540,40 @@ def run_probes(model, tok, task: ProbeTask, layers: list[int], options: DepthOpt
     runner = StackRunner(model.encoder)
     probes = LayerProbes(layers, len(task.classes))
 
+    causal = model.kind == "causal-lm"
+
     def feed(split, train: bool):
         records = list(zip(split.ids, split.sequences))
         prefix = embedding_prefix(model)
         prots = prepare_proteins(records, tok, options.max_length, None, options.seed, source=f"probe {task.name}",
-                                 clean_prefix=prefix)
+                                 clean_prefix=prefix, causal_lm=causal)
         n_prefix = len(tok.prefix_token_ids(prefix))
-        for b in tqdm(batches(prots, tok, options.batch_tokens), desc=f"probe {'train' if train else 'test'}",
-                      disable=not progress, leave=False):
+        for b in tqdm(batches(prots, tok, options.batch_tokens, causal_lm=causal),
+                      desc=f"probe {'train' if train else 'test'}", disable=not progress, leave=False):
             b = b.to(device)
-            y = torch.full(b.input_ids.shape, -1, dtype=torch.long)
-            prot = torch.zeros(b.input_ids.shape, dtype=torch.long)
+            # per residue: its label, its row in the batch and the token that holds it (one token per residue,
+            # after the prefix, unless the tokenizer's tokens span several: then the residue -> token map)
+            ys, rows, cols, prot = [], [], [], []
             for r, p in enumerate(b.index):
                 pr = prots[p]
-                y[r, n_prefix:n_prefix + pr.length] = torch.from_numpy(split.labels[p][pr.start:pr.start + pr.length])
-                prot[r] = int(p)
-            y = y.to(device)
-            sel = y >= 0
-            if not sel.any():
+                ys.append(torch.from_numpy(split.labels[p][pr.start:pr.start + pr.length]))
+                cols.append(torch.from_numpy(pr.token_of_residue) if causal
+                            else torch.arange(n_prefix, n_prefix + pr.length))
+                rows.append(torch.full((pr.length,), r))
+                prot.append(torch.full((pr.length,), int(p)))
+            y, rows_t, cols_t, prot_t = (torch.cat(t) for t in (ys, rows, cols, prot))
+            keep = y >= 0
+            if not keep.any():
                 continue
+            y, rows_t, cols_t, prot_t = (t[keep].to(device) for t in (y, rows_t, cols_t, prot_t))
             h = runner.embed(b.input_ids, b.attention_mask)
             masks = runner.masks(h, b.attention_mask)
             streams = [h] + runner.run(h, masks, 0)
-            feats = {l: runner.normed(streams[l][sel]) for l in layers}
+            feats = {l: runner.normed(streams[l][rows_t, cols_t]) for l in layers}
             if train:
-                probes.add_train(feats, y[sel], prot.to(device)[sel])
+                probes.add_train(feats, y, prot_t)
             else:
-                probes.add_test(feats, y[sel])
+                probes.add_test(feats, y)
 
     feed(task.train, True)
     probes.fit()
@@ -640,10 +670,11 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
     records = read_proteins(input_path, max_proteins)
     proteins = prepare_proteins(records, tok, options.max_length, options.mask_rate if plan.output else None,
                                 options.seed, source=str(input_path), clean_prefix=embedding_prefix(model),
-                                masked_lm=plan.masked_lm)
+                                masked_lm=plan.masked_lm, causal_lm=plan.causal_lm)
     device = next(model.parameters()).device
     start_id = model.config.decoder_start_token_id if plan.has_decoder else None
-    batch_list = batches(proteins, tok, options.batch_tokens, start_id, masked_lm=plan.masked_lm)
+    batch_list = batches(proteins, tok, options.batch_tokens, start_id, masked_lm=plan.masked_lm,
+                         causal_lm=plan.causal_lm)
     enc_total = sum(int(b.enc_tokens.sum()) for b in batch_list)
     pred_total = sum(int(b.pred_mask.sum()) for b in batch_list)
     cka_total = enc_total + pred_total if plan.masked_lm else enc_total  # a masked LM's CKA reads every residue
@@ -683,6 +714,8 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
         full = {"denoising_accuracy": acc.mean, "denoising_nll": nll.mean, "n_predictions": pred_total}
     elif plan.masked_lm:
         full = {"masked_accuracy": acc.mean, "masked_nll": nll.mean, "n_predictions": pred_total}
+    elif plan.output == "next-token":
+        full = {"next_token_accuracy": acc.mean, "next_token_nll": nll.mean, "n_predictions": pred_total}
     timing = {k: round(v, 3) for k, v in analyser.seconds.items()}
     timing["total"] = round(sum(analyser.seconds.values()), 3)
     timing["wall_this_run"] = round(time.perf_counter() - t0, 3)
@@ -699,6 +732,7 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
                 "n_cropped": int(sum(len(s) > options.max_length for _, s in records)),
                 "encoder_tokens_averaged": enc_total, "predicted_residues": pred_total,
                 "denoising_input": plan.has_decoder, "masked_lm_input": plan.masked_lm,
+                "causal_lm_input": plan.causal_lm,
                 "ids": [p.id for p in proteins]},
         options={**options.to_dict(), "analyses": list(plan.analyses), "decoder": plan.decoder,
                  "encoder_layers": plan.encoder_layers, "decoder_layers": plan.decoder_layers},

@@ -6,11 +6,17 @@ runs. How residues are masked follows the model's own training objective (``mode
 
 - encoder-decoder (T5): 1-gram denoising, each masked residue a sentinel; the decoder restores them;
 - masked-LM (ESM-2, DPLM): each masked residue shown as ``<mask>`` in ``<cls> residues <eos>``; the LM head
-  predicts it at its own position (labels are aligned with the input).
+  predicts it at its own position (labels are aligned with the input);
+- causal-LM (GPT-2, ProtGPT2): nothing is masked; the input is the clean protein in the model's own text
+  convention (:meth:`protlm.tokenizer.bpe.BPETokenizer.text`), and every token is predicted from the ones before
+  it (labels are the input shifted left by one).
 
 Per-token averages use the positions that hold an unmasked residue in the encoder and the positions that
 predict a masked residue (T5: in the decoder; masked-LM: the masked positions themselves); prefix, ``<cls>``,
-end token, sentinels, ``<mask>`` and padding never enter a mean.
+end token, sentinels, ``<mask>`` and padding never enter a mean. A causal LM's tokens span several residues:
+its hidden-state averages are over the tokens that hold a residue, its output averages over every position that
+has a next token (the closing ``<|endoftext|>`` and line breaks are predicted too: they are part of the text the
+model was trained on).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ class Protein:
     start: int  # 0-based offset of the analysed window in the full sequence
     length: int  # residues in the window
     example: Example  # denoising input and target of the window
+    token_of_residue: np.ndarray | None = None  # causal LM: index of the token holding each residue of the window
 
 
 @dataclass
@@ -46,7 +53,8 @@ class DepthBatch:
     labels: Tensor  # (B, Ld) decoder targets, IGNORE_INDEX on padding (masked-LM: Ld = Le, the true residue at
     #                 masked positions, IGNORE_INDEX elsewhere)
     decoder_input_ids: Tensor | None  # (B, Ld) start token + labels[:-1]; None for a masked LM
-    pred_mask: Tensor  # (B, Ld) bool: the label is a masked residue (what decoder/output averages use)
+    pred_mask: Tensor  # (B, Ld) bool: the label is a masked residue (what decoder/output averages use; causal
+    #                    LM: the position has a next token)
 
     @property
     def size(self) -> int:
@@ -115,19 +123,28 @@ def masked_lm_example(residues: np.ndarray, rng: np.random.Generator, rate: floa
     return Example(ids, labels, "denoise")
 
 
+def causal_lm_example(ids: np.ndarray) -> Example:
+    """A causal-LM input: the clean token ids; label t is token t + 1 (the last token has none)."""
+    ids = np.asarray(ids, dtype=np.int64)
+    labels = np.append(ids[1:], IGNORE_INDEX).astype(np.int64)
+    return Example(ids, labels, "denoise")
+
+
 def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length: int, mask_rate: float | None,
                      seed: int, source: str = "input", clean_prefix: str | None = None,
-                     masked_lm: bool = False) -> list[Protein]:
+                     masked_lm: bool = False, causal_lm: bool = False) -> list[Protein]:
     """Crop each sequence to a seeded random window of ``max_length`` and mask it: for denoising (T5), or with
     ``masked_lm`` as a masked-LM input (:func:`masked_lm_example`).
 
     ``mask_rate`` None gives the clean input ``[clean_prefix] residues </s>`` as ``protlm embed`` feeds it
     (``<cls> residues <eos>`` for ESM; for probes, and for a model with no head to predict masked residues).
+    ``causal_lm`` ignores ``mask_rate``: the clean protein in the tokenizer's own convention (ProtGPT2:
+    ``<|endoftext|>``, lines of 60 residues, ``<|endoftext|>``), labels shifted left, and the residue -> token map.
     The random stream of protein i depends only on (seed, i), so results do not depend on batching.
     """
     if max_length < 1:
         raise ConfigError(f"--max-length must be at least 1, got {max_length}")
-    if mask_rate is not None:
+    if mask_rate is not None and not causal_lm:
         if not 0 < mask_rate < 1:
             raise ConfigError(f"--mask-rate must be in (0, 1), got {mask_rate}")
         if masked_lm and tok.mask_id is None:
@@ -140,6 +157,10 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
         rng = np.random.default_rng([seed, i])
         start = int(rng.integers(0, len(residues) - max_length + 1)) if len(residues) > max_length else 0
         window = residues[start:start + max_length]
+        if causal_lm:
+            ids, token_of = tok.encode_residues(window)
+            out.append(Protein(rid, start, len(window), causal_lm_example(ids), token_of))
+            continue
         if mask_rate is None:
             ids = np.concatenate([tok.prefix_token_ids(clean_prefix), window, [tok.eos_id]]).astype(np.int64)
             example = Example(ids, np.asarray([tok.eos_id], dtype=np.int64), "denoise")
@@ -152,11 +173,11 @@ def prepare_proteins(records: list[tuple[str, str]], tok: Tokenizer, max_length:
 
 
 def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_start_id: int | None = 0,
-            masked_lm: bool = False) -> list[DepthBatch]:
+            masked_lm: bool = False, causal_lm: bool = False) -> list[DepthBatch]:
     """Length-sorted batches whose padded encoder size stays within ``token_budget`` (a long protein runs alone).
 
     ``decoder_start_id`` is the model's ``decoder_start_token_id`` (T5: the pad id), used for teacher forcing;
-    ``masked_lm`` batches have no decoder input.
+    ``masked_lm`` and ``causal_lm`` batches have no decoder input.
     """
     if token_budget < 1:
         raise ConfigError(f"--batch-tokens must be at least 1, got {token_budget}")
@@ -168,13 +189,19 @@ def batches(proteins: list[Protein], tok: Tokenizer, token_budget: int, decoder_
             groups[-1].append(i)
         else:
             groups.append([i])
-    residue_ids = torch.as_tensor(tok.residue_id_array)
+    residue_ids = None if causal_lm else torch.as_tensor(tok.residue_id_array)
     out = []
     for g in groups:
         cols = collate([proteins[i].example for i in g], tok, decoder_start_id)
         ids, labels = cols["input_ids"], cols["labels"]
-        enc_tokens = torch.isin(ids, residue_ids) & cols["attention_mask"].bool()
-        pred_mask = torch.isin(labels, residue_ids)
+        if causal_lm:  # tokens holding a residue (from the residue -> token map); every position with a next token
+            enc_tokens = torch.zeros(ids.shape, dtype=torch.bool)
+            for r, i in enumerate(g):
+                enc_tokens[r, torch.from_numpy(proteins[i].token_of_residue)] = True
+            pred_mask = labels != IGNORE_INDEX
+        else:
+            enc_tokens = torch.isin(ids, residue_ids) & cols["attention_mask"].bool()
+            pred_mask = torch.isin(labels, residue_ids)
         out.append(DepthBatch(np.asarray(g), ids, cols["attention_mask"], enc_tokens, labels,
-                              None if masked_lm else cols["decoder_input_ids"], pred_mask))
+                              None if masked_lm or causal_lm else cols["decoder_input_ids"], pred_mask))
     return out

@@ -23,8 +23,17 @@ def _dispensable_tail(layers: list[int], flips: list[float], n: int, threshold: 
 
 
 def _masked_lm(report) -> bool:
-    """The output is a masked LM's head on the encoder (not a decoder)."""
-    return report.model.get("output") == "lm-head"
+    """The output is an LM head on the analysed stack itself (masked or causal LM), not a decoder."""
+    return report.model.get("output") in ("lm-head", "next-token")
+
+
+def _causal(report) -> bool:
+    return report.model.get("kind") == "causal-lm"
+
+
+def _stack_name(report, stack: str) -> str:
+    """How the text names a stack: a causal LM's one stack is no "encoder" (GPT-2 calls it the transformer)."""
+    return "transformer" if _causal(report) else stack
 
 
 def summary_paragraph(report) -> str:
@@ -40,6 +49,10 @@ def summary_paragraph(report) -> str:
         # output distributions, whose top-1 flips under tiny KL changes
         out.append(f"The full model restores {fm['denoising_accuracy']:.1%} of the masked residues (NLL "
                    f"{fm['denoising_nll']:.3g} nats per residue; a uniform guess over 20 residues is {math.log(20):.2f}).")
+    elif fm and fm.get("next_token_accuracy") is not None and math.isfinite(fm["next_token_accuracy"]):
+        out.append(f"The full model predicts {fm['next_token_accuracy']:.1%} of next tokens (NLL "
+                   f"{fm['next_token_nll']:.3g} nats per token; a token may span several residues); \"output\" below "
+                   "is that next-token prediction at every position.")
     elif fm and fm.get("masked_accuracy") is not None and math.isfinite(fm["masked_accuracy"]):
         out.append(f"The full model's LM head predicts {fm['masked_accuracy']:.1%} of the masked residues (NLL "
                    f"{fm['masked_nll']:.3g} nats per residue; a uniform guess over 20 residues is {math.log(20):.2f}); "
@@ -47,7 +60,8 @@ def summary_paragraph(report) -> str:
     for rep in (report.encoder, report.decoder):
         if rep is None:
             continue
-        name, n = rep.stack, rep.n_layers
+        name, n = _stack_name(report, rep.stack), rep.n_layers
+        preds = "next-token" if _causal(report) else "masked-residue"
         sk = rep.skip
         if sk is not None and sk.output_top1_agreement is not None and sk.skipped:
             flips = [1 - a if a is not None and math.isfinite(a) else math.nan for a in sk.output_top1_agreement.mean]
@@ -58,7 +72,7 @@ def summary_paragraph(report) -> str:
                 i = sk.skipped.index(k)
                 which = f"the last {name} layer ({n})" if k == n else f"any single one of {name} layers {k}…{n}"
                 out.append(f"Removing {which} changes the output by at most "
-                           f"{max(flips[i:]):.1%}, below the {thr:.0%} threshold (share of masked-residue predictions "
+                           f"{max(flips[i:]):.1%}, below the {thr:.0%} threshold (share of {preds} predictions "
                            f"whose top-1 changes; KL ≤ {max(kls[i:]):.3g} nats).")
             else:
                 out.append(f"No tail of {name} layers is dispensable at a {thr:.0%} threshold: removing the last "
@@ -81,8 +95,8 @@ def summary_paragraph(report) -> str:
                     break
                 first = l
             what = "Exiting the encoder after layer" if name == "encoder" else "The decoder's logit lens at layer"
-            if name == "encoder" and _masked_lm(report):
-                what = "The logit lens (final norm and LM head) at encoder layer"
+            if rep.stack == "encoder" and _masked_lm(report):
+                what = f"The logit lens (final norm and LM head) at {name} layer"
             if first is not None and first < n:
                 out.append(f"{what} {first} of {n} (and any later one) already agrees with the full model on at least "
                            f"{1 - thr:.0%} of top-1 predictions.")
@@ -117,6 +131,8 @@ def markdown(report, plots: dict[str, str]) -> str:
     """The summary page: the paragraph, the main numbers as tables, the plots and where the time went."""
     m, inp = report.model, report.inputs
     shape = (f"{m['encoder_layers']} layers (a masked LM: output from its LM head)" if m.get("kind") == "masked-lm"
+             else f"{m['encoder_layers']} layers (a causal LM: next-token output from its tied LM head)"
+             if m.get("kind") == "causal-lm"
              else f"{m['encoder_layers']} encoder + {m['decoder_layers']} decoder layers")
     lines = [f"# Depth analysis: {m['source']}", "",
              f"{shape}, d_model {m['d_model']}, "
@@ -127,6 +143,10 @@ def markdown(report, plots: dict[str, str]) -> str:
         lines.append(f"Full model on the denoising targets: top-1 accuracy {_fmt(fm['denoising_accuracy'])}, "
                      f"NLL {_fmt(fm['denoising_nll'])} nats over {fm['n_predictions']} masked residues "
                      f"(mask rate {report.options['mask_rate']}).")
+    elif fm and "next_token_accuracy" in fm:
+        lines.append(f"Full model (ln_f → tied LM head) predicting each next token of the clean input: top-1 accuracy "
+                     f"{_fmt(fm['next_token_accuracy'])}, NLL {_fmt(fm['next_token_nll'])} nats over "
+                     f"{fm['n_predictions']} tokens.")
     elif fm and "masked_accuracy" in fm:
         lines.append(f"Full model (final norm → LM head) on the residues shown as `<mask>`: top-1 accuracy "
                      f"{_fmt(fm['masked_accuracy'])}, NLL {_fmt(fm['masked_nll'])} nats over {fm['n_predictions']} "
@@ -137,7 +157,7 @@ def markdown(report, plots: dict[str, str]) -> str:
     for rep in (report.encoder, report.decoder):
         if rep is None:
             continue
-        lines += [f"## {rep.stack.capitalize()}", "", f"Per-token measures average over {rep.tokens}, per protein, "
+        lines += [f"## {_stack_name(report, rep.stack).capitalize()}", "", f"Per-token measures average over {rep.tokens}, per protein, "
                   "then over proteins (mean shown; std in the JSON).", ""]
         co = rep.contribution
         if co is not None:
@@ -169,7 +189,7 @@ def markdown(report, plots: dict[str, str]) -> str:
             title = "Early exit (encoder layer l → final norm → decoder)" if rep.stack == "encoder" else \
                 "Logit lens (decoder layer l → final norm → LM head)"
             if rep.stack == "encoder" and _masked_lm(report):
-                title = "Logit lens (encoder layer l → final norm → LM head)"
+                title = f"Logit lens ({_stack_name(report, rep.stack)} layer l → final norm → LM head)"
             rows = [[str(l), _fmt(ee.kl.mean[i], ".3g"), _fmt(ee.top1_agreement.mean[i]), _fmt(ee.accuracy.mean[i])]
                     for i, l in enumerate(ee.layers)]
             lines += [f"### {title}", "", _table(["layer", "KL to full (nats)", "top-1 agreement", "accuracy"], rows), ""]
