@@ -94,6 +94,8 @@ SUBSTITUTIONS = [
     ("Rostlab/prot_t5_xl_uniref50", "{prott5}", "published ProtT5: a tiny random checkpoint with ProtT5's file layout"),
     ("facebook/esm2_t33_650M_UR50D", "{esm2}", "published ESM-2: a tiny random checkpoint with ESM-2's file layout"),
     ("airkingbd/dplm_150m", "{dplm}", "published DPLM: a tiny random ESM-layout checkpoint marked as DPLM"),
+    ("nferruz/ProtGPT2", "{protgpt2}",
+     "published ProtGPT2: a tiny random GPT2LMHeadModel saved by transformers, with a BPE in ProtGPT2's files"),
     ("runs/ankh3-large/final", "{ankh3}", "the export of a finished pretraining run: the tiny checkpoint"),
     ("data/uniref50.fasta.gz", os.path.join(DATA, "ecoli_k12_excerpt.fasta.gz"), "UniRef50: 80 E. coli proteins"),
     ("data/uniref50-parquet/", "{parquet}", "UniRef50 as parquet: the CATH excerpt in two parquet files"),
@@ -106,6 +108,7 @@ SUBSTITUTIONS = [
     ("--max-proteins 200", "--max-proteins 6 --max-length 48 --probe-train 20 --probe-test 6 --cka-tokens 512",
      "depth analysis on a handful of short proteins"),
     ("--max-new-tokens 200", "--max-new-tokens 24", "short completions from a random model"),
+    ("--num 10 --max-new-tokens 100", "--num 3 --max-new-tokens 24", "a few short completions from a random model"),
     ("configs/ablation/tiny-cpu.yaml", "{ablation}",
      "the CPU ablation recipe needs ../shared/data: the miniature recipe of tests/test_ablate.py (2 variants)"),
     ("src/protlm/resources/demo", os.path.join(ROOT, "src", "protlm", "resources", "demo"),
@@ -248,6 +251,33 @@ def _dplm_like(path: str) -> str:
     return path
 
 
+def _protgpt2_like(path: str) -> str:
+    """Shaped like the files of nferruz/ProtGPT2: a GPT2LMHeadModel written by transformers' save_pretrained
+    (config.json with model_type gpt2 and no protlm_family) and a byte-level BPE, trained on proteins in ProtGPT2's
+    text convention, as vocab.json + merges.txt + tokenizer.json with <|endoftext|> at id 0."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from protlm.data.fasta import read_fasta
+    from protlm.tokenizer.bpe import EOT
+
+    proteins = [r.sequence for r in read_fasta(os.path.join(DATA, "ecoli_k12_excerpt.fasta.gz"), policy="x")][:40]
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    texts = [EOT + "\n" + "\n".join(s[i:i + 60] for i in range(0, len(s), 60)) + "\n" for s in proteins]
+    hf.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=200, special_tokens=[EOT], show_progress=False))
+    torch.manual_seed(5)
+    config = transformers.GPT2Config(vocab_size=hf.get_vocab_size(), n_positions=256, n_embd=36, n_layer=3, n_head=3,
+                                     n_inner=50, bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(path)
+    hf.model.save(path)  # vocab.json + merges.txt
+    hf.save(os.path.join(path, "tokenizer.json"))
+    loaded = protlm.load(path)  # the stand-in must be read the way the published model is
+    assert loaded.model.kind == "causal-lm" and loaded.tokenizer.eot_id == 0
+    return path
+
+
 @pytest.fixture(scope="module")
 def standins(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("standins")
@@ -255,7 +285,8 @@ def standins(tmp_path_factory):
     protlm.save_pretrained(ankh3.model, tmp / "ankh3", ankh3.tokenizer)
     _prott5_like(str(tmp / "prott5"))
     return {"ankh3": str(tmp / "ankh3"), "prott5": str(tmp / "prott5"), "esm2": _esm2_like(str(tmp / "esm2")),
-            "dplm": _dplm_like(str(tmp / "dplm")), "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
+            "dplm": _dplm_like(str(tmp / "dplm")), "protgpt2": _protgpt2_like(str(tmp / "protgpt2")),
+            "parquet": _parquet_dir(str(tmp / "parquet")), "suite": _mini_suite(str(tmp / "suite.yaml")),
             "ablation": mini_ablation_recipe(_mkdir(tmp / "ablation"))}
 
 
