@@ -209,7 +209,8 @@ def test_cli_end_to_end_and_compared_with_an_esm_run(tmp_path, capsys):
     protlm.save_pretrained(esm.model, tmp_path / "esm", esm.tokenizer)
     runs = {name: tmp_path / "runs" / name for name in ("gpt2", "esm")}
     for name, run_dir in runs.items():
-        assert main(["analyze", "depth", str(tmp_path / name), FASTA, "-o", str(run_dir), *common]) == 0
+        cut = ["--truncate-at", "2"] if name == "gpt2" else []
+        assert main(["analyze", "depth", str(tmp_path / name), FASTA, "-o", str(run_dir), *common, *cut]) == 0
     report = json.loads((runs["gpt2"] / "depth.json").read_text())
     assert set(report["options"]["analyses"]) == {"contribution", "skip", "early-exit", "cka", "probe"}
     assert report["model"]["kind"] == "causal-lm" and report["model"]["output"] == "next-token"
@@ -221,9 +222,32 @@ def test_cli_end_to_end_and_compared_with_an_esm_run(tmp_path, capsys):
         assert "decoder" not in text.lower() and "masked" not in text.lower()
     for name in ("contribution", "skip", "early_exit", "probe", "cka"):
         assert (runs["gpt2"] / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cut = protlm.load(report["truncated"]["path"])
+    assert cut.model.encoder.n_layers == 2 and cut.model.encoder_only and cut.model.kind == "causal-lm"
     out = tmp_path / "cmp"
     assert main(["analyze", "depth", "--compare", str(runs["esm"]), str(runs["gpt2"]), "-o", str(out),
                  "--labels", "esm", "gpt2"]) == 0
     table = json.loads((out / "compare.json").read_text())
     assert "autoregressive" in json.dumps(table) and "masked" in json.dumps(table)
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_truncated_gpt2_outputs_the_normed_stream_and_round_trips(tmp_path):
+    from protlm.analysis import truncate_encoder
+
+    pre = _gpt2(seed=5)
+    cut = truncate_encoder(pre.model, 2)
+    assert cut.encoder.n_layers == 2 and cut.encoder_only and cut.kind == "causal-lm"
+    _, b = _batch(pre)
+    real = b.attention_mask.bool()
+    with torch.inference_mode():
+        enc = StackRunner(pre.model.encoder)
+        h = enc.embed(b.input_ids, b.attention_mask)
+        want = enc.normed(enc.run(h, enc.masks(h, b.attention_mask), 0)[1])[real]
+        got = cut.encode(b.input_ids, b.attention_mask).last_hidden_state[real]
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        protlm.save_pretrained(cut, tmp_path / "cut", pre.tokenizer)
+        back = protlm.load(str(tmp_path / "cut"))
+        assert back.model.encoder_only and back.model.encoder.n_layers == 2
+        torch.testing.assert_close(back.model.encode(b.input_ids, b.attention_mask).last_hidden_state[real], want,
+                                   rtol=0, atol=0)

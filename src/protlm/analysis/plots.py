@@ -111,7 +111,7 @@ def plot_skip(report, path: str) -> str | None:
         else:
             ax.bar(x, m[:, -1], color="tab:purple")
             ax.set_ylabel("relative change of the last stream")
-            head = "LM head" if report.model.get("kind") == "masked-lm" else "decoder"
+            head = "LM head" if report.model.get("kind") in ("masked-lm", "causal-lm") else "decoder"
             ax.set_title(f"{rep.stack}: change of the final stream (no {head}: no output measure)")
         ax.set_xlabel("skipped block l")
         ax.set_xticks(x)

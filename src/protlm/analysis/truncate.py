@@ -37,6 +37,8 @@ def truncate_encoder(model, layers: int):
         parts = {"pooler": getattr(model.encoder, "pooler", None) is not None}
         if hasattr(model.encoder, "contact_head"):  # ESM's
             parts["contact_head"] = False
+    elif model.kind == "causal-lm":  # GPT-2: the tied LM head goes (it was trained on ln_f(h_N)); wte stays
+        cfg, drop, parts = cfg.replace(n_layer=layers), ("lm_head.",), {}
     else:
         cfg = cfg.replace(num_layers=layers, num_decoder_layers=cfg.n_decoder_layers)
         drop, parts = ("decoder.", "lm_head."), {}
