@@ -179,7 +179,9 @@ def worker(spec: dict) -> dict:
             model = T5EncoderModel.from_pretrained(spec["model_dir"], attn_implementation="sdpa")
         if not autocast:
             model = model.to(dtype)
-        run = lambda ids, mask: model(input_ids=ids, attention_mask=mask).last_hidden_state  # noqa: E731
+        # GPT2Model builds a key/value cache unless told not to; an encoder forward has no use for one
+        extra = dict(use_cache=False) if spec["family"] == "gpt2" else {}
+        run = lambda ids, mask: model(input_ids=ids, attention_mask=mask, **extra).last_hidden_state  # noqa: E731
     model.eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     plan = [[i] for i in range(len(rows))] if spec["max_tokens"] == 0 else batches_by_budget(rows, spec["max_tokens"])
