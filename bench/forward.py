@@ -12,10 +12,10 @@ where bf16 is emulated, as on AVX2-only CPUs; bf16 where a measured bf16 matmul 
 gets its best set-up in that dtype.
 
 For each model shape the script makes random weights, saves them once in the Hugging Face layout and loads
-that directory on both sides (``protlm.load`` and ``T5EncoderModel`` / ``EsmModel`` / ``BertModel`` / ``GPT2Model`` ``.from_pretrained(
-attn_implementation="sdpa")``; ESM shapes are the published ESM-2 presets, encoder only, no pooler; the BERT and
-GPT-2 shapes are the ``prot_bert`` and ``gpt2-medium`` presets cut to 8 layers so that they fit a 2-core CPU's
-time, ``_full`` names the whole depth). Proteins are a seeded sample of a real FASTA file (default: the E. coli
+that directory on both sides (``protlm.load`` and ``T5EncoderModel`` / ``EsmModel`` / ``BertModel`` /
+``GPT2Model`` ``.from_pretrained(attn_implementation="sdpa")``; ESM shapes are the published ESM-2 presets,
+encoder only, no pooler; the BERT and GPT-2 shapes are the ``prot_bert`` and ``gpt2-medium`` presets cut to 8
+layers so that they fit a 2-core CPU's time, ``_full`` names the whole depth). Proteins are a seeded sample of a real FASTA file (default: the E. coli
 K-12 proteome in ``../shared/data``). Tokens are protlm's, the same ids on both sides: one per residue plus the
 family's specials for T5, ESM and BERT; for GPT-2, ProtGPT2's text (``<|endoftext|>``, lines of 60 residues)
 through the residue-level BPE a random-init GPT-2 gets, so about one token per residue (ProtGPT2's own vocabulary
@@ -244,10 +244,11 @@ def hf_candidates(dtype: str, budgets: list[int]) -> list[tuple[str, int]]:
 def describe_shape(cfg) -> str:
     fam = family(cfg)
     if fam == "t5":
-        return f"{cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, {cfg.feed_forward_proj}"
+        return (f"{cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.num_heads} heads, "
+                f"{cfg.feed_forward_proj}")
     if fam == "gpt2":
-        return (f"{cfg.n_layer} layers, d_model {cfg.n_embd}, d_ff {cfg.n_inner or 4 * cfg.n_embd}, {cfg.n_head} heads, "
-                f"pre-LN, causal, learned positions, {cfg.activation_function}")
+        return (f"{cfg.n_layer} layers, d_model {cfg.n_embd}, d_ff {cfg.n_inner or 4 * cfg.n_embd}, "
+                f"{cfg.n_head} heads, pre-LN, causal, learned positions, {cfg.activation_function}")
     kind = "rotary, GELU" if fam == "esm" else f"post-LN, learned positions, {cfg.hidden_act}"
     return (f"{cfg.num_layers} layers, d_model {cfg.hidden_size}, d_ff {cfg.intermediate_size}, "
             f"{cfg.num_attention_heads} heads, {kind}")
