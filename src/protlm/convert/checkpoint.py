@@ -543,7 +543,8 @@ def _assign(model: Model, state: dict[str, torch.Tensor], source: str) -> None:
     _retie(model)
     if isinstance(model, ESM) and model.esm.rotary_embeddings is not None:
         rot = model.esm.rotary_embeddings
-        rot.inv_freq = inv_freq.float() if inv_freq is not None else rot.default_inv_freq()
+        # a copy: a view would keep the whole memory-mapped weight file resident
+        rot.inv_freq = inv_freq.to(torch.float32, copy=True) if inv_freq is not None else rot.default_inv_freq()
     _check_materialized(model, source)
 
 
