@@ -206,13 +206,49 @@ HF_ESM_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+class _SingleStackConfig:
+    """What every single-stack family config (ESM, GPT-2, BERT) shares: serialisation in its transformers class's
+    ``config.json`` and the width/depth names the workflows read. A subclass names ``MODEL_TYPE`` and its
+    ``ARCHITECTURES`` (without the head, with it)."""
+
+    MODEL_TYPE: str = ""
+    ARCHITECTURES: tuple[str, str] = ("", "")
+
+    @property
+    def n_decoder_layers(self) -> int:
+        return 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
+        """The ``config.json`` content that ``transformers`` reads (``ARCHITECTURES[0]`` without the head)."""
+        return {**self.to_dict(), "model_type": self.MODEL_TYPE,
+                "architectures": [self.ARCHITECTURES[0] if encoder_only else self.ARCHITECTURES[1]]}
+
+    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
+        from protlm.utils import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
+
+    def replace(self, **changes: Any):
+        return build(type(self), {**self.to_dict(), **changes}, "override")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config"):
+        return build(cls, data, source)
+
+
 @dataclass
-class EsmConfig:
+class EsmConfig(_SingleStackConfig):
     """Shape and numerics of an ESM-style masked LM (field names follow ``transformers.EsmConfig``).
 
     The defaults are ESM-2's conventions (rotary positions, token-dropout rescaling, eps 1e-5, its 33-token
     vocabulary) in the shape of esm2_t6_8M.
     """
+
+    MODEL_TYPE = "esm"
+    ARCHITECTURES = ("EsmModel", "EsmForMaskedLM")
 
     vocab_size: int = 33
     hidden_size: int = 320  # width of the residual stream
@@ -261,31 +297,6 @@ class EsmConfig:
     def num_layers(self) -> int:
         return self.num_hidden_layers
 
-    @property
-    def n_decoder_layers(self) -> int:
-        return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
-        """The ``config.json`` content that ``transformers`` reads (``EsmForMaskedLM``, or ``EsmModel`` without
-        the LM head)."""
-        return {**self.to_dict(), "model_type": "esm",
-                "architectures": ["EsmModel" if encoder_only else "EsmForMaskedLM"]}
-
-    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
-        from protlm.utils import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
-
-    def replace(self, **changes: Any) -> "EsmConfig":
-        return build(EsmConfig, {**self.to_dict(), **changes}, "override")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "EsmConfig":
-        return build(cls, data, source)
-
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "EsmConfig":
         """The content of an ESM ``config.json`` as transformers reads it (missing keys take its defaults)."""
@@ -322,12 +333,15 @@ GPT2_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu", "relu"
 
 
 @dataclass
-class GPT2Config:
+class GPT2Config(_SingleStackConfig):
     """Shape and numerics of a GPT-2 decoder-only LM (field names follow ``transformers.GPT2Config``).
 
     The defaults are transformers' except dropout (0: protlm runs inference) and the ids, which are those of
     ProtGPT2's vocabulary (``<|endoftext|>`` is id 0 there).
     """
+
+    MODEL_TYPE = "gpt2"
+    ARCHITECTURES = ("GPT2Model", "GPT2LMHeadModel")
 
     vocab_size: int = 50257
     n_positions: int = 1024  # learned positions: the longest input in tokens
@@ -376,29 +390,8 @@ class GPT2Config:
     def num_layers(self) -> int:
         return self.n_layer
 
-    @property
-    def n_decoder_layers(self) -> int:
-        return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
     def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
-        """The ``config.json`` content that ``transformers`` reads (``GPT2LMHeadModel``, or ``GPT2Model``)."""
-        return {**self.to_dict(), "model_type": "gpt2", "n_ctx": self.n_positions,
-                "architectures": ["GPT2Model" if encoder_only else "GPT2LMHeadModel"]}
-
-    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
-        from protlm.utils import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
-
-    def replace(self, **changes: Any) -> "GPT2Config":
-        return build(GPT2Config, {**self.to_dict(), **changes}, "override")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "GPT2Config":
-        return build(cls, data, source)
+        return {**super().to_hf_dict(encoder_only), "n_ctx": self.n_positions}  # the old name of n_positions
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "GPT2Config":
@@ -433,12 +426,15 @@ HF_BERT_DEFAULTS: dict[str, Any] = dict(
 
 
 @dataclass
-class BertConfig:
+class BertConfig(_SingleStackConfig):
     """Shape and numerics of a post-LN BERT masked LM (field names follow ``transformers.BertConfig``).
 
     The defaults are ProtBERT's conventions (its 30-token vocabulary, exact GELU, eps 1e-12, no dropout) in a
     CPU-scale shape.
     """
+
+    MODEL_TYPE = "bert"
+    ARCHITECTURES = ("BertModel", "BertForMaskedLM")
 
     vocab_size: int = 30
     hidden_size: int = 256  # width of the residual stream
@@ -485,30 +481,6 @@ class BertConfig:
     @property
     def num_layers(self) -> int:
         return self.num_hidden_layers
-
-    @property
-    def n_decoder_layers(self) -> int:
-        return 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_hf_dict(self, encoder_only: bool = False) -> dict[str, Any]:
-        """The ``config.json`` content that ``transformers`` reads (``BertForMaskedLM``, or ``BertModel``)."""
-        return {**self.to_dict(), "model_type": "bert",
-                "architectures": ["BertModel" if encoder_only else "BertForMaskedLM"]}
-
-    def save_json(self, path: str | os.PathLike, encoder_only: bool = False) -> None:
-        from protlm.utils import atomic_write_text
-
-        atomic_write_text(path, json.dumps(self.to_hf_dict(encoder_only), indent=2, sort_keys=True) + "\n")
-
-    def replace(self, **changes: Any) -> "BertConfig":
-        return build(BertConfig, {**self.to_dict(), **changes}, "override")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "BertConfig":
-        return build(cls, data, source)
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "BertConfig":
