@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import BertConfig
-from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
+from protlm.model.protocol import BlockOutput, StackOutput, bert_init_, resolve_layers
 
 
 def gelu_tanh(x: Tensor) -> Tensor:
@@ -261,19 +261,7 @@ class BERT(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """BERT's init, as transformers gives a new model: N(0, initializer_range) weights, zero biases."""
-        std = self.config.initializer_range
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.normal_(0, std)
-                if mod.bias is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, nn.Embedding):
-                mod.weight.normal_(0, std)
-                if mod.padding_idx is not None:
-                    mod.weight[mod.padding_idx].zero_()
-            elif isinstance(mod, nn.LayerNorm):
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
+        bert_init_(self, self.config.initializer_range)
         if self.cls is not None:
             self.cls.predictions.bias.zero_()
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import EsmConfig
-from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
+from protlm.model.protocol import BlockOutput, StackOutput, bert_init_, resolve_layers
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's training: 15% of positions chosen, 80% of those shown as <mask>
 
@@ -303,19 +303,7 @@ class ESM(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """BERT's init, as transformers gives a new ESM: N(0, initializer_range) weights, zero biases."""
-        std = self.config.initializer_range
-        for mod in self.modules():
-            if isinstance(mod, nn.Linear):
-                mod.weight.normal_(0, std)
-                if mod.bias is not None:
-                    mod.bias.zero_()
-            elif isinstance(mod, nn.Embedding):
-                mod.weight.normal_(0, std)
-                if mod.padding_idx is not None:
-                    mod.weight[mod.padding_idx].zero_()
-            elif isinstance(mod, nn.LayerNorm):
-                mod.weight.fill_(1.0)
-                mod.bias.zero_()
+        bert_init_(self, self.config.initializer_range)
         if self.lm_head is not None:
             self.lm_head.bias.zero_()
 

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
 from protlm.errors import ConfigError
 
@@ -67,3 +68,21 @@ def resolve_layers(n: int, layers, what: str = "encoder") -> list[int]:
             raise ConfigError(f"layer {l} is out of range for a {n}-layer {what} (valid: 0..{n} or -1..-{n + 1})")
         out.append(l % (n + 1))
     return sorted(set(out))
+
+
+@torch.no_grad()
+def bert_init_(model: nn.Module, std: float) -> None:
+    """BERT's init, which transformers gives every new BERT-style model (ESM, BERT): N(0, std) weights, zero biases,
+    zero padding rows, unit LayerNorms."""
+    for mod in model.modules():
+        if isinstance(mod, nn.Linear):
+            mod.weight.normal_(0, std)
+            if mod.bias is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, nn.Embedding):
+            mod.weight.normal_(0, std)
+            if mod.padding_idx is not None:
+                mod.weight[mod.padding_idx].zero_()
+        elif isinstance(mod, nn.LayerNorm):
+            mod.weight.fill_(1.0)
+            mod.bias.zero_()
