@@ -170,13 +170,7 @@ class Embedder:
 
     def _forward(self, units: list[Unit], sequences: list[np.ndarray]) -> list[np.ndarray]:
         n_pre = len(self.prefix_ids)
-        token_of = None  # per unit: the row position of each residue's token, when tokens span several residues
-        if getattr(self.tokenizer, "multi_residue_tokens", False):  # byte-level BPE (GPT-2 family)
-            encoded = self.tokenizer.encode_residue_batch([sequences[u.seq][u.start:u.end] for u in units])
-            rows, token_of = [ids for ids, _ in encoded], [index for _, index in encoded]
-        else:
-            rows = [np.concatenate([self.prefix_ids, sequences[u.seq][u.start:u.end], [self.tokenizer.eos_id]]).astype(np.int64)
-                    for u in units]
+        rows, token_of = token_rows(self.tokenizer, self.prefix_ids, [sequences[u.seq][u.start:u.end] for u in units])
         batch = self.tokenizer.pad(rows)
         ids = batch.input_ids.to(self.device, non_blocking=True)
         mask = batch.attention_mask.to(self.device, non_blocking=True)
@@ -226,6 +220,16 @@ class Embedder:
                 # not (max < limit) is also true for NaN; stays on the device, read once per batch
                 self._overflow |= ~(h.abs().amax() < limit)
         return hook
+
+
+def token_rows(tokenizer, prefix_ids, pieces: list[np.ndarray]) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+    """The token rows of residue-id ``pieces`` (prefix, residues, end token), and, for a byte-level BPE whose
+    tokens hold several residues, each residue's row position per piece (None otherwise: residue i of a piece
+    is row position ``len(prefix_ids) + i``)."""
+    if getattr(tokenizer, "multi_residue_tokens", False):  # byte-level BPE (GPT-2 family)
+        encoded = tokenizer.encode_residue_batch(pieces)
+        return [ids for ids, _ in encoded], [index for _, index in encoded]
+    return [np.concatenate([prefix_ids, piece, [tokenizer.eos_id]]).astype(np.int64) for piece in pieces], None
 
 
 def _prepared(encoder: torch.nn.Module, dtype: torch.dtype, device: torch.device, copy_if_cast: bool) -> torch.nn.Module:

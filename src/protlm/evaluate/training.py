@@ -131,27 +131,58 @@ class RunResult:
     per_protein: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     target_shift: float = 0.0  # regression: the head predicts (value - shift) / scale
     target_scale: float = 1.0
+    peak_rss_mb: float = 0.0  # the process's peak resident memory when the run ended
     head: torch.nn.Module | None = field(default=None, repr=False, compare=False)  # the selected epoch's head
+    # fine-tuning: the selected epoch's trained backbone weights (adapters, or the trained blocks), by name
+    backbone_state: dict[str, torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        """Everything but the head (which goes to a head bundle, not to JSON)."""
-        return {k: v for k, v in asdict(replace(self, head=None)).items() if k != "head"}
+        """Everything but the head and backbone weights (which go to a head bundle, not to JSON)."""
+        skip = ("head", "backbone_state")
+        return {k: v for k, v in asdict(replace(self, head=None, backbone_state=None)).items() if k not in skip}
 
 
 Features = Callable[[TaskExample], np.ndarray]  # (L, D) per-residue embedding of an example
+# Fine-tuning passes features with ``trainable = True`` instead (protlm.finetune.backbone.BackboneFeatures): they
+# give differentiable (seen, D) tensors for a list of examples (``tensors``), their own optimiser groups
+# (``param_groups``), train/eval modes, and a ``state``/``load_state`` pair for keeping the best epoch.
+
+
+def _is_trainable(features) -> bool:
+    return bool(getattr(features, "trainable", False))
+
+
+def _rows(batch: list[TaskExample], features, precision: str, device: torch.device) -> list:
+    """Each example's (seen, D) features: numpy arrays from stored embeddings, or tensors (with gradients while
+    training) from a backbone that trains with the head."""
+    if _is_trainable(features):
+        with _autocast(device, precision):
+            return [t.float() for t in features.tensors(batch)]
+    out = []
+    for e in batch:
+        arr = features(e)
+        out.append(arr[e.keep] if e.keep is not None else arr)
+    return out
+
+
+def _stack_rows(rows: list, width: int, device: torch.device) -> torch.Tensor:
+    """(B, width, D) float32 from per-example (n, D) arrays or tensors, zero-padded (differentiable for tensors)."""
+    out = []
+    for r in rows:
+        t = r if isinstance(r, torch.Tensor) else torch.from_numpy(np.asarray(r, dtype=np.float32))
+        t = t.to(device)
+        if t.shape[0] < width:
+            t = torch.cat([t, t.new_zeros(width - t.shape[0], t.shape[1])], 0)
+        out.append(t)
+    return torch.stack(out)
 
 
 def _collate(batch: list[TaskExample], features: Features, kind: str, device: torch.device,
-             target_shift: float = 0.0, target_scale: float = 1.0):
+             target_shift: float = 0.0, target_scale: float = 1.0, precision: str = "fp32"):
     L = max(e.seen for e in batch)
-    first = features(batch[0])
-    x = torch.zeros(len(batch), L, first.shape[-1], dtype=torch.float32)
+    x = _stack_rows(_rows(batch, features, precision, device), L, device)
     mask = torch.zeros(len(batch), L, dtype=torch.bool)
     for i, e in enumerate(batch):
-        arr = first if i == 0 else features(e)
-        if e.keep is not None:
-            arr = arr[e.keep]
-        x[i, : e.seen] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
         mask[i, : e.seen] = True
     if kind == "residue_classification":
         y = torch.full((len(batch), L), -1, dtype=torch.long)
@@ -167,7 +198,7 @@ def _collate(batch: list[TaskExample], features: Features, kind: str, device: to
         y = torch.full((len(batch), L, L), -1, dtype=torch.float32)
         for i, e in enumerate(batch):
             y[i, : e.length, : e.length] = torch.from_numpy(e.target.astype(np.float32))
-    return x.to(device), mask.to(device), y.to(device)
+    return x, mask.to(device), y.to(device)
 
 
 def _packs(examples: list[TaskExample], token_budget: int, gap: int) -> list[list[TaskExample]]:
@@ -189,7 +220,7 @@ def _packs(examples: list[TaskExample], token_budget: int, gap: int) -> list[lis
 
 
 def _collate_packed(batch: list[TaskExample], features: Features, kind: str, device: torch.device, gap: int,
-                    target_shift: float = 0.0, target_scale: float = 1.0):
+                    target_shift: float = 0.0, target_scale: float = 1.0, precision: str = "fp32"):
     """One packed row (1, N, D) of ``batch`` with ``gap`` masked positions between proteins, its mask, targets
     ((1, N) per residue with -1 at gaps, (S,) per protein) and the proteins' (start, length) segments."""
     segments, pos = [], 0
@@ -197,13 +228,21 @@ def _collate_packed(batch: list[TaskExample], features: Features, kind: str, dev
         segments.append((pos, e.seen))
         pos += e.seen + gap
     n = pos - gap
-    arrays = [features(e) for e in batch]
-    x = torch.zeros(1, n, arrays[0].shape[-1], dtype=torch.float32)
+    rows = _rows(batch, features, precision, device)
     mask = torch.zeros(1, n, dtype=torch.bool)
-    for e, arr, (start, length) in zip(batch, arrays, segments):
-        if e.keep is not None:
-            arr = arr[e.keep]
-        x[0, start:start + length] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+    if isinstance(rows[0], torch.Tensor):  # laid end to end with torch ops, so that gradients flow back
+        parts = []
+        for i, t in enumerate(rows):
+            parts.append(t)
+            if i < len(rows) - 1 and gap:
+                parts.append(t.new_zeros(gap, t.shape[1]))
+        x = torch.cat(parts, 0).unsqueeze(0)
+    else:
+        x = torch.zeros(1, n, rows[0].shape[-1], dtype=torch.float32)
+        for arr, (start, length) in zip(rows, segments):
+            x[0, start:start + length] = torch.from_numpy(np.asarray(arr, dtype=np.float32))
+        x = x.to(device)
+    for start, length in segments:
         mask[0, start:start + length] = True
     if kind == "residue_classification":
         y = torch.full((1, n), -1, dtype=torch.long)
@@ -217,20 +256,21 @@ def _collate_packed(batch: list[TaskExample], features: Features, kind: str, dev
         y = torch.from_numpy(np.stack([np.asarray(e.target, dtype=np.float32) for e in batch]))
     else:
         raise ValueError("contact tasks are not packed")
-    return x.to(device), mask.to(device), y.to(device), tuple(segments)
+    return x, mask.to(device), y.to(device), tuple(segments)
 
 
 def _passes(head: ConvBertHead, examples: list[TaskExample], features: Features, budget: int, device: torch.device,
-            shift: float = 0.0, scale: float = 1.0):
+            shift: float = 0.0, scale: float = 1.0, precision: str = "fp32"):
     """(x, mask, y, segments, batch) for each forward pass over ``examples``: packed rows of at most ``budget``
-    residues, or one padded protein per pass for contacts (segments None)."""
+    residues, or one padded protein per pass for contacts (segments None). ``precision`` is the autocast of a
+    trainable backbone's forward (stored features are read as they are)."""
     if head.kind == "contact":
         for e in examples:
-            yield (*_collate([e], features, head.kind, device, shift, scale), None, [e])
+            yield (*_collate([e], features, head.kind, device, shift, scale, precision), None, [e])
         return
     gap = head.pack_gap
     for batch in _packs(examples, budget, gap):
-        yield (*_collate_packed(batch, features, head.kind, device, gap, shift, scale), batch)
+        yield (*_collate_packed(batch, features, head.kind, device, gap, shift, scale, precision), batch)
 
 
 def _autocast(device: torch.device, precision: str):
@@ -251,11 +291,13 @@ class _Schedule:
 
 @torch.no_grad()
 def head_outputs(head: ConvBertHead, examples: list[TaskExample], features: Features, eval_tokens: int,
-                 device: torch.device) -> Iterator[torch.Tensor]:
+                 device: torch.device, precision: str = "fp32") -> Iterator[torch.Tensor]:
     """The head's fp32 logits of each example, in input order: (L, C) per residue, (C,) or () per protein, (L, L)
     for contacts. Scoring and ``protlm predict`` both go through here, so they see the same numbers."""
     head.eval()
-    for x, mask, _, segments, batch in _passes(head, examples, features, eval_tokens, device):
+    if _is_trainable(features):
+        features.train(False)
+    for x, mask, _, segments, batch in _passes(head, examples, features, eval_tokens, device, precision=precision):
         logits = head(x, mask, segments).float().cpu()  # fp32 even after bf16 training: coarse scores would tie
         for b, e in enumerate(batch):
             if head.kind == "residue_classification":
@@ -268,10 +310,11 @@ def head_outputs(head: ConvBertHead, examples: list[TaskExample], features: Feat
 
 
 def predict(head: ConvBertHead, examples: list[TaskExample], features: Features, cfg: HeadTrainConfig,
-            device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0) -> list[Any]:
+            device: torch.device, target_shift: float = 0.0, target_scale: float = 1.0,
+            precision: str = "fp32") -> list[Any]:
     """Per example, in input order: class ids (L,) per residue, a class id, a float, or (L, L) contact scores."""
     out: list[Any] = []
-    for logits in head_outputs(head, examples, features, cfg.eval_tokens, device):
+    for logits in head_outputs(head, examples, features, cfg.eval_tokens, device, precision):
         if head.kind == "residue_classification":
             out.append(logits.argmax(-1).numpy())
         elif head.kind == "protein_classification":
@@ -400,8 +443,14 @@ def train_head(
     head = (make_head() if make_head is not None else ConvBertHead(in_dim, task.kind, task.n_out, head_cfg)).to(device)
     if class_weights is not None:
         class_weights = class_weights.to(device)
-    opt = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
+    tuned = _is_trainable(features)
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters())}]
+    if tuned:  # after the head, so that the head's initial weights are the frozen run's
+        features.start(seed)
+        groups += features.param_groups()
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps,
                             weight_decay=cfg.weight_decay)
+    backbone_params = [p for g in groups[1:] for p in g["params"]]
     group = cfg.proteins_per_step
     steps_per_epoch = math.ceil(len(train) / group)
     total = steps_per_epoch * cfg.epochs
@@ -420,19 +469,26 @@ def train_head(
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         head.train()
+        if tuned:
+            features.train(True)
         order = rng.permutation(len(train))
         losses = []
         for s in range(steps_per_epoch):
             chunk = [train[i] for i in order[s * group:(s + 1) * group]]
             step_loss = 0.0
-            for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift, scale):
+            for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift,
+                                                   scale, precision):
                 with _autocast(device, precision):
                     logits = head(x, mask, segments)
                 loss = head.per_protein_loss(logits, y, segments, class_weights).sum() / len(chunk)
                 loss.backward()
                 step_loss += float(loss.detach())
             if cfg.max_grad_norm:
+                # the head is clipped as in the frozen protocol, the backbone on its own: its gradients never
+                # shrink the head's step (and a backbone at learning rate 0 leaves the frozen run unchanged)
                 torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
+                if backbone_params:
+                    torch.nn.utils.clip_grad_norm_(backbone_params, cfg.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -440,20 +496,22 @@ def train_head(
             losses.append(step_loss)
             if progress is not None:
                 progress(step, total, f"epoch {epoch}/{cfg.epochs} loss {np.mean(losses[-50:]):.3f}")
-        val = score(task, valid, predict(head, valid, features, cfg, device, shift, scale))
+        val = score(task, valid, predict(head, valid, features, cfg, device, shift, scale, precision))
         history.append(EpochLog(epoch, float(np.mean(losses)), val, time.perf_counter() - t0))
         value = val[primary]
         value = -math.inf if math.isnan(value) else value
         if best is None or value > best[0]:
-            best = (value, epoch, copy.deepcopy(head.state_dict()))
+            best = (value, epoch, copy.deepcopy(head.state_dict()), features.state() if tuned else None)
         elif patience is not None and epoch - best[1] >= patience:
             break
         if progress is not None:
             progress(step, total, f"epoch {epoch}/{cfg.epochs} valid {primary} {val[primary]:.4f}")
     head.load_state_dict(best[2])
+    if tuned:
+        features.load_state(best[3])
     test_scores, rows = {}, {}
     for name, exs in tests.items():
-        preds = predict(head, exs, features, cfg, device, shift, scale)
+        preds = predict(head, exs, features, cfg, device, shift, scale, precision)
         test_scores[name] = score(task, exs, preds)
         rows[name] = per_protein_rows(task, exs, preds)
     return RunResult(
@@ -461,4 +519,15 @@ def train_head(
         n_train=len(train), n_valid=len(valid), n_test={k: len(v) for k, v in tests.items()},
         seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, per_protein=rows,
         precision=precision, target_shift=shift, target_scale=scale, head=head.cpu().eval(),
+        backbone_state=best[3], peak_rss_mb=peak_rss_mb(),
     )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (0 where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0.0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return float(peak) / (1024 * 1024 if sys.platform == "darwin" else 1024)

@@ -1,0 +1,127 @@
+"""Fine-tuning in the frozen benchmark's protocol: the backbone trains with the head (protlm.finetune)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protlm.convert import load
+from protlm.embedding import embed_files
+from protlm.embedding.store import EmbeddingStore
+from protlm.errors import ConfigError
+from protlm.evaluate.heads import HeadConfig
+from protlm.evaluate.tasks import TaskExample, TaskSpec
+from protlm.evaluate.training import HeadTrainConfig, train_head
+from protlm.finetune.backbone import BackboneFeatures
+from protlm.finetune.config import FinetuneConfig, parse_modes
+
+from .conftest import odd_config
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+AA = "ACDEFGHIKLMNPQRSTVWY"
+HYDROPHOBIC = set("AVILMFWC")
+
+
+def _toy(n: int, seed: int, kind: str = "residue_classification"):
+    """Random proteins whose per-residue label is a property of the residue (hydrophobic or not), or, per
+    protein, their hydrophobic fraction."""
+    rng = np.random.default_rng(seed)
+    seqs, exs = {}, []
+    for i in range(n):
+        s = "".join(rng.choice(list(AA), size=int(rng.integers(9, 26))))
+        seqs[("toy", f"p{i}")] = s
+        if kind == "residue_classification":
+            target = np.array([1 if c in HYDROPHOBIC else 0 for c in s], dtype=np.int64)
+        else:
+            target = float(np.mean([c in HYDROPHOBIC for c in s]))
+        exs.append(TaskExample(f"p{i}", "toy", len(s), target))
+    return seqs, exs
+
+
+def _task(kind: str = "residue_classification") -> TaskSpec:
+    return TaskSpec(name="toy", kind=kind, label="x", train="toy/train", valid="toy/valid", test={"t": "toy"},
+                    classes=["n", "h"] if kind == "residue_classification" else None)
+
+
+@pytest.fixture(scope="module")
+def tiny_t5():
+    torch.manual_seed(0)
+    return load(odd_config(num_layers=2, dropout_rate=0.0), random_init=True, seed=3, encoder_only=True)
+
+
+CFG = HeadTrainConfig(lr=5e-3, warmup_steps=2, epochs=2, grad_accum=4, precision="fp32")
+HEAD = HeadConfig(num_layers=1, num_heads=2, ff_ratio=0.5, dropout=0.1, kernel_size=3)
+
+
+def _split(exs):
+    return exs[:16], exs[16:20], {"t": exs[20:]}
+
+
+def test_full_finetuning_at_learning_rate_zero_is_the_frozen_run(tiny_t5, tmp_path):
+    seqs, exs = _toy(24, 0)
+    path = str(tmp_path / "toy.h5")
+    embed_files(tiny_t5, {k[1]: s for k, s in seqs.items()}, per_residue=path, progress=False, dtype="fp32",
+                layers=[-1])
+    store = EmbeddingStore(path)
+    train, valid, tests = _split(exs)
+    frozen = train_head(_task(), train, valid, tests, lambda e: np.asarray(store[e.id]), 40, 7, CFG, HEAD)
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(backbone_lr=0.0), seqs)
+    tuned = train_head(_task(), train, valid, tests, feats, feats.dim, 7, CFG, HEAD)
+    assert tuned.test == frozen.test
+    assert [h.train_loss for h in tuned.history] == pytest.approx([h.train_loss for h in frozen.history], abs=1e-5)
+    # the weights did not move
+    base = tiny_t5.model.state_dict()
+    for name, value in tuned.backbone_state.items():
+        assert torch.equal(value, base[name].float()), name
+
+
+def test_full_finetuning_trains_the_backbone_but_not_the_frozen_blocks(tiny_t5):
+    seqs, exs = _toy(24, 1)
+    train, valid, tests = _split(exs)
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(backbone_lr=1e-3, freeze_first=1), seqs)
+    res = train_head(_task(), train, valid, tests, feats, feats.dim, 7, CFG, HEAD)
+    base = tiny_t5.model.state_dict()
+    trained = res.backbone_state
+    assert trained and not any(k.startswith("encoder.block.0.") for k in trained)
+    assert "encoder.embed_tokens.weight" not in trained and "shared.weight" not in trained
+    moved = [k for k, v in trained.items() if not torch.equal(v, base[k].float())]
+    assert any(k.startswith("encoder.block.1.") for k in moved)
+    # the caller's model is never changed
+    assert all(torch.equal(v, tiny_t5.model.state_dict()[k]) for k, v in base.items())
+
+
+def test_features_do_not_depend_on_the_batch_or_on_windows(tiny_t5):
+    seqs, exs = _toy(6, 2)
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(), seqs)
+    feats.start(0)
+    with torch.no_grad():
+        alone = [feats.tensors([e])[0] for e in exs]
+        together = feats.tensors(exs)
+        windowed = BackboneFeatures(tiny_t5, "full", FinetuneConfig(), seqs, window=8, overlap=2)
+        windowed.start(0)
+        stitched = windowed.tensors(exs)
+    for a, b, w, e in zip(alone, together, stitched, exs):
+        assert a.shape == (e.length, 40)
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)  # padding is masked
+        assert w.shape == a.shape  # windows stitched back to one row per residue
+
+
+def test_per_protein_regression_trains_through_the_backbone(tiny_t5):
+    seqs, exs = _toy(24, 3, kind="protein_regression")
+    train, valid, tests = _split(exs)
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(backbone_lr=1e-3), seqs)
+    res = train_head(_task("protein_regression"), train, valid, tests, feats, feats.dim, 0, CFG, HEAD)
+    assert np.isfinite(res.test["t"]["spearman"]) and res.steps == 2 * 4
+
+
+def test_bad_settings_are_one_line_errors(tiny_t5):
+    with pytest.raises(ConfigError, match="lora_rank must be >= 1"):
+        FinetuneConfig(lora_rank=0)
+    with pytest.raises(ConfigError, match="unknown mode 'lorra'.*frozen, lora, full"):
+        parse_modes("frozen,lorra")
+    assert parse_modes("frozen, LoRA,lora") == ["frozen", "lora"]
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(freeze_first=5), {("toy", "a"): "ACD"})
+    with pytest.raises(ConfigError, match="freeze_first 5 is more than the model's 2 blocks"):
+        feats.start(0)
