@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,63 @@ def test_bad_settings_are_one_line_errors(tiny_t5):
     feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(freeze_first=5), {("toy", "a"): "ACD"})
     with pytest.raises(ConfigError, match="freeze_first 5 is more than the model's 2 blocks"):
         feats.start(0)
+
+
+# --- in the benchmark runner ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, tiny_t5):
+    from protlm.convert import save_pretrained
+
+    directory = str(tmp_path_factory.mktemp("ckpt") / "tiny")
+    full = load(odd_config(num_layers=2, dropout_rate=0.0), random_init=True, seed=3)
+    save_pretrained(full.model, directory, full.tokenizer)
+    return directory
+
+
+def test_evaluate_trains_fine_tuned_columns_beside_the_frozen_one_and_resumes(tmp_path, tiny_checkpoint):
+    import yaml
+
+    from protlm.evaluate import ModelSource, load_suite, run_suite
+    from protlm.evaluate.bundle import load_bundle, read_meta
+    from protlm.evaluate.embeddings import FinetuneSource
+
+    from .test_evaluate_runner import SUITE
+
+    path = tmp_path / "mini.yaml"
+    path.write_text(yaml.safe_dump({**SUITE, "seeds": [7], "finetune": {"backbone_lr": 1e-3}}, sort_keys=False))
+    suite = load_suite(str(path))
+    cache = str(tmp_path / "cache")
+    frozen = ModelSource(tiny_checkpoint, cache_dir=cache, dtype="fp32")
+    full = FinetuneSource(tiny_checkpoint, "full", suite.finetune_config(), cache_dir=cache)
+    assert full.name == frozen.name + " (full FT)" and full.key.startswith(frozen.key + "-full-")
+    out = str(tmp_path / "out")
+    run = run_suite(suite, [frozen, full], out, quick=True, tasks=["SSP-3", "GB1"], progress=False, log=lambda s: None)
+    cells = {(c.source, c.task): c for c in run.cells}
+    assert set(cells) == {(s.name, t) for s in (frozen, full) for t in ("SSP-3", "GB1")}
+    assert all(c.trained_units == 1 for c in run.cells)
+    assert cells[(full.name, "SSP-3")].embed_seconds == 0  # nothing embedded: features come from the backbone
+    bundle = os.path.join(out, "heads", full.key, "SSP-3")
+    meta = read_meta(bundle)
+    assert meta.finetune["mode"] == "full" and meta.finetune["backbone_lr"] == 1e-3
+    assert os.path.exists(os.path.join(bundle, meta.finetune["path"])) and load_bundle(bundle).head is not None
+    assert read_meta(os.path.join(out, "heads", frozen.key, "SSP-3")).finetune is None
+    # a finished run resumes without training; another finetune setting is another column, trained anew
+    again = run_suite(load_suite(str(path)), [frozen, full], out, quick=True, tasks=["SSP-3", "GB1"], progress=False,
+                      log=lambda s: None)
+    assert all(c.trained_units == 0 for c in again.cells)
+    other = FinetuneSource(tiny_checkpoint, "full", load_suite(str(path), ["finetune.freeze_first=1"]).finetune_config(),
+                           cache_dir=cache)
+    assert other.key != full.key
+
+
+def test_cli_refuses_fine_tuning_stored_embeddings(tmp_path, tiny_checkpoint, capsys):
+    from protlm.cli.main import main
+
+    suite = os.path.join(os.path.dirname(__file__), "..", "configs", "eval", "ankh3.yaml")
+    code = main(["evaluate", "--suite", suite, "--embeddings", str(tmp_path), "--model", tiny_checkpoint,
+                 "--finetune", "lora"])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and "\n" not in err
+    assert "--finetune lora cannot be used with --embeddings" in err
+    assert main(["evaluate", "--suite", suite, "--model", tiny_checkpoint, "--finetune", "frozen,lorra"]) != 0
+    assert "unknown mode 'lorra'" in capsys.readouterr().err

@@ -5,6 +5,7 @@
     protlm evaluate --suite configs/eval/ankh3.yaml --random-init tiny --quick
     protlm evaluate --suite configs/eval/ankh3.yaml --model ESM2_DIR --model ANKH3_DIR   # families side by side
     protlm evaluate --suite configs/eval/ankh3.yaml --export-fasta DIR       # sequences to embed elsewhere
+    protlm evaluate --suite configs/eval/ankh3.yaml --model M --finetune frozen,lora,full   # fine-tuning columns
 
 The one-hot baseline is always in the table, and each --model gets its random-init twin (same architecture,
 random weights) unless --no-baselines. Re-running the same command resumes: finished (model, task, seed) units
@@ -30,6 +31,11 @@ def add_parser(sub) -> None:
                    help="a randomly initialised model of a preset or of a checkpoint's architecture (repeatable)")
     p.add_argument("--embeddings", action="append", default=[], metavar="[NAME=]DIR",
                    help="precomputed per-residue embeddings: DIR/<dataset>.h5 per dataset (repeatable)")
+    p.add_argument("--finetune", default="frozen", metavar="MODES",
+                   help="how each --model's backbone takes part, comma-separated for a column each: frozen (the "
+                        "default: heads on stored embeddings), lora (LoRA adapters train with the head), full "
+                        "(every backbone weight trains); settings under the suite's finetune: "
+                        "(e.g. --set finetune.lora_rank=4)")
     p.add_argument("--no-baselines", action="store_true",
                    help="leave out the one-hot baseline and the random-init twins of --model")
     p.add_argument("--out", help="output directory (default: runs/eval/<suite name>[-quick])")
@@ -68,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
     from protlm.errors import ConfigError
     from protlm.evaluate import (DirectorySource, ModelSource, OneHotSource, export_fasta, load_suite, run_suite,
                                  write_report)
+    from protlm.evaluate.embeddings import FinetuneSource
+    from protlm.finetune.config import parse_modes
     from protlm.evaluate.training import describe_precision
 
     suite = load_suite(args.suite, args.set, args.data_root)
@@ -83,6 +91,14 @@ def run(args: argparse.Namespace) -> int:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
     common = dict(layer=args.layer, cache_dir=cache, dtype=args.embed_dtype, device=device, threads=args.threads)
     prefixes = list(dict.fromkeys(args.prefix or ["auto"]))
+    modes = parse_modes(args.finetune)
+    tuned = [m for m in modes if m != "frozen"]
+    if tuned and args.embeddings:
+        raise ConfigError(f"--finetune {','.join(tuned)} cannot be used with --embeddings: stored embeddings have no "
+                          "backbone to fine-tune (give the model with --model)")
+    if tuned and not args.model:
+        raise ConfigError(f"--finetune {','.join(tuned)} needs a --model whose backbone to fine-tune")
+    finetune = suite.finetune_config() if tuned else None
     sources = [] if args.no_baselines else [OneHotSource()]
     for spec in args.random_init:
         sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in _prefixes_for(spec, prefixes)]
@@ -90,7 +106,9 @@ def run(args: argparse.Namespace) -> int:
         mine = _prefixes_for(spec, prefixes)
         if not args.no_baselines:
             sources += [ModelSource(spec, random_init_of=spec, prefix=p, **common) for p in mine]
-        sources += [ModelSource(spec, prefix=p, **common) for p in mine]
+        if "frozen" in modes:
+            sources += [ModelSource(spec, prefix=p, **common) for p in mine]
+        sources += [FinetuneSource(spec, m, finetune, prefix=p, **common) for m in tuned for p in mine]
     for item in args.embeddings:
         name, _, directory = item.rpartition("=")
         sources.append(DirectorySource(directory, name or None, None if args.layer == -1 else args.layer))

@@ -60,6 +60,10 @@ class HeadMeta:
     best_epoch: int | None = None
     source: str = ""  # report column the head was trained for ("pretrained", "one-hot", ...)
     trained_by: str = ""  # "protlm evaluate" | "protlm train-head"
+    # fine-tuned backbone (None: frozen): {"mode": "lora", "path": "adapter", ...settings} with a PEFT adapter
+    # directory, or {"mode": "full", "path": "backbone.safetensors", ...} with the trained backbone tensors, both
+    # inside the bundle and applied to the base model named in ``backbone``
+    finetune: dict[str, Any] | None = None
     format_version: int = FORMAT_VERSION
 
     @property
@@ -144,11 +148,13 @@ register_head_type("light", LightHead,
                    lambda in_dim, kind, n_out, **cfg: LightHead(in_dim, kind, n_out, LightHeadConfig(**cfg)))
 
 
-def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta) -> str:
+def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta,
+                backbone: Callable[[str], None] | None = None) -> str:
     """Write ``head.safetensors`` and ``head.json`` into ``directory``, replacing a bundle already there.
 
     Both files are written into a temporary directory beside it that then takes the bundle's place, so a reader
-    never sees the tensors of one head with the JSON of another. Returns the directory.
+    never sees the tensors of one head with the JSON of another. ``backbone(dir)``, for a fine-tuned head, writes
+    the backbone's trained part into the same temporary directory first. Returns the directory.
     """
     from safetensors.torch import save_file
 
@@ -162,6 +168,8 @@ def save_bundle(directory: str | os.PathLike, head: nn.Module, meta: HeadMeta) -
         state = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous()
                  for k, v in head.state_dict().items()}
         save_file(state, os.path.join(tmp, TENSORS_FILE), metadata={"format": "pt"})
+        if backbone is not None:
+            backbone(tmp)
         with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as fh:
             json.dump(_plain(meta.to_dict()), fh, indent=1, allow_nan=False)
             fh.write("\n")

@@ -201,6 +201,36 @@ class ModelSource(FeatureSource):
                 "embed_precision": None if self.precision.name == "fp32" else self.precision.name}
 
 
+class FinetuneSource(ModelSource):
+    """A model whose backbone trains with each head (``--finetune lora|full``): a column of its own, with no
+    embeddings cache; each unit starts from the checkpoint's weights (:mod:`protlm.finetune`)."""
+
+    def __init__(self, spec: str, mode: str, finetune, **kw):
+        from protlm.finetune.config import MODE_LABELS
+
+        kw.pop("dtype", None)
+        super().__init__(spec, dtype="fp32", **kw)
+        self.mode, self.finetune = mode, finetune
+        self.name += f" ({MODE_LABELS[mode]})"
+        self.key += f"-{mode}-" + _short_hash(json.dumps(self.describe()["finetune"], sort_keys=True))
+
+    def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
+        raise ConfigError(f"{self.name}: a fine-tuned column computes its features while training; it has no "
+                          "embeddings file")
+
+    def features(self, sequences: dict[tuple[str, str], str], device: str):
+        """The trainable features of every protein the task uses (see BackboneFeatures)."""
+        from protlm.finetune.backbone import BackboneFeatures
+
+        return BackboneFeatures(self.pretrained(), self.mode, self.finetune, sequences, layer=self.layer,
+                                prefix=self.prefix, device=device)
+
+    def describe(self) -> dict:
+        import dataclasses
+
+        return {**super().describe(), "finetune": {"mode": self.mode, **dataclasses.asdict(self.finetune)}}
+
+
 def has_task_tokens(spec: str) -> bool:
     """Whether the model ``spec`` names (preset, checkpoint directory or Hub id) may take a task token: T5 models
     may ([NLU], [S2S]); ESM-2 and DPLM have none. Reads only the config."""

@@ -292,18 +292,23 @@ def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: HeadTrainConf
     cell.resumed_units = sum(done is not None for *_, done in plan)
     if all(done is not None for *_, done in plan):
         return _PendingCell(cell, task, data, plan, t0)
-    by_ds: dict[str, list[LabelledRecord]] = {}
-    for (ds, _), rec in data.records.items():
-        by_ds.setdefault(ds, []).append(rec)
-    stores = {}
-    for ds, recs in sorted(by_ds.items()):
-        log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
-        prepared = source.prepare(ds, recs, progress=progress)
-        cell.embed_seconds += prepared.seconds
-        cell.embed_cpu_seconds += prepared.cpu_seconds
-        stores[ds] = prepared
-    features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
-    dropped = {id(e) for exs in data.splits.values() for e in exs} - {id(e) for exs in kept.values() for e in exs}
+    if getattr(source, "mode", None) in ("lora", "full"):  # the backbone trains with each head: no embeddings
+        log(f"[{task.name}] {source.name}: fine-tuning on {len(data.records)} proteins")
+        features = source.features({k: r.sequence for k, r in data.records.items()}, device)
+        dropped: set[int] = set()
+    else:
+        by_ds: dict[str, list[LabelledRecord]] = {}
+        for (ds, _), rec in data.records.items():
+            by_ds.setdefault(ds, []).append(rec)
+        stores = {}
+        for ds, recs in sorted(by_ds.items()):
+            log(f"[{task.name}] {source.name}: features for {ds} ({len(recs)} proteins)")
+            prepared = source.prepare(ds, recs, progress=progress)
+            cell.embed_seconds += prepared.seconds
+            cell.embed_cpu_seconds += prepared.cpu_seconds
+            stores[ds] = prepared
+        features, cell.missing, kept = gather_features(stores, data.splits, task.name, allow_missing)
+        dropped = {id(e) for exs in data.splits.values() for e in exs} - {id(e) for exs in kept.values() for e in exs}
     for k, (seed, fold, path, h, done) in enumerate(plan):
         if done is not None:
             continue
@@ -320,7 +325,7 @@ def _start_cell(suite: Suite, task: TaskSpec, data: TaskData, cfg: HeadTrainConf
         else:  # the unit process writes the file; _finish_cell reads it
             pool.submit(label, path, lambda unit=unit: _train_and_write(progress=False, **unit))
         cell.trained_units += 1
-    for prepared in features.stores.values():
+    for prepared in getattr(features, "stores", {}).values():
         close = getattr(prepared.arrays, "close", None)
         if close is not None:
             close()  # a forked unit process keeps its own handle
@@ -362,13 +367,21 @@ def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path,
     """Train one unit and write its file atomically (its head bundle first); returns what was written."""
     result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label)
     if fold.index is None:  # leave-one-out folds are many heads of one protein each: nothing to keep
-        B.save_bundle(bundle_path(path), result.head, head_meta(task, source, features, suite, result, seed))
+        B.save_bundle(bundle_path(path), result.head, head_meta(task, source, features, suite, result, seed),
+                      backbone=_backbone_writer(features, result))
     done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
             "result": result.to_dict(), "missing": missing}
     text = json.dumps(done, indent=1, default=_json_default)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, text)
     return json.loads(text)  # exactly what a resumed run reads back
+
+
+def _backbone_writer(features, result: RunResult):
+    """What a fine-tuned unit's bundle holds besides the head: its adapter or its trained backbone weights."""
+    if result.backbone_state is None:
+        return None
+    return lambda directory: features.save(directory, result.backbone_state)
 
 
 def bundle_path(unit_file: str) -> str:
@@ -380,9 +393,11 @@ def head_meta(task: TaskSpec, source: FeatureSource, features, suite: Suite, res
     """The bundle metadata of a head trained on ``source``'s features: the layer and prefix as resolved in the
     embeddings file the features came from, the backbone as the source names it."""
     attrs: dict = {}
-    for prepared in features.stores.values():
+    for prepared in getattr(features, "stores", {}).values():
         attrs = dict(getattr(prepared.arrays, "attrs", None) or {})
         break
+    if getattr(features, "trainable", False):  # fine-tuned: the layer and prefix as the backbone resolved them
+        attrs = {"layers": [features.layer], "prefix": features.prefix}
     layers = attrs.get("layers")
     layer = getattr(source, "layer", None)
     if layers is not None:
@@ -408,7 +423,8 @@ def head_meta(task: TaskSpec, source: FeatureSource, features, suite: Suite, res
         pooling="mean" if task.kind.startswith("protein_") else "none", max_length=task.max_length,
         target_shift=result.target_shift, target_scale=result.target_scale, backbone=backbone,
         metrics=result.test, valid=result.valid_best, seed=seed, best_epoch=result.best_epoch, source=source.name,
-        trained_by="protlm evaluate")
+        trained_by="protlm evaluate",
+        finetune=features.bundle_entry() if getattr(features, "trainable", False) else None)
 
 
 def _keep_heads(p: "_PendingCell", out_dir: str, keep: str, log) -> None:

@@ -8,6 +8,7 @@ Top-level keys (see ``configs/eval/ankh3.yaml`` for a complete example):
 - ``seeds``: one head is trained per seed; results are mean ± std over them;
 - ``head``: :class:`~protlm.evaluate.heads.HeadConfig` fields;
 - ``training``: :class:`~protlm.evaluate.training.HeadTrainConfig` fields (a task's ``training:`` overrides them);
+- ``finetune``: :class:`~protlm.finetune.config.FinetuneConfig` fields, for ``--finetune lora|full`` columns;
 - ``quick``: the smoke-test profile (``--quick``): ``training`` overrides plus ``max_train`` / ``max_valid`` /
   ``max_test`` (proteins per split, a fixed random subset) and ``max_folds`` (leave-one-out folds);
 - ``datasets``: name -> ``{format, files: {key: path}, unavailable: "why"}``; a dataset whose files are all
@@ -66,6 +67,8 @@ class Suite:
     # suite-level HeadTrainConfig fields, kept raw so that a task's training: can override single keys
     training: dict[str, Any] = field(default_factory=dict)
     quick: QuickProfile = field(default_factory=QuickProfile)
+    # protlm.finetune.config.FinetuneConfig fields: how the backbone trains under --finetune lora|full
+    finetune: dict[str, Any] = field(default_factory=dict)
     datasets: dict[str, DatasetSpec] = field(default_factory=dict)
     tasks: list[TaskSpec] = field(default_factory=list)
     source: str = field(default="", init=False)
@@ -76,6 +79,11 @@ class Suite:
         if quick:
             merged.update(self.quick.training)
         return build(HeadTrainConfig, merged, self.source, f"tasks.{task.name}.training.")
+
+    def finetune_config(self):
+        from protlm.finetune.config import FinetuneConfig
+
+        return build(FinetuneConfig, self.finetune, self.source, "finetune.")
 
     def task(self, name: str) -> TaskSpec:
         for t in self.tasks:
@@ -98,6 +106,8 @@ def parse_suite(data: dict[str, Any], source: str = "<suite>", data_root: str | 
     if not suite.seeds:
         raise ConfigError(f"{source}: seeds must be a non-empty list of integers, got []")
     build(HeadTrainConfig, suite.training, source, "training.")  # check it now, not at the first task
+    suite.source = source
+    suite.finetune_config()
     for name, spec in suite.datasets.items():
         spec.name = name
         spec.files = {k: os.path.join(root, os.path.expanduser(v)) for k, v in spec.files.items()}

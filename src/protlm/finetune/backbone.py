@@ -15,6 +15,8 @@ its kept residues from the full protein's features, as the frozen protocol does.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import os
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,9 @@ from protlm.embedding.batching import split
 from protlm.embedding.engine import resolve_overlap, resolve_window, token_rows
 from protlm.errors import ConfigError
 from protlm.finetune.config import FinetuneConfig
+
+ADAPTER_DIR = "adapter"  # inside a head bundle: the LoRA adapter, in PEFT's format
+WEIGHTS_FILE = "backbone.safetensors"  # inside a head bundle: the fully fine-tuned backbone tensors
 
 
 class BackboneFeatures:
@@ -162,6 +167,28 @@ class BackboneFeatures:
             return [hidden[i, torch.as_tensor(token_of[i], device=hidden.device)] for i in range(len(units))]
         return [hidden[i, n_pre:n_pre + u.length] for i, u in enumerate(units)]
 
+    # --- what a head bundle keeps ----------------------------------------------------------------------------------
+    def bundle_entry(self) -> dict[str, Any]:
+        """``HeadMeta.finetune`` of a head trained with this backbone."""
+        return {"mode": self.mode, "path": ADAPTER_DIR if self.mode == "lora" else WEIGHTS_FILE,
+                **dataclasses.asdict(self.cfg)}
+
+    def save(self, directory: str, state: dict[str, torch.Tensor]) -> None:
+        """Write the trained part into a bundle directory: the adapter in PEFT's format (LoRA), or the trained
+        backbone tensors under the model's own names (full)."""
+        if self.mode == "lora":
+            from protlm.evaluate.bundle import config_hash
+            from protlm.finetune.lora import save_adapter
+
+            self.load_state(state)
+            save_adapter(self.model, os.path.join(directory, ADAPTER_DIR), base_model=self.base.source,
+                         base_config_hash=config_hash(self.base.config))
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
+                      os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
+
     def describe(self) -> dict[str, Any]:
         return {"mode": self.mode, "layer": self.layer, "prefix": self.prefix, "window": self.window,
                 **{k: v for k, v in vars(self.cfg).items()}}
@@ -187,3 +214,37 @@ def _chunks(units, max_tokens: int, extra: int):
     if cur:
         yield cur
 
+
+
+def apply_finetune(pretrained, bundle_dir: str, entry: dict[str, Any]):
+    """The base model of a fine-tuned head bundle with the bundle's backbone applied, in place: the adapter merged
+    into the weights (LoRA), or the trained tensors loaded (full). Returns ``pretrained``."""
+    from protlm.errors import CheckpointError
+
+    mode, path = entry.get("mode"), os.path.join(bundle_dir, str(entry.get("path", "")))
+    if mode == "lora":
+        from protlm.evaluate.bundle import config_hash
+        from protlm.finetune.lora import load_adapter, merge_lora
+
+        load_adapter(pretrained.model, path, base_config_hash=config_hash(pretrained.config))
+        pretrained.model = merge_lora(pretrained.model)
+        return pretrained
+    if mode != "full":
+        raise CheckpointError(f"{bundle_dir}: unknown fine-tuning mode {mode!r} in head.json (lora or full)")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"{path}: cannot read the fine-tuned backbone weights ({err})") from None
+    params = dict(pretrained.model.named_parameters())
+    for name, value in tensors.items():
+        if name not in params or params[name].shape != value.shape:
+            have = "absent" if name not in params else "x".join(map(str, params[name].shape))
+            raise CheckpointError(f"{path}: tensor {name!r} ({'x'.join(map(str, value.shape))}) does not fit the "
+                                  f"base model {pretrained.source} ({have}); the bundle was trained on another model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value.to(params[name].dtype))
+    return pretrained
