@@ -152,12 +152,17 @@ def cpu_isa() -> str:
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    if level.startswith("AVX512"):
         if "avx512_bf16" in flags:
             extra.append("BF16")
         if "amx_bf16" in flags:
             extra.append("AMX")
-    except OSError:
-        pass
+    elif "avx512f" in flags:
+        # the CPU has AVX-512 but torch was told not to use it (ATEN_CPU_CAPABILITY), as when standing in for an
+        # AVX2-only CPU: the kernels, and so the speeds, are AVX2's
+        extra.append(f"(AVX-512 CPU limited by ATEN_CPU_CAPABILITY={os.environ.get('ATEN_CPU_CAPABILITY', '?')})")
     return " ".join([level, *extra])
 
 
