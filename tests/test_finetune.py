@@ -187,3 +187,34 @@ def test_cli_refuses_fine_tuning_stored_embeddings(tmp_path, tiny_checkpoint, ca
     assert "--finetune lora cannot be used with --embeddings" in err
     assert main(["evaluate", "--suite", suite, "--model", tiny_checkpoint, "--finetune", "frozen,lorra"]) != 0
     assert "unknown mode 'lorra'" in capsys.readouterr().err
+
+
+def test_a_killed_fine_tuning_run_resumes_from_its_last_epoch_and_ends_as_an_unbroken_one(tiny_t5, tmp_path):
+    seqs, exs = _toy(24, 4)
+    train, valid, tests = _split(exs)
+    cfg = HeadTrainConfig(lr=5e-3, warmup_steps=2, epochs=3, grad_accum=4, precision="fp32")
+    fcfg = FinetuneConfig(backbone_lr=1e-3, train_dropout=True)
+    unbroken = train_head(_task(), train, valid, tests, BackboneFeatures(tiny_t5, "full", fcfg, seqs), 40, 7, cfg, HEAD)
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_2(done, total, note):
+        if note.startswith("epoch 2/3 loss"):
+            raise Killed
+
+    state = str(tmp_path / "unit.partial.pt")
+    with pytest.raises(Killed):
+        train_head(_task(), train, valid, tests, BackboneFeatures(tiny_t5, "full", fcfg, seqs), 40, 7, cfg, HEAD,
+                   progress=kill_in_epoch_2, resume_file=state, resume_tag="a")
+    assert os.path.exists(state)
+    resumed = train_head(_task(), train, valid, tests, BackboneFeatures(tiny_t5, "full", fcfg, seqs), 40, 7, cfg,
+                         HEAD, resume_file=state, resume_tag="a")
+    assert resumed.test == unbroken.test and resumed.steps == unbroken.steps
+    assert [h.train_loss for h in resumed.history] == [h.train_loss for h in unbroken.history]
+    for k, v in unbroken.backbone_state.items():
+        assert torch.equal(v, resumed.backbone_state[k]), k
+    # a state file of other settings (another tag) is not used: the run starts over
+    other = train_head(_task(), train, valid, tests, BackboneFeatures(tiny_t5, "full", fcfg, seqs), 40, 7, cfg, HEAD,
+                       resume_file=state, resume_tag="b")
+    assert other.test == unbroken.test

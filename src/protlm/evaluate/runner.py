@@ -6,6 +6,7 @@ Output directory layout::
     OUT/units/<source key>/<task>/seed<S>.json         one trained head (standard protocol)
     OUT/units/<source key>/<task>/seed<S>.fold<K>.json one fold (leave-one-out)
     OUT/units/<source key>/<task>/seed<S>.head/        the unit's head bundle (standard protocol)
+    OUT/units/<source key>/<task>/seed<S>.partial.pt   a fine-tuning unit's state after its last epoch (resume)
     OUT/heads/<source key>/<task>/                     the best seed's bundle by validation (or seed<S>/ each)
     OUT/report.md, OUT/results.csv, OUT/results.json  rewritten after every task
 
@@ -365,7 +366,8 @@ def _finish_cell(p: _PendingCell, log) -> Cell:
 def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path, h, source, missing, label,
                      progress) -> dict:
     """Train one unit and write its file atomically (its head bundle first); returns what was written."""
-    result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label)
+    resume = path[: -len(".json")] + ".partial.pt" if getattr(features, "trainable", False) else None
+    result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label, resume, h)
     if fold.index is None:  # leave-one-out folds are many heads of one protein each: nothing to keep
         B.save_bundle(bundle_path(path), result.head, head_meta(task, source, features, suite, result, seed),
                       backbone=_backbone_writer(features, result))
@@ -374,6 +376,8 @@ def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path,
     text = json.dumps(done, indent=1, default=_json_default)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     atomic_write_text(path, text)
+    if resume is not None and os.path.exists(resume):
+        os.remove(resume)
     return json.loads(text)  # exactly what a resumed run reads back
 
 
@@ -462,7 +466,8 @@ def _safe_name(task: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in task)
 
 
-def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label) -> RunResult:
+def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, label, resume=None,
+                resume_tag="") -> RunResult:
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -479,7 +484,7 @@ def _train_unit(task, fold: Fold, features, cfg, suite, seed, device, progress, 
 
     try:
         return train_head(task, fold.train, fold.valid, fold.tests, features, features.dim, seed, cfg, suite.head,
-                          device, report)
+                          device, report, resume_file=resume, resume_tag=resume_tag)
     finally:
         if bar is not None:
             bar.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -425,6 +426,8 @@ def train_head(
     make_head: Callable[[], torch.nn.Module] | None = None,
     class_weights: torch.Tensor | None = None,
     patience: int | None = None,
+    resume_file: str | None = None,
+    resume_tag: str = "",
 ) -> RunResult:
     """Train a fresh head on ``train``, pick the epoch that scores best on ``valid`` and score it on ``tests``.
 
@@ -434,6 +437,11 @@ def train_head(
     ``class_weights`` go to the loss (see :func:`protlm.evaluate.heads.per_protein_loss`); with ``patience``
     training stops once that many epochs in a row did not beat the best validation score (early stopping; the
     learning-rate schedule stays the one planned for all epochs).
+
+    With ``resume_file`` the run's whole state (head, trained backbone part, optimiser, schedule, best epoch so far,
+    RNG streams) is written there after every epoch, and a run that finds the file with the same ``resume_tag``
+    goes on after its last epoch instead of starting over: a killed run resumes and ends exactly as an unbroken one
+    would. The caller removes the file once the result is safe.
     """
     device = torch.device(device)
     start = time.perf_counter()
@@ -465,8 +473,20 @@ def train_head(
     primary = task.metrics[0]
     best: tuple[float, int, dict] | None = None
     history: list[EpochLog] = []
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
+    step, first, spent = 0, 1, 0.0
+    saved = _read_epoch_state(resume_file, resume_tag) if resume_file else None
+    if saved is not None:
+        head.load_state_dict(saved["head"])
+        if tuned:
+            features.load_state(saved["backbone"])
+        opt.load_state_dict(saved["opt"])
+        sched.load_state_dict(saved["sched"])
+        best, step, spent = saved["best"], saved["step"], saved["seconds"]
+        history = [EpochLog(**h) for h in saved["history"]]
+        torch.set_rng_state(saved["torch_rng"])
+        rng.bit_generator.state = saved["np_rng"]
+        first = saved["epoch"] + 1
+    for epoch in range(first, cfg.epochs + 1):
         t0 = time.perf_counter()
         head.train()
         if tuned:
@@ -504,6 +524,12 @@ def train_head(
             best = (value, epoch, copy.deepcopy(head.state_dict()), features.state() if tuned else None)
         elif patience is not None and epoch - best[1] >= patience:
             break
+        if resume_file and epoch < cfg.epochs:
+            _write_epoch_state(resume_file, {
+                "tag": resume_tag, "epoch": epoch, "step": step, "head": head.state_dict(),
+                "backbone": features.state() if tuned else None, "opt": opt.state_dict(), "sched": sched.state_dict(),
+                "best": best, "history": [asdict(h) for h in history], "torch_rng": torch.get_rng_state(),
+                "np_rng": rng.bit_generator.state, "seconds": spent + time.perf_counter() - start})
         if progress is not None:
             progress(step, total, f"epoch {epoch}/{cfg.epochs} valid {primary} {val[primary]:.4f}")
     head.load_state_dict(best[2])
@@ -517,10 +543,29 @@ def train_head(
     return RunResult(
         valid_best=history[best[1] - 1].valid, best_epoch=best[1], test=test_scores, history=history, steps=step,
         n_train=len(train), n_valid=len(valid), n_test={k: len(v) for k, v in tests.items()},
-        seconds=time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, per_protein=rows,
+        seconds=spent + time.perf_counter() - start, cpu_seconds=time.process_time() - cpu_start, per_protein=rows,
         precision=precision, target_shift=shift, target_scale=scale, head=head.cpu().eval(),
         backbone_state=best[3], peak_rss_mb=peak_rss_mb(),
     )
+
+
+def _write_epoch_state(path: str, state: dict[str, Any]) -> None:
+    from protlm.utils import atomic_path
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def _read_epoch_state(path: str, tag: str) -> dict[str, Any] | None:
+    """The state a killed run left, or None (no file, another run's file, or a damaged one: start over)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # written atomically, so a damaged file is foreign: the unit starts over
+        return None
+    return state if isinstance(state, dict) and state.get("tag") == tag else None
 
 
 def peak_rss_mb() -> float:
