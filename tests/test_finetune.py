@@ -218,3 +218,30 @@ def test_a_killed_fine_tuning_run_resumes_from_its_last_epoch_and_ends_as_an_unb
     other = train_head(_task(), train, valid, tests, BackboneFeatures(tiny_t5, "full", fcfg, seqs), 40, 7, cfg, HEAD,
                        resume_file=state, resume_tag="b")
     assert other.test == unbroken.test
+
+
+def _family_models():
+    from .test_bert import tiny as bert
+    from .test_esm import tiny as esm
+    from .test_gpt2 import tiny as gpt2
+
+    return {"esm": (esm(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "esm.encoder.layer.1."),
+            "bert": (bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), "bert.encoder.layer.1."),
+            "gpt2": (gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0), "transformer.h.1.")}
+
+
+@pytest.mark.parametrize("family", ["esm", "bert", "gpt2"])
+def test_every_family_fine_tunes_with_one_row_per_residue(family):
+    config, block = _family_models()[family]
+    pre = load(config, random_init=True, seed=1, encoder_only=True)
+    seqs, exs = _toy(24, 5)
+    feats = BackboneFeatures(pre, "full", FinetuneConfig(backbone_lr=1e-3), seqs)
+    feats.start(0)
+    with torch.no_grad():
+        rows = feats.tensors(exs[:3])
+    assert [tuple(r.shape) for r in rows] == [(e.length, 36) for e in exs[:3]]
+    train, valid, tests = _split(exs)
+    res = train_head(_task(), train, valid, tests, feats, feats.dim, 7, CFG, HEAD)
+    base = pre.model.state_dict()
+    moved = [k for k, v in res.backbone_state.items() if not torch.equal(v, base[k].float())]
+    assert any(k.startswith(block) for k in moved), moved[:5]
