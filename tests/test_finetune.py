@@ -245,3 +245,23 @@ def test_every_family_fine_tunes_with_one_row_per_residue(family):
     base = pre.model.state_dict()
     moved = [k for k, v in res.backbone_state.items() if not torch.equal(v, base[k].float())]
     assert any(k.startswith(block) for k in moved), moved[:5]
+
+
+def test_lora_trains_only_the_adapters_and_the_bundle_holds_a_peft_adapter(tiny_t5, tmp_path):
+    from protlm.finetune.lora import CONFIG_FILE, WEIGHTS_FILE
+
+    seqs, exs = _toy(24, 6)
+    train, valid, tests = _split(exs)
+    feats = BackboneFeatures(tiny_t5, "lora", FinetuneConfig(lora_rank=2, adapter_lr=1e-2), seqs)
+    res = train_head(_task(), train, valid, tests, feats, feats.dim, 7, CFG, HEAD)
+    state = res.backbone_state
+    assert state and all(".lora_A." in k or ".lora_B." in k for k in state)
+    # every q, k, v, o projection of both blocks has its pair; B (zero at the start) has moved
+    assert len(state) == 2 * 4 * 2
+    assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in state.items())
+    # base weights are untouched, in the trained copy and in the caller's model
+    base = tiny_t5.model.state_dict()
+    tuned = {k.replace(".base_layer", ""): v for k, v in feats.model.state_dict().items() if "lora_" not in k}
+    assert all(torch.equal(tuned[k], base[k].float()) for k in base if k in tuned)
+    feats.save(str(tmp_path), state)
+    assert sorted(os.listdir(tmp_path / "adapter")) >= sorted([CONFIG_FILE, WEIGHTS_FILE])

@@ -9,7 +9,7 @@ LAYERS = {
     "errors": 1, "utils": 1, "config": 1, "stages": 1, "settings": 1, "precision": 1,
     "tokenizer": 2, "model": 2,
     "data": 3, "objectives": 3, "distributed": 3,
-    "train": 4, "convert": 4, "embedding": 4, "evaluate": 4, "generation": 4,
+    "train": 4, "convert": 4, "embedding": 4, "evaluate": 4, "generation": 4, "finetune": 4,
     "analysis": 5, "ablate": 5,
     "demo": 6, "cli": 6,
 }

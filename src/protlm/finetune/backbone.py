@@ -76,7 +76,7 @@ class BackboneFeatures:
         if self.mode == "lora":
             from protlm.finetune.lora import add_lora, resolve_targets
 
-            targets = resolve_targets(model, self.cfg.lora_targets, self.cfg.lora_ffn, self.base.family)
+            targets = resolve_targets(model, self.cfg.lora_targets, self.cfg.lora_ffn)
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
                 torch.manual_seed(seed + 1_000_003)
                 add_lora(model, rank=self.cfg.lora_rank, alpha=self.cfg.lora_alpha, dropout=self.cfg.lora_dropout,
