@@ -40,6 +40,15 @@ META_FILE = "protlm_adapter.json"
 ADAPTER = "default"  # peft's adapter name inside the model; absent from the files, as peft writes them
 KEY_PREFIX = "base_model.model."  # how PeftModel names the wrapped model's modules in its files
 
+def require_peft() -> None:
+    """LoRA runs through ``peft``, an optional dependency: without it, a one-line hint instead of an ImportError."""
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("LoRA fine-tuning needs the peft library: pip install 'protlm[finetune]' (or "
+                          "pip install peft); full fine-tuning (--finetune full) works without it") from None
+
+
 # Keyed by architecture: protlm_family says which published weights a model holds, and "custom" is shared by all.
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "t5": ("q", "k", "v", "o"),
@@ -222,6 +231,7 @@ def add_lora(model: nn.Module, *, rank: int, alpha: float, dropout: float = 0.0,
     """Put LoRA adapters (``rank``, scale ``alpha / rank``, ``dropout`` on their input) into the projections
     ``targets`` picks (None: :func:`resolve_targets`' defaults) of the encoder's blocks, in place, and freeze
     everything else. Returns ``model``, still of its protlm class."""
+    require_peft()
     import peft
 
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
@@ -333,6 +343,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, *, base_config_
     corrupt files, target modules that the model lacks, and tensors of other shapes are :class:`ConfigError`\\ s
     naming the directory and what differs.
     """
+    require_peft()
     import peft
 
     directory = os.fspath(directory)
