@@ -19,7 +19,7 @@ COMMANDS = [
     "project", "transfer",
     "generate", "infill", "score",
     "analyze",
-    "data", "evaluate", "train-head", "predict",
+    "data", "evaluate", "train-head", "predict", "export-backbone",
     "demo",
     "ablate",
 ]

@@ -3,10 +3,13 @@
     protlm predict runs/demo/pretrain/final --heads runs/demo/heads/SSP-3 my.fasta
     protlm predict MODEL --heads OUT/heads/<source>/SSP-3 OUT/heads/<source>/Localization my.fasta -o pred.tsv --h5 probs.h5
     protlm predict --embeddings per_residue.h5 --heads DIR [my.fasta] -o pred.tsv      # stored embeddings, no MODEL
+    protlm predict BASE --heads FROZEN_HEAD LORA_HEAD my.fasta -o pred.tsv   # fine-tuned heads: give their base model
 
 Each protein is embedded once (as ``protlm embed`` does: token-budget batches, overlapping windows for long
-proteins) at every layer the heads read, and every head is applied. With ``-o`` the job resumes: re-run the same
-command after an interruption and it continues after the last finished part.
+proteins) at every layer the heads read, and every head is applied. A head trained with a fine-tuned backbone
+(train-head/evaluate --finetune lora|full) embeds with its own backbone: MODEL, the base, with the bundle's
+adapter merged or trained weights loaded; stored embeddings cannot stand in for it. With ``-o`` the job
+resumes: re-run the same command after an interruption and it continues after the last finished part.
 """
 
 from __future__ import annotations
@@ -86,10 +89,9 @@ def run(args: argparse.Namespace) -> int:
         from protlm.cli.common import load_model
 
         P.check_backbone(bundles, P.backbone_of_spec(model, args.random_init, args.init_seed))
-        dtype = args.dtype or P.shared_setting(bundles, "embed_dtype") or "auto"
-        pre = load_model(model, random_init=args.random_init, dtype=dtype, device=device, encoder_only=True,
-                         seed=args.init_seed)
-        predictor = P.Predictor(bundles, pre, device=device, dtype=dtype, max_tokens=args.max_tokens,
+        pre = load_model(model, random_init=args.random_init, dtype=args.dtype or P.load_dtype(bundles),
+                         device=device, encoder_only=True, seed=args.init_seed)
+        predictor = P.Predictor(bundles, pre, device=device, dtype=args.dtype, max_tokens=args.max_tokens,
                                 window=args.window, overlap=args.overlap, threads=args.threads)
     say = lambda msg: print(f"protlm predict: {msg}", file=sys.stderr, flush=True)
     say(f"{len(bundles)} head(s) ({', '.join(predictor.names)}) on {len(records)} proteins; embeddings: "

@@ -1,13 +1,20 @@
-"""``protlm train-head``: a head on your own labelled proteins, trained on a model's frozen embeddings.
+"""``protlm train-head``: a head on your own labelled proteins, on a model's frozen embeddings or fine-tuning it.
 
     protlm train-head MODEL labels.csv -o runs/heads/mytask               # id,sequence,label
     protlm train-head MODEL sequences.fasta -o OUT                         # biotrainer: >id TARGET=.. SET=..
     protlm train-head MODEL labels.fasta --sequences seqs.fasta --mask mask.fasta -o OUT   # biotrainer per residue
     protlm train-head MODEL labels.csv --head light --seeds 3 --class-weights --split 0.8,0.1,0.1 --seed 1 -o OUT
+    protlm train-head MODEL labels.csv --finetune lora --set finetune.lora_rank=4 --merge -o OUT   # LoRA with the head
 
 The label kind (per-residue classes, per-protein classes, a number, several classes joined by ';') is read from
 the labels unless --kind says it. Train / validation / test come from the file's sets, else from a seeded random
 split. Writes OUT/report.md, OUT/results.json and the head bundle under OUT/heads/<task>/ (see docs/train-head.md).
+
+--finetune lora|full trains the backbone with the head (LoRA adapters, or every weight) in the same protocol;
+its settings are --set finetune.KEY=VALUE (lora_rank, lora_alpha, lora_dropout, lora_targets, lora_ffn,
+adapter_lr, backbone_lr, freeze_first, checkpointing, train_dropout). The bundle then holds the adapter
+(adapter/) or the trained weights (backbone.safetensors); --merge also writes OUT/merged/, the fine-tuned
+backbone as a checkpoint (as `protlm export-backbone` does).
 """
 
 from __future__ import annotations
@@ -45,8 +52,15 @@ def add_parser(sub) -> None:
     p.add_argument("--class-weights", action="store_true", help="weight the loss by inverse class frequency")
     p.add_argument("--keep-heads", default="best", choices=["best", "all"],
                    help="bundle of the best seed by validation (default) or of every seed (heads/<task>/seed<S>/)")
+    p.add_argument("--finetune", default="frozen", metavar="MODE",
+                   help="frozen (default: heads on cached embeddings), lora (LoRA adapters train with the head) or "
+                        "full (every backbone weight trains); settings with --set finetune.KEY=VALUE")
+    p.add_argument("--merge", action="store_true",
+                   help="with --finetune lora|full: also write OUT/merged/, the best seed's fine-tuned backbone as a "
+                        "checkpoint (LoRA merged into the weights)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="training.epochs=5, training.lr=1e-3, head.num_layers=2, light.hidden=64, ...")
+                   help="training.epochs=5, training.lr=1e-3, head.num_layers=2, light.hidden=64, "
+                        "finetune.lora_rank=4, ...")
     p.add_argument("--random-init", action="store_true", help="random weights: MODEL is a preset or a checkpoint to copy")
     p.add_argument("--init-seed", type=int, default=0, help="seed of the random weights with --random-init")
     p.add_argument("--layer", type=int, default=-1, help="encoder layer to embed (default: -1, the last)")
@@ -79,12 +93,25 @@ def parse_seeds(text: str) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from protlm.errors import ConfigError
     from protlm.evaluate.custom import TrainHeadSettings, parse_fractions, run_train_head
-    from protlm.evaluate.embeddings import ModelSource
+    from protlm.evaluate.embeddings import FinetuneSource, ModelSource
     from protlm.evaluate.labels import read_labels
+    from protlm.finetune.config import MODES, parse_modes
     from protlm.settings import override, parse_sets
 
-    settings = override(TrainHeadSettings(), parse_sets(args.set), "--set") if args.set else TrainHeadSettings()
+    changes = parse_sets(args.set)
+    settings = override(TrainHeadSettings(), changes, "--set") if changes else TrainHeadSettings()
+    modes = parse_modes(args.finetune)
+    if len(modes) != 1:
+        raise ConfigError(f"--finetune {args.finetune}: train-head trains with one backbone mode, one of "
+                          f"{', '.join(MODES)} (protlm evaluate --finetune compares several)")
+    mode = modes[0]
+    if mode == "frozen" and any(k.startswith("finetune.") for k in changes):
+        raise ConfigError("--set finetune.*: the backbone is frozen; add --finetune lora or full")
+    if mode != "frozen" and args.embed_dtype != "auto":
+        raise ConfigError(f"--embed-dtype applies to frozen embeddings; under --finetune {mode} the backbone runs in "
+                          "fp32 (training.precision sets the autocast of the training passes)")
     seeds = parse_seeds(args.seeds)
     fractions = parse_fractions(args.split) if args.split else None
     labels = read_labels(args.labels, args.kind, sequences=args.sequences, mask=args.mask,
@@ -94,18 +121,22 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     cache = args.cache_dir or os.environ.get("PROTLM_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
-    source = ModelSource(args.model, random_init_of=args.model if args.random_init else None, layer=args.layer,
-                         prefix=args.prefix, cache_dir=cache, dtype=args.embed_dtype, device=device,
-                         threads=args.threads, seed=args.init_seed)
+    common = dict(random_init_of=args.model if args.random_init else None, layer=args.layer, prefix=args.prefix,
+                  cache_dir=cache, device=device, threads=args.threads, seed=args.init_seed)
+    if mode == "frozen":
+        source = ModelSource(args.model, dtype=args.embed_dtype, **common)
+    else:
+        source = FinetuneSource(args.model, mode, settings.finetune, **common)
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     print(f"protlm train-head: {labels.path} ({labels.kind}), {source.name}, {args.head} head, seeds "
           f"{','.join(map(str, seeds))}; output {args.out}")
     out = run_train_head(labels, source, args.out, task_name=args.task or "", classes=classes, head=args.head,
                          seeds=seeds, fractions=fractions, split_seed=args.seed, use_class_weights=args.class_weights,
                          patience=args.patience, settings=settings, keep_heads=args.keep_heads, device=device,
-                         progress=not args.no_progress, allow_missing=args.allow_missing)
+                         progress=not args.no_progress, allow_missing=args.allow_missing, merge=args.merge)
     with open(os.path.join(args.out, "report.md"), encoding="utf-8") as fh:
         print(fh.read())
-    print(f"wrote {args.out}/report.md, results.json and {len(out['bundles'])} head bundle(s) "
-          f"({out['seconds']:.0f} s)")
+    print(f"wrote {args.out}/report.md, results.json and {len(out['bundles'])} head bundle(s)"
+          + (f", the fine-tuned backbone in {out['merged']}" if out.get("merged") else "")
+          + f" ({out['seconds']:.0f} s)")
     return 0

@@ -6,11 +6,16 @@ Everything but the reading of the file is ``protlm evaluate``'s machinery: label
 :func:`~protlm.evaluate.training.train_head`, and bundles are written with :mod:`protlm.evaluate.bundle`. So a
 ConvBERT head trained here on a split and seed scores what evaluate's head on that split and seed scores.
 
+A :class:`~protlm.evaluate.embeddings.FinetuneSource` (``--finetune lora|full``) trains the backbone with each
+head instead of reading cached embeddings, in the same protocol (split, seeds, epochs, early stopping, class
+weights, report); each bundle then carries the backbone's trained part (see :mod:`protlm.finetune`).
+
 Output directory::
 
     OUT/report.md, OUT/results.json   test metrics per seed, mean ± std, bootstrap 95% intervals over proteins
     OUT/heads/<task>/                 the bundle of the best seed by validation
     OUT/heads/<task>/seed<S>/         every seed's bundle instead, with keep_heads="all"
+    OUT/merged/                       with merge=True: the best seed's fine-tuned backbone as a checkpoint
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from protlm.evaluate.labels import LABEL, LabelFile
 from protlm.evaluate.metrics import mean_std
 from protlm.evaluate.tasks import HOLDOUT_SEED, TaskExample, TaskSpec, holdout
 from protlm.evaluate.training import HeadTrainConfig, RunResult, bootstrap_interval, train_head
+from protlm.finetune.config import FinetuneConfig
 from protlm.utils import atomic_write_text
 
 HEADS = ("convbert", "light", "linear")
@@ -44,11 +50,13 @@ VALID_HOLDOUT = 0.1  # validation share of train when a file's split has no vali
 
 @dataclass
 class TrainHeadSettings:
-    """What ``--set`` edits: ``training.epochs=5``, ``head.num_layers=2``, ``light.hidden=64``."""
+    """What ``--set`` edits: ``training.epochs=5``, ``head.num_layers=2``, ``light.hidden=64``,
+    ``finetune.lora_rank=4``."""
 
     training: HeadTrainConfig = field(default_factory=HeadTrainConfig)
     head: HeadConfig = field(default_factory=HeadConfig)  # the ConvBERT head (--head convbert)
     light: LightHeadConfig = field(default_factory=LightHeadConfig)  # --head light / linear
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # --finetune lora|full: how the backbone trains
 
 
 @dataclass
@@ -210,10 +218,12 @@ def run_train_head(
     progress: bool = True,
     allow_missing: bool = False,
     bootstrap: int = 1000,
+    merge: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Train a head per seed on ``labels`` with ``source``'s features, write the report and the bundle(s);
-    returns what ``results.json`` holds."""
+    returns what ``results.json`` holds. With a fine-tuning ``source`` and ``merge``, the best seed's backbone is
+    also written as a checkpoint to ``OUT/merged`` (:func:`protlm.evaluate.predict.export_backbone`)."""
     settings = settings or TrainHeadSettings()
     if keep_heads not in ("best", "all"):
         raise ConfigError(f"--keep-heads must be best or all, got {keep_heads!r}")
@@ -221,6 +231,9 @@ def run_train_head(
         raise ConfigError("--class-weights applies to classification; this is a regression task")
     if patience is not None and patience < 1:
         raise ConfigError(f"--patience must be >= 1, got {patience}")
+    tuned = getattr(source, "mode", None) in ("lora", "full")
+    if merge and not tuned:
+        raise ConfigError("--merge writes a fine-tuned backbone: it needs --finetune lora or full")
     name = task_name or os.path.basename(labels.path).split(".")[0] or "task"
     t0 = time.perf_counter()
     train_records = labels.splits.get("train") if fractions is None and labels.has_splits else labels.records()
@@ -237,26 +250,36 @@ def run_train_head(
     log(f"[{name}] {kind_text}; " + ", ".join(f"{k} {len(v)}" for k, v in roles.items()) + f" ({split.how})")
     used = {e.id for exs in roles.values() for e in exs}
     records = [r for r in labels.records() if r.id in used]
-    log(f"[{name}] {source.name}: features for {len(records)} proteins")
-    prepared = source.prepare(dataset, records, progress=progress)
-    features, missing, kept = gather_features({dataset: prepared}, roles, name, allow_missing)
+    if tuned:  # the backbone trains with each head: features come from it, never from a cache
+        log(f"[{name}] {source.name}: fine-tuning on {len(records)} proteins")
+        features = source.features({(dataset, r.id): r.sequence for r in records}, device)
+        missing, kept = {}, roles
+    else:
+        log(f"[{name}] {source.name}: features for {len(records)} proteins")
+        prepared = source.prepare(dataset, records, progress=progress)
+        features, missing, kept = gather_features({dataset: prepared}, roles, name, allow_missing)
     train, valid = kept["train"], kept["valid"]
     tests = {k.removeprefix("test:"): v for k, v in kept.items() if k.startswith("test:")}
     weights = class_weights(task, train) if use_class_weights else None
     cfg = settings.training
+    primary = task.metrics[0]
     results: list[RunResult] = []
-    for seed in seeds:
+    best = 0
+    for i, seed in enumerate(seeds):
         res = train_head(task, train, valid, tests, features, features.dim, seed, cfg, settings.head, device,
                          None, make_head=head_builder(head, features.dim, task, settings), class_weights=weights,
                          patience=patience)
         results.append(res)
+        if _selection_score(res, primary) > _selection_score(results[best], primary):
+            best = i
+        if keep_heads == "best":  # one trained backbone in memory (the best so far), not one per seed
+            for j, r in enumerate(results):
+                if j != best:
+                    r.backbone_state = None
         summary = ", ".join(f"{t} {m} {v:.4f}" for t, ms in res.test.items() for m, v in ms.items())
         log(f"[{name}] seed {seed}: best epoch {res.best_epoch}/{len(res.history)}, {summary}")
-    from protlm.evaluate.runner import head_meta
+    from protlm.evaluate.runner import _backbone_writer, head_meta
 
-    primary = task.metrics[0]
-    scores = [r.valid_best[primary] for r in results]
-    best = max(range(len(seeds)), key=lambda i: -math.inf if math.isnan(scores[i]) else scores[i])
     heads_dir = os.path.join(out_dir, "heads", _safe(name))
     bundles = []
     for i, (seed, res) in enumerate(zip(seeds, results)):
@@ -267,15 +290,27 @@ def run_train_head(
         meta.head_config = dataclasses.asdict(res.head.cfg if isinstance(res.head, LightHead) else settings.head)
         meta.trained_by = "protlm train-head"
         target = heads_dir if keep_heads == "best" else os.path.join(heads_dir, f"seed{seed}")
-        B.save_bundle(target, res.head, meta)
+        B.save_bundle(target, res.head, meta, backbone=_backbone_writer(features, res))
         bundles.append(target)
     out = _results(task, source, labels, split, seeds, results, best, missing, bundles, head, cfg, bootstrap,
                    use_class_weights, patience)
+    if merge:
+        from protlm.evaluate.predict import export_backbone
+
+        best_bundle = heads_dir if keep_heads == "best" else os.path.join(heads_dir, f"seed{seeds[best]}")
+        out["merged"] = export_backbone(best_bundle, os.path.join(out_dir, "merged"))
+        log(f"[{name}] wrote the fine-tuned backbone of seed {seeds[best]} to {out['merged']}")
     out["seconds"] = time.perf_counter() - t0
     os.makedirs(out_dir, exist_ok=True)
     atomic_write_text(os.path.join(out_dir, "results.json"), json.dumps(_clean(out), indent=1) + "\n")
     atomic_write_text(os.path.join(out_dir, "report.md"), markdown(out))
     return out
+
+
+def _selection_score(res: RunResult, metric: str) -> float:
+    """How seeds compete for the kept bundle: the validation score of their best epoch (NaN last)."""
+    value = res.valid_best[metric]
+    return -math.inf if math.isnan(value) else value
 
 
 def _results(task, source, labels, split, seeds, results, best, missing, bundles, head, cfg, resamples,
@@ -299,6 +334,7 @@ def _results(task, source, labels, split, seeds, results, best, missing, bundles
                       "test": r.test, "seconds": r.seconds} for s, r in zip(seeds, results)],
         "best_seed": seeds[best], "bundles": bundles, "training": dataclasses.asdict(cfg),
         "class_weights": use_class_weights, "patience": patience,
+        "finetune": source.describe().get("finetune"),
     }
 
 
@@ -326,9 +362,25 @@ def markdown(out: dict[str, Any]) -> str:
               + (f" (early stopping after {out['patience']} epochs without improvement)" if out["patience"] else "")
               + f", batch {t['batch_size']} x accumulation {t['grad_accum']}, {t['precision']}"
               + ("; class-weighted loss" if out["class_weights"] else "") + ".",
+              *([_finetune_line(out["finetune"])] if out.get("finetune") else []),
               f"Head bundle(s): " + ", ".join(f"`{b}`" for b in out["bundles"]) + f" (best seed by validation: "
-              f"{out['best_seed']}).", ""]
+              f"{out['best_seed']})" + (f"; merged backbone: `{out['merged']}`" if out.get("merged") else "")
+              + ".", ""]
     return "\n".join(lines)
+
+
+def _finetune_line(ft: dict[str, Any]) -> str:
+    if ft["mode"] == "lora":
+        targets = ",".join(ft["lora_targets"]) if ft.get("lora_targets") else "attention" + (
+            " and feed-forward" if ft.get("lora_ffn") else "")
+        how = (f"rank {ft['lora_rank']}, alpha {ft['lora_alpha']:g}, dropout {ft['lora_dropout']:g}, on the "
+               f"{targets} projections, adapter lr {ft['adapter_lr']:g}")
+    else:
+        frozen = ft.get("freeze_first") or 0
+        how = f"backbone lr {ft['backbone_lr']:g}"
+        how += f", embeddings and first {frozen} blocks frozen" if frozen else ""
+    extra = "; activation checkpointing" if ft.get("checkpointing") else ""
+    return f"Backbone: {'LoRA' if ft['mode'] == 'lora' else 'full'} fine-tuning with the head ({how}{extra})."
 
 
 def _safe(text: str) -> str:

@@ -6,6 +6,9 @@
   batching, windows for long proteins, identical sequences once), or reads them from a per-residue embeddings
   file, and runs each head through the same code that scored it in ``protlm evaluate``
   (:func:`protlm.evaluate.training.head_outputs`), so a head predicts here what it predicted there;
+- a head trained with a fine-tuned backbone (``meta.finetune``: LoRA or full fine-tuning) reads the embeddings
+  of its own backbone, the base model with the bundle's adapter merged or trained weights loaded
+  (:func:`finetuned_backbone`); :func:`export_backbone` writes that backbone as a checkpoint;
 - :func:`predict` is the library entry point (``protlm.predict``); ``protlm predict`` adds TSV/HDF5 files and
   resume on top (:mod:`protlm.cli.predict`).
 
@@ -146,11 +149,94 @@ def shared_setting(bundles: list[HeadBundle], field: str) -> Any:
     return next(iter(values), None)
 
 
+def feature_key(bundle: HeadBundle) -> Any:
+    """Where a head finds its embeddings among a record's arrays (:meth:`Predictor.embed`): its layer for a
+    frozen backbone (the base model's pass, or stored embeddings), ``(bundle path, layer)`` for a fine-tuned one."""
+    return bundle.meta.layer if bundle.meta.finetune is None else (bundle.path, bundle.meta.layer)
+
+
+def backbone_groups(model_heads: list[HeadBundle]) -> dict[str | None, list[HeadBundle]]:
+    """Model heads by the backbone that embeds for them: ``None`` (the base model as it is) for the frozen heads,
+    the bundle path for each fine-tuned head (its backbone is its own)."""
+    groups: dict[str | None, list[HeadBundle]] = {}
+    for b in model_heads:
+        groups.setdefault(None if b.meta.finetune is None else b.path, []).append(b)
+    return groups
+
+
+def load_dtype(bundles: list[HeadBundle]) -> str | None:
+    """The dtype to load the base model in for these heads: the embedding dtype all their backbones compute in,
+    or None (the stored weights, cast per backbone) when they differ, e.g. frozen bf16 heads beside a fine-tuned
+    head, whose backbone trained in fp32 and must be applied to the base weights as stored."""
+    model_heads = [b for b in bundles if b.meta.backbone.get("model") != ONE_HOT]
+    values = {shared_setting(members, "embed_dtype") or "auto" for members in backbone_groups(model_heads).values()}
+    return values.pop() if len(values) == 1 else ("auto" if not values else None)
+
+
+def finetuned_backbone(pretrained, bundle: HeadBundle):
+    """A copy of ``pretrained`` (on the CPU, in fp32 as it trained) with the fine-tuned backbone of ``bundle``
+    applied: its LoRA adapter merged into the weights, or its trained weights loaded. ``pretrained`` is unchanged."""
+    import copy
+    import dataclasses
+
+    from protlm.finetune.backbone import apply_finetune
+
+    model = copy.deepcopy(pretrained.model).to("cpu", torch.float32)
+    return apply_finetune(dataclasses.replace(pretrained, model=model, precision=None), bundle.path,
+                          bundle.meta.finetune)
+
+
+def export_backbone(bundle: str | os.PathLike, out_dir: str | os.PathLike, model: str | None = None) -> str:
+    """Write the fine-tuned backbone of the head bundle ``bundle`` as a checkpoint in ``out_dir``
+    (``protlm.convert.save_pretrained``: what ``protlm.load`` and transformers' ``from_pretrained`` read), in fp32.
+
+    The base is ``model`` (a checkpoint directory or Hub id), by default the one the bundle records; a base of
+    another config than the bundle's is refused. A LoRA adapter is merged into the base weights, trained weights
+    replace the base's. The checkpoint holds what the base holds (the T5 decoder, the LM head), except for a
+    random-init base: its random draw of the encoder alone (what the head trained on) is written, encoder-only.
+    Returns ``out_dir``.
+    """
+    from protlm.convert import load, read_config, save_pretrained
+    from protlm.evaluate.bundle import read_meta
+    from protlm.finetune.backbone import apply_finetune
+
+    bundle = os.fspath(bundle)
+    meta = read_meta(bundle)
+    theirs = meta.backbone
+    if meta.finetune is None:
+        raise ConfigError(f"{bundle}: head {meta.task!r} was trained on a frozen backbone; there is no fine-tuned "
+                          f"backbone to export (its backbone is {describe_backbone(theirs)} as it is)")
+    spec = model or str(theirs.get("model"))
+    random_init = bool(theirs.get("random_init"))
+    seed = int(theirs.get("init_seed") or 0)
+    mine = {"model": model_name(spec), "random_init": random_init, "init_seed": seed,
+            "config_hash": config_hash(read_config(spec)[0])}
+    if theirs.get("config_hash") not in (None, mine["config_hash"]):
+        raise CheckpointError(f"{bundle}: head {meta.task!r} was fine-tuned from {describe_backbone(theirs)}, but "
+                              f"the base given is {describe_backbone(mine)}, another config; give --model the base "
+                              "it was trained from")
+    # a random-init draw of the encoder alone differs from the whole model's: load the twin the head trained on
+    pre = load(spec, random_init=random_init, seed=seed, encoder_only=True if random_init else None,
+               dtype=torch.float32)
+    entry = meta.finetune
+    if entry.get("mode") == "lora":
+        from protlm.finetune.lora import export_merged
+
+        return export_merged(pre, os.path.join(bundle, str(entry.get("path"))), out_dir)
+    apply_finetune(pre, bundle, entry)
+    return save_pretrained(pre.model, out_dir, pre.tokenizer)
+
+
 class Predictor:
     """Applies ``bundles`` to proteins; embeddings come from ``pretrained`` (a :class:`protlm.convert.Pretrained`)
     or from stored per-residue embeddings handed to :meth:`apply` (see :func:`stored_features`). ``embed`` holds
     :class:`protlm.embedding.EmbedOptions` fields (window, max_tokens, dtype, device, ...); the dtype defaults to
-    the one the heads' embeddings were computed in."""
+    the one the heads' embeddings were computed in.
+
+    Heads of a fine-tuned backbone (``meta.finetune``) read the embeddings of their own backbone: a copy of
+    ``pretrained`` with the bundle's adapter merged or trained weights loaded (:func:`finetuned_backbone`). Each
+    distinct backbone embeds a protein once, for all of its heads; frozen heads share ``pretrained``'s pass.
+    """
 
     def __init__(self, bundles: list[HeadBundle], pretrained=None, device: str = "cpu", **embed: Any):
         self.bundles = bundles
@@ -161,40 +247,54 @@ class Predictor:
             b.head.to(self.device).eval()
         self.model_heads = [b for b in bundles if b.meta.backbone.get("model") != ONE_HOT]
         self.layers = sorted({b.meta.layer for b in self.model_heads})
-        self._run = None
+        self._runs: list[tuple[Any, Any]] = []  # (backbone: None for pretrained itself or a bundle path, _Run)
         if pretrained is not None and self.model_heads:
             from protlm.embedding.run import EmbedOptions, _Run, embed_precision
 
             check_backbone(self.model_heads, backbone_of(pretrained))
-            prefix = shared_setting(self.model_heads, "prefix")
-            dtype = embed.pop("dtype", None) or shared_setting(self.model_heads, "embed_dtype") or "auto"
-            opts = EmbedOptions(layers=self.layers, prefix=prefix, dtype=dtype,
-                                device=embed.pop("embed_device", None) or str(self.device), **embed)
-            self._run = _Run(pretrained, opts, copy_model=True, precision=embed_precision(opts))
+            dtype = embed.pop("dtype", None)
+            device_ = embed.pop("embed_device", None) or str(self.device)
+            for backbone, members in backbone_groups(self.model_heads).items():
+                opts = EmbedOptions(layers=sorted({b.meta.layer for b in members}),
+                                    prefix=shared_setting(members, "prefix"),
+                                    dtype=dtype or shared_setting(members, "embed_dtype") or "auto", device=device_,
+                                    **embed)
+                # the caller's model is cast on a copy; a fine-tuned copy is ours to cast
+                pre = pretrained if backbone is None else finetuned_backbone(pretrained, members[0])
+                self._runs.append((backbone, _Run(pre, opts, copy_model=backbone is None,
+                                                  precision=embed_precision(opts))))
 
     @property
     def precision(self) -> str:
-        return self._run.precision.describe() if self._run is not None else "stored embeddings"
+        if not self._runs:
+            return "stored embeddings"
+        text = "; ".join(dict.fromkeys(run.precision.describe() for _, run in self._runs))
+        tuned = sum(backbone is not None for backbone, _ in self._runs)
+        return text + (f" ({tuned} fine-tuned backbone{'s' if tuned > 1 else ''})" if tuned else "")
 
     # --- embeddings -------------------------------------------------------------------------------------------
-    def embed(self, records: list[tuple[str, str]]) -> list[dict[int, np.ndarray]]:
-        """Per record, layer -> (L, D) float32, each distinct sequence embedded once."""
-        if self._run is None:
+    def embed(self, records: list[tuple[str, str]]) -> list[dict[Any, np.ndarray]]:
+        """Per record, its (L, D) float32 arrays under :func:`feature_key`: ``layer`` for the base model's
+        embeddings, ``(bundle path, layer)`` for a fine-tuned backbone's. Each distinct sequence is embedded once
+        per backbone."""
+        if not self._runs:
             if self.model_heads:
                 raise ConfigError("these heads read model embeddings: give MODEL (or stored embeddings)")
             return [{} for _ in records]
-        arrays, groups = self._run.tokenize(records)
-        order = list(groups)
-        out: list[dict[int, np.ndarray]] = [{} for _ in records]
-        for u, arr in self._run.embedder.run([arrays[groups[k][0]] for k in order]):
-            layers = dict(zip(self._run.layers, arr))
-            for i in groups[order[u]]:
-                out[i] = layers
+        out: list[dict[Any, np.ndarray]] = [{} for _ in records]
+        for backbone, run in self._runs:
+            arrays, groups = run.tokenize(records)
+            order = list(groups)
+            for u, arr in run.embedder.run([arrays[groups[k][0]] for k in order]):
+                layers = {layer if backbone is None else (backbone, layer): a for layer, a in zip(run.layers, arr)}
+                for i in groups[order[u]]:
+                    out[i].update(layers)
         return out
 
     # --- heads ------------------------------------------------------------------------------------------------
-    def apply(self, records: list[tuple[str, str]], features: list[dict[int, np.ndarray]]) -> list[Prediction]:
-        """Every head on every record, given each record's arrays by layer."""
+    def apply(self, records: list[tuple[str, str]], features: list[dict[Any, np.ndarray]]) -> list[Prediction]:
+        """Every head on every record, given each record's arrays under :func:`feature_key` (by layer, for heads
+        of a frozen backbone)."""
         preds = [Prediction(oid, seq, {}) for oid, seq in records]
         for name, b in zip(self.names, self.bundles):
             meta = b.meta
@@ -203,7 +303,7 @@ class Predictor:
             if meta.backbone.get("model") == ONE_HOT:
                 lookup = lambda e: one_hot(records[int(e.id)][1])
             else:
-                lookup = lambda e, layer=meta.layer: features[int(e.id)][layer]
+                lookup = lambda e, key=feature_key(b): features[int(e.id)][key]
             width = lookup(examples[0]).shape[-1] if examples else meta.in_dim
             if width != meta.in_dim:
                 raise CheckpointError(f"{b.path}: head {meta.task!r} reads {meta.in_dim}-wide embeddings, these "
@@ -265,6 +365,12 @@ def stored_features(path: str, records: list[tuple[str, str]] | None, bundles: l
     ``read(oid)`` gives layer -> (L, D)."""
     from protlm.embedding.store import EmbeddingStore
 
+    for b in bundles:
+        if b.meta.finetune is not None:
+            mode = b.meta.finetune.get("mode")
+            raise ConfigError(f"{b.path}: head {b.meta.task!r} reads a fine-tuned backbone ({mode}); stored "
+                              f"embeddings were not made by it: give MODEL, the base it was fine-tuned from "
+                              f"({describe_backbone(b.meta.backbone)})")
     model_heads = [b for b in bundles if b.meta.backbone.get("model") != ONE_HOT]
     layers = sorted({b.meta.layer for b in model_heads})
     with EmbeddingStore(path) as probe:
@@ -315,7 +421,8 @@ def predict(pretrained, heads, sequences, *, device: str = "cpu", **embed: Any) 
     sequence) pairs), with the head bundles ``heads`` (directories or loaded :class:`HeadBundle`).
 
     ``pretrained`` is a :class:`protlm.convert.Pretrained` (or a checkpoint directory / Hub id, loaded here); the
-    heads must have been trained on it. ``embed`` takes :class:`protlm.embedding.EmbedOptions` fields.
+    heads must have been trained on it (fine-tuned heads: it is their base, each applies its own backbone to a
+    copy). ``embed`` takes :class:`protlm.embedding.EmbedOptions` fields.
     """
     from protlm.embedding.run import _read_records
 
