@@ -226,3 +226,100 @@ def test_one_line_errors(trained, tmp_path, capsys):
     assert "lora_rank must be >= 1" in err(["train-head", *labels, "--finetune", "lora", "--set",
                                             "finetune.lora_rank=0"])
     assert not os.path.exists(str(tmp_path / "z"))
+
+
+# --- the other families ---------------------------------------------------------------------------------------
+def _family_config(family):
+    from .test_bert import tiny as bert
+    from .test_esm import tiny as esm
+    from .test_gpt2 import tiny as gpt2
+
+    return {"esm": esm(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            "bert": bert(num_hidden_layers=2, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+            "gpt2": gpt2(n_layer=2, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}[family]
+
+
+@pytest.mark.parametrize("family, lm_class", [("esm", "AutoModelForMaskedLM"), ("bert", "AutoModelForMaskedLM"),
+                                              ("gpt2", "AutoModelForCausalLM")])
+def test_every_family_predicts_and_exports_its_fine_tuned_backbone(family, lm_class, tmp_path):
+    """ESM-2, ProtBERT and GPT-2 shapes (GPT-2: BPE tokens holding several residues; all: windows, the tiny
+    models see 40 or 97 positions): full fine-tuning predicts the stored test metric exactly, the merged LoRA
+    adapter the unmerged one's labels, and both export to checkpoints transformers loads with every key."""
+    import transformers
+
+    from protlm.finetune.lora import load_adapter
+
+    pre = load(_family_config(family), random_init=True, seed=1)
+    ckpt = save_pretrained(pre.model, str(tmp_path / "ckpt"), pre.tokenizer)
+    records = _test_records()
+    seqs = [(r.id, r.sequence) for r in records]
+    base = protlm.load(ckpt, encoder_only=True)
+    for mode in ("full", "lora"):
+        out = str(tmp_path / mode)
+        assert main(["train-head", ckpt, FLIP_LABELS, *FLIP, "-o", out, "--finetune", mode, "--merge",
+                     "--set", "finetune.backbone_lr=1e-3", "--set", "finetune.adapter_lr=3e-3",
+                     *QUICK, "--set", "training.epochs=1"]) == 0
+        bundle = load_bundle(_bundle({mode: out}, mode))
+        got = P.Predictor([bundle], base).predict(seqs)
+        if mode == "full":
+            assert _accuracy(records, {p.id: p.heads for p in got}, bundle.meta.classes) == \
+                bundle.meta.metrics["test"]["accuracy"]
+        else:
+            unmerged = protlm.load(ckpt, encoder_only=True)
+            load_adapter(unmerged.model, os.path.join(bundle.path, "adapter"))
+            as_frozen = dataclasses.replace(bundle, meta=dataclasses.replace(bundle.meta, finetune=None))
+            for r, g in zip(P.Predictor([as_frozen], unmerged).predict(seqs), got):
+                assert g.heads["SSP-3"].prediction == r.heads["SSP-3"].prediction
+                np.testing.assert_allclose(g.heads["SSP-3"].probabilities, r.heads["SSP-3"].probabilities, atol=1e-4)
+        merged = os.path.join(out, "merged")
+        emb = dict(per_residue=True, layers=[-1], dtype="fp32")
+        a = protlm.embed(protlm.load(merged), seqs[:2], **emb)
+        b = protlm.embed(P.finetuned_backbone(base, bundle), seqs[:2], **emb)
+        for oid, _ in seqs[:2]:
+            np.testing.assert_allclose(a[oid], b[oid], atol=1e-5)
+        _, info = getattr(transformers, lm_class).from_pretrained(merged, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"], info
+
+
+# --- evaluate's bundles and random-init bases -------------------------------------------------------------------
+def test_evaluate_bundles_of_a_random_init_twin_predict_and_export(tmp_path):
+    """A fine-tuned column of protlm evaluate on a random-init twin: predict (MODEL --random-init) reproduces
+    each stored test metric, and export-backbone writes the encoder the head trained on (the twin's
+    encoder-only draw, which differs from the whole model's)."""
+    import yaml
+
+    from protlm.evaluate import load_suite, run_suite
+    from protlm.evaluate.embeddings import FinetuneSource
+
+    from .test_predict import SUITE, _metric, _test_split
+
+    suite_file = tmp_path / "suite.yaml"
+    suite_file.write_text(yaml.safe_dump({**SUITE, "seeds": [7], "finetune": {"backbone_lr": 1e-3, "freeze_first": 1},
+                                          "head": {"num_layers": 1, "num_heads": 2}}, sort_keys=False))
+    suite = load_suite(str(suite_file))
+    src = FinetuneSource("tiny", "full", suite.finetune_config(), random_init_of="tiny", seed=2,
+                         cache_dir=str(tmp_path / "cache"))
+    run_suite(suite, [src], str(tmp_path / "out"), quick=True, tasks=["SSP-3"], progress=False, log=lambda s: None)
+    bundle = os.path.join(tmp_path, "out", "heads", src.key, "SSP-3")
+    meta = read_meta(bundle)
+    assert meta.finetune["mode"] == "full" and meta.backbone["random_init"] and meta.backbone["init_seed"] == 2
+    task, tests, records = _test_split(str(suite_file), "SSP-3")
+    twin = protlm.load("tiny", random_init=True, seed=2, encoder_only=True)
+    for test, exs in tests.items():
+        got = protlm.predict(twin, [bundle], [(e.id, records[(e.dataset, e.id)].sequence) for e in exs])
+        assert _metric(task, exs, got) == meta.metrics[test]["accuracy"], test
+    out = str(tmp_path / "exported")
+    assert main(["export-backbone", bundle, "-o", out]) == 0
+    exported = protlm.load(out)
+    assert exported.model.encoder_only
+    seqs = [(e.id, records[(e.dataset, e.id)].sequence) for e in tests["CASP12"][:2]]
+    emb = dict(per_residue=True, layers=[-1], dtype="fp32")
+    a = protlm.embed(exported, seqs, **emb)
+    b = protlm.embed(P.finetuned_backbone(twin, load_bundle(bundle)), seqs, **emb)
+    for oid, _ in seqs:
+        np.testing.assert_allclose(a[oid], b[oid], atol=1e-5)
+    # the predict CLI takes the twin as evaluate's frozen heads do
+    fasta = tmp_path / "p.fasta"
+    fasta.write_text("".join(f">{i}\n{s}\n" for i, s in seqs))
+    assert main(["predict", "tiny", "--random-init", "--init-seed", "2", "--heads", bundle, str(fasta),
+                 "-o", str(tmp_path / "p.tsv")]) == 0
