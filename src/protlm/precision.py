@@ -121,6 +121,21 @@ def _parse_rates(text: str) -> dict[str, float]:
 
 
 def _measure(budget: float = 0.08) -> dict[str, float]:
+    """GFLOP/s of each dtype's matmul for this process's thread count.
+
+    Timed on one thread and scaled by the thread count: a multi-threaded matmul waits for its slowest thread, so
+    on cores that other jobs share every repetition can be slowed by a descheduled thread, and once a slow bf16
+    timing read "5% of fp32" on a CPU where bf16 runs 2.3x fp32. One thread's best of several runs sees the
+    core's own speed; the dtype ratios, which decide, are per core anyway."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return {name: rate * threads for name, rate in _measure_one_thread(budget).items()}
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _measure_one_thread(budget: float) -> dict[str, float]:
     n = _MATMUL_N
     rates = {}
     for name, dtype in DTYPES.items():
