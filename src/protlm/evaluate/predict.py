@@ -174,14 +174,15 @@ def load_dtype(bundles: list[HeadBundle]) -> str | None:
 
 
 def finetuned_backbone(pretrained, bundle: HeadBundle):
-    """A copy of ``pretrained`` (on the CPU, in fp32 as it trained) with the fine-tuned backbone of ``bundle``
-    applied: its LoRA adapter merged into the weights, or its trained weights loaded. ``pretrained`` is unchanged."""
+    """A copy of ``pretrained`` (in fp32, as the backbone trained) with the fine-tuned backbone of ``bundle``
+    applied: its LoRA adapter merged into the weights, or its trained weights loaded. ``pretrained`` is unchanged;
+    the copy is a whole model more in memory, on the base's device."""
     import copy
     import dataclasses
 
     from protlm.finetune.backbone import apply_finetune
 
-    model = copy.deepcopy(pretrained.model).to("cpu", torch.float32)
+    model = copy.deepcopy(pretrained.model).float()
     return apply_finetune(dataclasses.replace(pretrained, model=model, precision=None), bundle.path,
                           bundle.meta.finetune)
 
