@@ -254,12 +254,12 @@ class Predictor:
 
             check_backbone(self.model_heads, backbone_of(pretrained))
             dtype = embed.pop("dtype", None)
-            device_ = embed.pop("embed_device", None) or str(self.device)
+            embed_device = embed.pop("embed_device", None) or str(self.device)
             for backbone, members in backbone_groups(self.model_heads).items():
                 opts = EmbedOptions(layers=sorted({b.meta.layer for b in members}),
                                     prefix=shared_setting(members, "prefix"),
-                                    dtype=dtype or shared_setting(members, "embed_dtype") or "auto", device=device_,
-                                    **embed)
+                                    dtype=dtype or shared_setting(members, "embed_dtype") or "auto",
+                                    device=embed_device, **embed)
                 # the caller's model is cast on a copy; a fine-tuned copy is ours to cast
                 pre = pretrained if backbone is None else finetuned_backbone(pretrained, members[0])
                 self._runs.append((backbone, _Run(pre, opts, copy_model=backbone is None,
