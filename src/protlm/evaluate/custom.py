@@ -278,7 +278,7 @@ def run_train_head(
                     r.backbone_state = None
         summary = ", ".join(f"{t} {m} {v:.4f}" for t, ms in res.test.items() for m, v in ms.items())
         log(f"[{name}] seed {seed}: best epoch {res.best_epoch}/{len(res.history)}, {summary}")
-    from protlm.evaluate.runner import _backbone_writer, head_meta
+    from protlm.evaluate.runner import backbone_writer, head_meta
 
     heads_dir = os.path.join(out_dir, "heads", _safe(name))
     bundles = []
@@ -290,7 +290,7 @@ def run_train_head(
         meta.head_config = dataclasses.asdict(res.head.cfg if isinstance(res.head, LightHead) else settings.head)
         meta.trained_by = "protlm train-head"
         target = heads_dir if keep_heads == "best" else os.path.join(heads_dir, f"seed{seed}")
-        B.save_bundle(target, res.head, meta, backbone=_backbone_writer(features, res))
+        B.save_bundle(target, res.head, meta, backbone=backbone_writer(features, res))
         bundles.append(target)
     out = _results(task, source, labels, split, seeds, results, best, missing, bundles, head, cfg, bootstrap,
                    use_class_weights, patience)

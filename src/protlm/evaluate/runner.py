@@ -370,7 +370,7 @@ def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path,
     result = _train_unit(task, fold, features, cfg, suite, seed, device, progress, label, resume, h)
     if fold.index is None:  # leave-one-out folds are many heads of one protein each: nothing to keep
         B.save_bundle(bundle_path(path), result.head, head_meta(task, source, features, suite, result, seed),
-                      backbone=_backbone_writer(features, result))
+                      backbone=backbone_writer(features, result))
     done = {"hash": h, "task": task.name, "source": source.describe(), "seed": seed, "fold": fold.index,
             "result": result.to_dict(), "missing": missing}
     text = json.dumps(done, indent=1, default=_json_default)
@@ -381,7 +381,7 @@ def _train_and_write(task, fold: Fold, features, cfg, suite, seed, device, path,
     return json.loads(text)  # exactly what a resumed run reads back
 
 
-def _backbone_writer(features, result: RunResult):
+def backbone_writer(features, result: RunResult):
     """What a fine-tuned unit's bundle holds besides the head: its adapter or its trained backbone weights."""
     if result.backbone_state is None:
         return None
