@@ -5,6 +5,7 @@
     protlm train-head MODEL labels.fasta --sequences seqs.fasta --mask mask.fasta -o OUT   # biotrainer per residue
     protlm train-head MODEL labels.csv --head light --seeds 3 --class-weights --split 0.8,0.1,0.1 --seed 1 -o OUT
     protlm train-head MODEL labels.csv --finetune lora --set finetune.lora_rank=4 --merge -o OUT   # LoRA with the head
+    protlm train-head --embeddings per_residue.h5 labels.csv -o OUT     # embeddings you have: no MODEL
 
 The label kind (per-residue classes, per-protein classes, a number, several classes joined by ';') is read from
 the labels unless --kind says it. Train / validation / test come from the file's sets, else from a seeded random
@@ -15,6 +16,11 @@ its settings are --set finetune.KEY=VALUE (lora_rank, lora_alpha, lora_dropout, 
 adapter_lr, backbone_lr, freeze_first, checkpointing, train_dropout). The bundle then holds the adapter
 (adapter/) or the trained weights (backbone.safetensors); --merge also writes OUT/merged/, the fine-tuned
 backbone as a checkpoint (as `protlm export-backbone` does).
+
+--embeddings FILE.h5 replaces MODEL: per-residue embeddings already computed, in protlm's format (protlm embed
+--per-residue) or biotrainer's (datasets named by sequence hash, the FASTA id in original_id). The bundle names
+the backbone as the file's attributes do (model, dtype, layer, prefix), so `protlm predict` checks it as for
+evaluate's heads on stored embeddings.
 """
 
 from __future__ import annotations
@@ -26,8 +32,11 @@ import os
 def add_parser(sub) -> None:
     p = sub.add_parser("train-head", help="train a head on your own labelled proteins (CSV/TSV or biotrainer FASTA)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", help="checkpoint directory or Hub id to embed with; a preset with --random-init")
-    p.add_argument("labels", help="label file: CSV/TSV (id,sequence,label[,set]) or biotrainer FASTA (TARGET=, SET=)")
+    # both optional to argparse, so that "--embeddings FILE LABELS" (no MODEL) parses; run() sorts them out
+    p.add_argument("model", nargs="?", help="checkpoint directory or Hub id to embed with; a preset with "
+                                            "--random-init; none with --embeddings")
+    p.add_argument("labels", nargs="?", help="label file: CSV/TSV (id,sequence,label[,set]) or biotrainer FASTA "
+                                             "(TARGET=, SET=)")
     p.add_argument("-o", "--out", required=True, help="output directory")
     p.add_argument("--kind", help="residue | protein | regression | multilabel (or a full kind name, or a "
                                   "biotrainer protocol name); default: read from the labels")
@@ -69,9 +78,14 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-dir", help="embeddings cache (default: $PROTLM_CACHE or ~/.cache/protlm/embeddings)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--allow-missing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--embeddings", metavar="FILE.h5",
+                   help="per-residue embeddings already computed (protlm embed --per-residue, or biotrainer's "
+                        "hash-keyed file) instead of MODEL; --layer picks one of a multi-layer file")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="with --embeddings: leave out proteins the file lacks (counted in the report) instead of "
+                        "stopping")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.set_defaults(run=run, late_positionals=("labels",))
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -95,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
 
     from protlm.errors import ConfigError
     from protlm.evaluate.custom import TrainHeadSettings, parse_fractions, run_train_head
-    from protlm.evaluate.embeddings import FinetuneSource, ModelSource
+    from protlm.evaluate.embeddings import DirectorySource, FinetuneSource, ModelSource
     from protlm.evaluate.labels import read_labels
     from protlm.finetune.config import MODES, parse_modes
     from protlm.settings import override, parse_sets
@@ -107,6 +121,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--finetune {args.finetune}: train-head trains with one backbone mode, one of "
                           f"{', '.join(MODES)} (protlm evaluate --finetune compares several)")
     mode = modes[0]
+    if args.labels is None and args.embeddings:  # the one word given is LABELS
+        args.model, args.labels = None, args.model
+    if args.embeddings:
+        _check_stored(args, mode)
+    elif args.labels is None:
+        raise ConfigError("give MODEL (the model to embed with) and LABELS, or --embeddings FILE.h5 and LABELS")
     if mode == "frozen" and any(k.startswith("finetune.") for k in changes):
         raise ConfigError("--set finetune.*: the backbone is frozen; add --finetune lora or full")
     if mode != "frozen" and args.embed_dtype != "auto":
@@ -123,7 +143,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "protlm", "embeddings")
     common = dict(random_init_of=args.model if args.random_init else None, layer=args.layer, prefix=args.prefix,
                   cache_dir=cache, device=device, threads=args.threads, seed=args.init_seed)
-    if mode == "frozen":
+    if args.embeddings:
+        source = DirectorySource(args.embeddings, layer=None if args.layer == -1 else args.layer)
+    elif mode == "frozen":
         source = ModelSource(args.model, dtype=args.embed_dtype, **common)
     else:
         source = FinetuneSource(args.model, mode, settings.finetune, **common)
@@ -140,3 +162,19 @@ def run(args: argparse.Namespace) -> int:
           + (f", the fine-tuned backbone in {out['merged']}" if out.get("merged") else "")
           + f" ({out['seconds']:.0f} s)")
     return 0
+
+
+def _check_stored(args: argparse.Namespace, mode: str) -> None:
+    """--embeddings replaces MODEL: the options that make embeddings have nothing to act on."""
+    from protlm.errors import ConfigError
+
+    if args.model is not None:
+        raise ConfigError(f"--embeddings replaces MODEL: give only LABELS (got {args.model} {args.labels})")
+    if mode != "frozen":
+        raise ConfigError(f"--finetune {mode} trains the backbone, but stored embeddings ({args.embeddings}) cannot "
+                          "be fine-tuned: give MODEL instead of --embeddings")
+    given = [opt for opt, on in (("--random-init", args.random_init), ("--embed-dtype", args.embed_dtype != "auto"),
+                                 ("--prefix", args.prefix != "auto"), ("--cache-dir", args.cache_dir)) if on]
+    if given:
+        raise ConfigError(f"{given[0]} applies to embedding with MODEL; --embeddings {args.embeddings} reads "
+                          "embeddings as they were stored")

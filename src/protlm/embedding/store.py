@@ -16,6 +16,11 @@ Layout:
 - each dataset also has ``attrs["sequence_sha1"]`` (of the upper-case residue string), so that a resumed run
   can tell an id whose sequence changed.
 
+Reading (:class:`EmbeddingStore`) also takes biotrainer 1.x's files, which name each dataset by a hash of its
+sequence (:func:`biotrainer_hash`) and keep the FASTA id in ``attrs["original_id"]``: ids are read from
+``original_id`` wherever a dataset has one, and a reader that knows the sequences finds a protein the file names
+by no id through the hash of its sequence (two records of one sequence share biotrainer's one dataset).
+
 Writing never leaves an unreadable file. HDF5 is not crash-safe while a file is open for writing, so the output
 file is only ever replaced whole (written beside it, then renamed over it). Work in progress goes to segment
 files in ``<output>.parts/``, each itself written and renamed in one step; a merge copies the output and the
@@ -33,7 +38,7 @@ import os
 import re
 import time
 import uuid
-from typing import Iterator
+from typing import Iterator, Mapping
 
 import numpy as np
 
@@ -48,13 +53,21 @@ def safe_key(original_id: str) -> str:
     return key if key and key not in (".", "..") else "_"
 
 
+def biotrainer_hash(sequence: str) -> str:
+    """The dataset name biotrainer 1.x gives a sequence's embedding: SHA-256 (hex) of ``"<sequence>_<length>"``."""
+    return hashlib.sha256(f"{sequence}_{len(sequence)}".encode()).hexdigest()
+
+
 class EmbeddingStore:
     """Read-only view of an embeddings file: a mapping from original id to array.
 
     ``layer`` picks one layer from a multi-layer file (a value from the file's ``layers`` attribute).
+    ``sequences`` (id -> sequence, the proteins a caller will ask for) lets an id the file does not name be found
+    by the hash of its sequence, the dataset name of biotrainer's files; :meth:`ids` lists the file's own ids.
     """
 
-    def __init__(self, path: str | os.PathLike, layer: int | None = None):
+    def __init__(self, path: str | os.PathLike, layer: int | None = None,
+                 sequences: Mapping[str, str] | None = None):
         import h5py
 
         self.path = os.fspath(path)
@@ -78,21 +91,26 @@ class EmbeddingStore:
         self._keys = {}
         for key, ds in self._h5.items():
             self._keys[str(_plain(ds.attrs.get("original_id", key)))] = key
+        self._by_sequence = {}  # id -> dataset key, for ids found by their sequence's hash
+        for oid, seq in (sequences or {}).items():
+            if oid not in self._keys:
+                key = biotrainer_hash(seq)
+                if key in self._h5:
+                    self._by_sequence[oid] = key
 
     def __len__(self) -> int:
         return len(self._keys)
 
     def __contains__(self, original_id: str) -> bool:
-        return original_id in self._keys
+        return original_id in self._keys or original_id in self._by_sequence
 
     def ids(self) -> list[str]:
         return list(self._keys)
 
     def __getitem__(self, original_id: str) -> np.ndarray:
-        try:
-            key = self._keys[original_id]
-        except KeyError:
-            raise InputError(f"{self.path}: no embedding for id {original_id!r}") from None
+        key = self._keys.get(original_id) or self._by_sequence.get(original_id)
+        if key is None:
+            raise InputError(f"{self.path}: no embedding for id {original_id!r}")
         arr = self._h5[key][()]
         if self.multi_layer:
             arr = arr[self._layer_index if self._layer_index is not None else -1]

@@ -6,7 +6,8 @@ A *source* is one column of the report. It turns a dataset's records into a mapp
   and one for anything else);
 - :class:`DirectorySource`: embeddings someone already computed, one HDF5 file per dataset in the format of
   :mod:`protlm.embedding.store`: ``DIR/<dataset>.h5`` (``protlm evaluate --export-fasta`` writes the matching
-  ``<dataset>.fasta`` files with the ids the suite expects);
+  ``<dataset>.fasta`` files with the ids the suite expects), or one file for all (``protlm train-head
+  --embeddings``); biotrainer's files, keyed by sequence hash, read too;
 - :class:`ModelSource`: a model of any family (a T5 or ESM-2 checkpoint, Hub id, or a random-init
   preset/architecture) that protlm embeds with :func:`protlm.embedding.embed_files`. Files are cached under
   ``CACHE/<model key>/<dataset>.layer<L>.<prefix>.h5``; a run embeds only the ids the file lacks, so a quick run's
@@ -96,27 +97,32 @@ class OneHotSource(FeatureSource):
 
 
 class DirectorySource(FeatureSource):
-    """Precomputed per-residue embeddings: ``<dir>/<dataset>.h5``."""
+    """Precomputed per-residue embeddings: ``<dir>/<dataset>.h5``, or one file that holds every dataset's
+    proteins (``protlm train-head --embeddings FILE``). Proteins are found by id, or in biotrainer's files by the
+    hash of their sequence (:class:`protlm.embedding.store.EmbeddingStore`)."""
 
     def __init__(self, directory: str, name: str | None = None, layer: int | None = None):
         self.directory = os.fspath(directory)
-        if not os.path.isdir(self.directory):
-            raise InputError(f"{self.directory}: embeddings directory does not exist")
-        self.name = name or os.path.basename(os.path.normpath(self.directory))
+        self.single_file = os.path.isfile(self.directory)
+        if not self.single_file and not os.path.isdir(self.directory):
+            raise InputError(f"{self.directory}: no such embeddings file or directory")
+        stem = os.path.basename(os.path.normpath(self.directory))
+        self.name = name or (os.path.splitext(stem)[0] if self.single_file else stem)
         self.key = "dir-" + _safe(self.name) + "-" + _short_hash(os.path.abspath(self.directory))
         self.layer = layer
 
     def prepare(self, dataset: str, records: list[LabelledRecord], progress: bool = True) -> Prepared:
         from protlm.embedding.store import EmbeddingStore
 
-        path = os.path.join(self.directory, f"{dataset}.h5")
+        path = self.directory if self.single_file else os.path.join(self.directory, f"{dataset}.h5")
         if not os.path.exists(path):
             raise InputError(f"{path}: no embeddings for dataset {dataset!r} (expected one HDF5 file per dataset "
                              f"in {self.directory}; `protlm evaluate --export-fasta DIR` writes the sequences to embed)")
-        return Prepared(EmbeddingStore(path, layer=self.layer), path)
+        return Prepared(EmbeddingStore(path, layer=self.layer, sequences={r.id: r.sequence for r in records}), path)
 
     def describe(self) -> dict:
-        return {**super().describe(), "directory": os.path.abspath(self.directory), "layer": self.layer}
+        where = "file" if self.single_file else "directory"
+        return {**super().describe(), where: os.path.abspath(self.directory), "layer": self.layer}
 
 
 class ModelSource(FeatureSource):

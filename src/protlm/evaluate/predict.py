@@ -108,7 +108,19 @@ def backbone_of_spec(spec: str, random_init: bool = False, seed: int = 0) -> dic
             "config_hash": config_hash(read_config(spec)[0])}
 
 
+def identity(b: dict[str, Any]) -> dict[str, Any]:
+    """A bundle's backbone with a stored-embeddings file's source string read as what it names: heads trained on
+    embeddings of a random-init twin record the file's ``model`` attribute, ``"random-init <spec> seed=<n>"``."""
+    model = b.get("model")
+    if isinstance(model, str) and model.startswith("random-init ") and " seed=" in model and not b.get("random_init"):
+        return {**b, **_named(model)}
+    return b
+
+
 def describe_backbone(b: dict[str, Any]) -> str:
+    b = identity(b)
+    if b.get("model") is None:
+        return "embeddings of an unnamed model (a file without a 'model' attribute)"
     text = str(b.get("model"))
     if b.get("random_init"):
         text += f" (random init, seed {b.get('init_seed')})"
@@ -132,6 +144,7 @@ def same_backbone(theirs: dict[str, Any], mine: dict[str, Any]) -> bool:
     def name(b: dict[str, Any]) -> tuple:
         return b.get("model"), bool(b.get("random_init")), b.get("init_seed") if b.get("random_init") else None
 
+    theirs, mine = identity(theirs), identity(mine)
     hashes = theirs.get("config_hash"), mine.get("config_hash")
     return name(theirs) == name(mine) and (None in hashes or hashes[0] == hashes[1])
 
@@ -362,7 +375,8 @@ def parts(records: list[tuple[str, str]], start: int = 0) -> Iterable[tuple[int,
 def stored_features(path: str, records: list[tuple[str, str]] | None, bundles: list[HeadBundle],
                     allow_missing: bool = False) -> tuple[list[tuple[str, str]], Any]:
     """Records and a feature reader for per-residue embeddings stored in ``path`` (``protlm embed
-    --per-residue``). Without ``records`` every protein in the file is predicted. Returns (records, read), where
+    --per-residue``, or biotrainer's file keyed by sequence hash). Without ``records`` every protein in the file
+    is predicted. Returns (records, read), where
     ``read(oid)`` gives layer -> (L, D)."""
     from protlm.embedding.store import EmbeddingStore
 
@@ -389,8 +403,10 @@ def stored_features(path: str, records: list[tuple[str, str]] | None, bundles: l
                              f"{stored_layers}")
         if attrs.get("prefix") not in (None, b.meta.prefix):
             raise InputError(f"{path}: embedded with prefix {attrs['prefix']}, head {b.meta.task!r} with {b.meta.prefix}")
-    stores = {layer: EmbeddingStore(path, layer=layer if stored_layers is not None else None) for layer in layers}
-    first = next(iter(stores.values()), None) or EmbeddingStore(path)
+    sequences = dict(records) if records is not None else None  # biotrainer's files: found by sequence hash
+    stores = {layer: EmbeddingStore(path, layer=layer if stored_layers is not None else None, sequences=sequences)
+              for layer in layers}
+    first = next(iter(stores.values()), None) or EmbeddingStore(path, sequences=sequences)
     if records is None:
         if any(b.meta.backbone.get("model") == ONE_HOT for b in bundles):
             raise InputError("one-hot heads need the sequences: give the FASTA file with --embeddings")
