@@ -10,6 +10,10 @@ proteins) at every layer the heads read, and every head is applied. A head train
 (train-head/evaluate --finetune lora|full) embeds with its own backbone: MODEL, the base, with the bundle's
 adapter merged or trained weights loaded; stored embeddings cannot stand in for it. With ``-o`` the job
 resumes: re-run the same command after an interruption and it continues after the last finished part.
+
+Per head the TSV holds the prediction (per residue: the classes joined; per protein: the label or the value;
+contacts: the top-L pairs as i,j,p triples, 1-based) and the class probabilities; --h5 the arrays, for a contact
+head the (L, L) probability map (docs/formats.md, "Predictions").
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@
   resume on top (:mod:`protlm.cli.predict`).
 
 Outputs per protein and head (:class:`HeadOutput`): a per-residue head gives its string of predicted classes and
-(L, C) probabilities, a per-protein classifier its label and (C,) probabilities, a regression head its value.
+(L, C) probabilities, a per-protein classifier its label and (C,) probabilities, a regression head its value, a
+contact head its top-L residue pairs (:func:`top_contacts`) and the (L, L) contact probabilities.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 from protlm.errors import CheckpointError, ConfigError, InputError
 from protlm.evaluate.bundle import HeadBundle, config_hash, load_bundle, model_name
 from protlm.evaluate.embeddings import one_hot
+from protlm.evaluate.metrics import CONTACT_RANGES
 from protlm.evaluate.tasks import TaskExample
 from protlm.evaluate.training import HeadTrainConfig, head_outputs
 
@@ -41,8 +43,10 @@ PART_RESIDUES = 65536  # ... or this many residues, whichever comes first
 class HeadOutput:
     """One head's prediction for one protein."""
 
-    prediction: str | float  # per residue: the class of each residue, joined; per protein: the label or the value
-    probabilities: np.ndarray | None  # (L, C) per residue, (C,) per protein, float32; None for regression
+    # per residue: the class of each residue, joined; per protein: the label or the value; contacts: the top-L
+    # pairs as "i,j,p;i,j,p;..." (1-based residues, i < j, most likely first; see top_contacts)
+    prediction: str | float
+    probabilities: np.ndarray | None  # (L, C) per residue, (C,) per protein, (L, L) contacts, float32; None for regression
 
 
 @dataclass
@@ -70,9 +74,6 @@ def load_heads(paths: Iterable[str | os.PathLike | HeadBundle]) -> list[HeadBund
         bundles += [load_bundle(os.path.join(path, d)) for d in subs]
     if not bundles:
         raise ConfigError("no heads given")
-    for b in bundles:
-        if b.meta.kind == "contact":
-            raise CheckpointError(f"{b.path}: a contact head; predict applies per-residue and per-protein heads")
     return bundles
 
 
@@ -334,6 +335,8 @@ def _placeholder(kind: str, length: int):
     """A target of the right shape: the head-running code builds (unused) targets next to the inputs."""
     if kind == "residue_classification":
         return np.zeros(length, dtype=np.int64)
+    if kind == "contact":
+        return np.zeros((length, length), dtype=np.int8)
     return 0.0 if kind == "protein_regression" else 0
 
 
@@ -345,7 +348,22 @@ def _crop(length: int, max_length: int | None) -> np.ndarray | None:
     return np.concatenate([np.arange(head), np.arange(length - (max_length - head), length)])
 
 
+def top_contacts(probabilities: np.ndarray, k: int | None = None,
+                 min_separation: int = CONTACT_RANGES["all"][0]) -> list[tuple[int, int, float]]:
+    """The ``k`` (default L) most likely contacts of an (L, L) probability map among pairs at least
+    ``min_separation`` apart in sequence (6: the pairs the contact metrics score), most likely first (ties in
+    sequence order): ``(i, j, probability)`` with 1-based residues, i < j."""
+    n = probabilities.shape[0]
+    i, j = np.triu_indices(n, k=max(1, min_separation))
+    p = probabilities[i, j]
+    order = np.argsort(-p, kind="stable")[: n if k is None else k]
+    return [(int(i[o]) + 1, int(j[o]) + 1, float(p[o])) for o in order]
+
+
 def _output(meta, logits: torch.Tensor) -> HeadOutput:
+    if meta.kind == "contact":
+        probs = torch.sigmoid(logits).numpy().astype(np.float32)
+        return HeadOutput(";".join(f"{i},{j},{p:.3f}" for i, j, p in top_contacts(probs)), probs)
     if meta.kind == "protein_regression":
         return HeadOutput(float(logits) * meta.target_scale + meta.target_shift, None)
     if meta.kind == "protein_multilabel":  # independent classes: each one present above probability 1/2
@@ -460,7 +478,8 @@ def predict(pretrained, heads, sequences, *, device: str = "cpu", **embed: Any) 
 # --- files ----------------------------------------------------------------------------------------------------
 def tsv_header(predictor: Predictor) -> str:
     """Columns: id, length, then per head its prediction and, for classifiers, one probability column per class
-    (per-residue heads: comma-separated per residue, 3 decimals)."""
+    (per-residue heads: comma-separated per residue, 3 decimals); a contact head's one column holds its top-L
+    pairs (``i,j,p`` triples joined by ``;``)."""
     cols = ["id", "length"]
     for name, b in zip(predictor.names, predictor.bundles):
         cols.append(name)
@@ -478,6 +497,8 @@ def tsv_rows(predictor: Predictor, preds: list[Prediction]) -> str:
                 cells.append(f"{out.prediction:.6g}")
                 continue
             cells.append(str(out.prediction))
+            if b.meta.kind == "contact":
+                continue
             if b.meta.kind == "residue_classification":
                 fmt = ",".join(["%.3f"] * len(out.probabilities))  # one % over a tuple: 3x np.char.mod's speed
                 cells += [fmt % tuple(col) for col in out.probabilities.T.tolist()]
@@ -490,7 +511,7 @@ def tsv_rows(predictor: Predictor, preds: list[Prediction]) -> str:
 def write_h5(path: str, predictor: Predictor, preds: list[Prediction]) -> None:
     """Probabilities in HDF5, written whole and atomically: a group per head (attributes ``task``, ``kind``,
     ``classes``, ``head``), in it a dataset per protein named by its safe key with ``attrs["original_id"]``:
-    (L, C) or (C,) probabilities, or the value of a regression head."""
+    (L, C) or (C,) probabilities, the (L, L) contact probabilities, or the value of a regression head."""
     import h5py
 
     from protlm.embedding.store import safe_key
