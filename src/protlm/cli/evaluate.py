@@ -29,8 +29,9 @@ def add_parser(sub) -> None:
                    help="checkpoint directory or Hub id to embed with, T5 or ESM-2 (repeatable)")
     p.add_argument("--random-init", action="append", default=[], metavar="ARCH",
                    help="a randomly initialised model of a preset or of a checkpoint's architecture (repeatable)")
-    p.add_argument("--embeddings", action="append", default=[], metavar="[NAME=]DIR",
-                   help="precomputed per-residue embeddings: DIR/<dataset>.h5 per dataset (repeatable)")
+    p.add_argument("--embeddings", action="append", default=[], metavar="[NAME=]DIR|FILE.h5",
+                   help="precomputed per-residue embeddings: DIR/<dataset>.h5 per dataset, or one .h5 file holding "
+                        "every dataset's proteins (protlm's or biotrainer's layout; repeatable)")
     p.add_argument("--finetune", default="frozen", metavar="MODES",
                    help="how each --model's backbone takes part, comma-separated for a column each: frozen (the "
                         "default: heads on stored embeddings), lora (LoRA adapters train with the head), full "
