@@ -25,7 +25,7 @@ import torch
 
 from protlm.evaluate import heads as H
 from protlm.evaluate.heads import ConvBertHead, HeadConfig
-from protlm.evaluate.tasks import Example
+from protlm.evaluate.tasks import TaskExample as Example
 from protlm.evaluate.training import _collate, _passes
 from protlm.precision import describe_cpu  # noqa: E402
 
