@@ -265,3 +265,24 @@ def test_lora_trains_only_the_adapters_and_the_bundle_holds_a_peft_adapter(tiny_
     assert all(torch.equal(tuned[k], base[k].float()) for k in base if k in tuned)
     feats.save(str(tmp_path), state)
     assert sorted(os.listdir(tmp_path / "adapter")) >= sorted([CONFIG_FILE, WEIGHTS_FILE])
+
+
+def test_contact_heads_fine_tune_one_protein_per_pass(tiny_t5):
+    rng = np.random.default_rng(7)
+    seqs, exs = {}, []
+    for i in range(12):
+        s = "".join(rng.choice(list(AA), size=int(rng.integers(14, 24))))
+        seqs[("toy", f"c{i}")] = s
+        pos = np.arange(len(s))
+        target = (rng.random((len(s), len(s))) < 0.1).astype(np.int8)
+        target = np.maximum(target, target.T)
+        target[np.abs(pos[:, None] - pos[None, :]) < 6] = -1
+        exs.append(TaskExample(f"c{i}", "toy", len(s), target, pos))
+    task = TaskSpec(name="cp", kind="contact", label="contacts", train="toy/train", valid="toy/valid",
+                    test={"t": "toy"}, metrics=["P@L", "P@L/5"])
+    feats = BackboneFeatures(tiny_t5, "full", FinetuneConfig(backbone_lr=1e-3), seqs)
+    cfg = HeadTrainConfig(lr=5e-3, warmup_steps=1, epochs=1, grad_accum=4, precision="fp32")
+    res = train_head(task, exs[:8], exs[8:10], {"t": exs[10:]}, feats, feats.dim, 0, cfg, HEAD)
+    assert set(res.test["t"]) == {"P@L", "P@L/5"} and res.steps == 2
+    base = tiny_t5.model.state_dict()
+    assert any(not torch.equal(v, base[k].float()) for k, v in res.backbone_state.items())
