@@ -286,3 +286,17 @@ def test_contact_heads_fine_tune_one_protein_per_pass(tiny_t5):
     assert set(res.test["t"]) == {"P@L", "P@L/5"} and res.steps == 2
     base = tiny_t5.model.state_dict()
     assert any(not torch.equal(v, base[k].float()) for k, v in res.backbone_state.items())
+
+
+def test_activation_checkpointing_changes_memory_not_results(tiny_t5):
+    seqs, exs = _toy(24, 8)
+    train, valid, tests = _split(exs)
+    runs = []
+    for checkpointing in (False, True):
+        feats = BackboneFeatures(tiny_t5, "lora", FinetuneConfig(lora_dropout=0.0, adapter_lr=1e-2,
+                                                                 checkpointing=checkpointing), seqs)
+        runs.append(train_head(_task(), train, valid, tests, feats, feats.dim, 7, CFG, HEAD))
+        assert all(getattr(b, "_protlm_checkpointed", False) == checkpointing for b in feats.model.encoder.block)
+    assert runs[0].test == runs[1].test
+    for k, v in runs[0].backbone_state.items():
+        torch.testing.assert_close(v, runs[1].backbone_state[k], atol=1e-6, rtol=1e-5)
