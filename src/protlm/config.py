@@ -206,6 +206,19 @@ HF_ESM_DEFAULTS: dict[str, Any] = dict(
 )
 
 
+class HiddenSizeNames:
+    """The width/depth names the workflows read (``d_model``, ``num_layers``) for configs that use transformers'
+    BERT-style keys (``hidden_size``, ``num_hidden_layers``): ESM, BERT and the AutoModel fallback."""
+
+    @property
+    def d_model(self) -> int:
+        return self.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_hidden_layers
+
+
 class _SingleStackConfig:
     """What every single-stack family config (ESM, GPT-2, BERT) shares: serialisation in its transformers class's
     ``config.json`` and the width/depth names the workflows read. A subclass names ``MODEL_TYPE`` and its
@@ -240,7 +253,7 @@ class _SingleStackConfig:
 
 
 @dataclass
-class EsmConfig(_SingleStackConfig):
+class EsmConfig(_SingleStackConfig, HiddenSizeNames):
     """Shape and numerics of an ESM-style masked LM (field names follow ``transformers.EsmConfig``).
 
     The defaults are ESM-2's conventions (rotary positions, token-dropout rescaling, eps 1e-5, its 33-token
@@ -287,15 +300,6 @@ class EsmConfig(_SingleStackConfig):
             raise ConfigError("rotary positions need an even head width (hidden_size / num_attention_heads)")
         if self.position_embedding_type == "absolute" and self.pad_token_id is None:
             raise ConfigError("absolute positions count from pad_token_id, which is missing (null)")
-
-    # the names the workflows read, whatever the family
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "EsmConfig":
@@ -426,7 +430,7 @@ HF_BERT_DEFAULTS: dict[str, Any] = dict(
 
 
 @dataclass
-class BertConfig(_SingleStackConfig):
+class BertConfig(_SingleStackConfig, HiddenSizeNames):
     """Shape and numerics of a post-LN BERT masked LM (field names follow ``transformers.BertConfig``).
 
     The defaults are ProtBERT's conventions (its 30-token vocabulary, exact GELU, eps 1e-12, no dropout) in a
@@ -472,15 +476,6 @@ class BertConfig(_SingleStackConfig):
         if self.position_embedding_type != "absolute":
             raise ConfigError(f"position_embedding_type={self.position_embedding_type!r} is not supported; protlm's "
                               "BERT has absolute positions (as ProtBERT and transformers 5)")
-
-    # the names the workflows read, whatever the family
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
 
     @classmethod
     def from_hf_dict(cls, data: dict[str, Any], source: str) -> "BertConfig":

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from protlm.config import HiddenSizeNames
 from protlm.errors import CheckpointError, ConfigError
 from protlm.model.protocol import StackOutput, resolve_layers
 from protlm.tokenizer.vocab import RARE, STANDARD, Tokenizer
@@ -53,7 +54,7 @@ def known_to_transformers(model_type: str) -> bool:
 
 
 @dataclass
-class HFEncoderConfig:
+class HFEncoderConfig(HiddenSizeNames):
     """What protlm reads of a fallback model's config.json; ``data`` is the whole file (its hash is its identity)."""
 
     model_type: str
@@ -75,14 +76,6 @@ class HFEncoderConfig:
             raise ConfigError(f"{source}: model_type {data['model_type']!r} has no hidden_size/num_hidden_layers; "
                               "protlm's fallback takes encoders only")
         return cls(data["model_type"], width, layers, getattr(cfg, "max_position_embeddings", None), dict(data))
-
-    @property
-    def d_model(self) -> int:
-        return self.hidden_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.num_hidden_layers
 
     @property
     def n_decoder_layers(self) -> int:
