@@ -186,23 +186,9 @@ def copy_adapters(protlm_side, peft_side, seed: int) -> None:
 # --- one training step ---------------------------------------------------------------------------------------
 def train_step(head, features, chunk, opt, backbone_params, cfg, precision: str, device) -> float:
     """What :func:`protlm.evaluate.training.train_head` does per optimiser step (without the schedule)."""
-    from protlm.evaluate.training import _autocast, _passes
+    from protlm.evaluate.training import optimiser_step
 
-    total = 0.0
-    for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device,
-                                           precision=precision):
-        with _autocast(device, precision):
-            logits = head(x, mask, segments)
-        loss = head.per_protein_loss(logits, y, segments).sum() / len(chunk)
-        loss.backward()
-        total += float(loss.detach())
-    if cfg.max_grad_norm:
-        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
-        if backbone_params:
-            torch.nn.utils.clip_grad_norm_(backbone_params, cfg.max_grad_norm)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return total
+    return optimiser_step(head, chunk, features, opt, cfg, device, precision, backbone_params)
 
 
 class Setup:

@@ -410,6 +410,30 @@ def bootstrap_interval(kind: str, metric: str, models: list[list[dict[str, Any]]
     return float(np.quantile(arr, alpha)), float(np.quantile(arr, 1 - alpha))
 
 
+def optimiser_step(head: torch.nn.Module, chunk: list[TaskExample], features: Features, opt, cfg: HeadTrainConfig,
+                   device: torch.device, precision: str, backbone_params: list[torch.nn.Parameter] | None = None,
+                   class_weights: torch.Tensor | None = None, shift: float = 0.0, scale: float = 1.0) -> float:
+    """One optimiser step on the proteins of ``chunk`` (their summed per-protein losses / len(chunk), in packed
+    rows of ``cfg.micro_batch_tokens``), clipped and applied; the schedule is the caller's. Returns the loss."""
+    total = 0.0
+    for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift, scale,
+                                           precision):
+        with _autocast(device, precision):
+            logits = head(x, mask, segments)
+        loss = head.per_protein_loss(logits, y, segments, class_weights).sum() / len(chunk)
+        loss.backward()
+        total += float(loss.detach())
+    if cfg.max_grad_norm:
+        # the head is clipped as in the frozen protocol, the backbone on its own: its gradients never shrink the
+        # head's step (and a backbone at learning rate 0 leaves the frozen run unchanged)
+        torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
+        if backbone_params:
+            torch.nn.utils.clip_grad_norm_(backbone_params, cfg.max_grad_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return total
+
+
 def train_head(
     task: TaskSpec,
     train: list[TaskExample],
@@ -495,23 +519,9 @@ def train_head(
         losses = []
         for s in range(steps_per_epoch):
             chunk = [train[i] for i in order[s * group:(s + 1) * group]]
-            step_loss = 0.0
-            for x, mask, y, segments, _ in _passes(head, chunk, features, cfg.micro_batch_tokens, device, shift,
-                                                   scale, precision):
-                with _autocast(device, precision):
-                    logits = head(x, mask, segments)
-                loss = head.per_protein_loss(logits, y, segments, class_weights).sum() / len(chunk)
-                loss.backward()
-                step_loss += float(loss.detach())
-            if cfg.max_grad_norm:
-                # the head is clipped as in the frozen protocol, the backbone on its own: its gradients never
-                # shrink the head's step (and a backbone at learning rate 0 leaves the frozen run unchanged)
-                torch.nn.utils.clip_grad_norm_(head.parameters(), cfg.max_grad_norm)
-                if backbone_params:
-                    torch.nn.utils.clip_grad_norm_(backbone_params, cfg.max_grad_norm)
-            opt.step()
+            step_loss = optimiser_step(head, chunk, features, opt, cfg, device, precision, backbone_params,
+                                       class_weights, shift, scale)
             sched.step()
-            opt.zero_grad(set_to_none=True)
             step += 1
             losses.append(step_loss)
             if progress is not None:
