@@ -133,7 +133,7 @@ class BackboneFeatures:
 
     # --- features ------------------------------------------------------------------------------------------------
     def __call__(self, example) -> np.ndarray:
-        """One example's features as an array, for code that reads features one protein at a time."""
+        """One example's features as an array (no gradients), as stored features are read."""
         with torch.no_grad():
             return self.tensors([example])[0].float().cpu().numpy()
 
@@ -188,10 +188,6 @@ class BackboneFeatures:
 
             save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
                       os.path.join(directory, WEIGHTS_FILE), metadata={"format": "pt"})
-
-    def describe(self) -> dict[str, Any]:
-        return {"mode": self.mode, "layer": self.layer, "prefix": self.prefix, "window": self.window,
-                **{k: v for k, v in vars(self.cfg).items()}}
 
 
 def _embedding_parameters(stack: torch.nn.Module) -> list[torch.nn.Parameter]:
