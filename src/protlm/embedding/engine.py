@@ -253,7 +253,9 @@ def quantize_int8(encoder: torch.nn.Module, copy_first: bool = True) -> torch.nn
     """
     import warnings
 
-    linears = [m for m in encoder.modules() if type(m) is torch.nn.Linear]
+    from protlm.model.kernels import Linear
+
+    linears = [m for m in encoder.modules() if type(m) in (torch.nn.Linear, Linear)]
     if not linears:
         kinds = sorted({type(m).__name__ for m in encoder.modules() if next(m.parameters(recurse=False), None) is not None})
         raise ConfigError(f"int8: {type(encoder).__name__} has no torch.nn.Linear layers to quantise "
@@ -262,6 +264,9 @@ def quantize_int8(encoder: torch.nn.Module, copy_first: bool = True) -> torch.nn
         raise ConfigError("int8: dynamic quantisation runs on CPUs only")
     if copy_first:
         encoder = copy.deepcopy(encoder)
+    for m in encoder.modules():
+        if type(m) is Linear:
+            m.__class__ = torch.nn.Linear  # the same layer; torch's quantisation maps exact types only
     encoder = encoder.float()
     with warnings.catch_warnings():
         # torch marks its eager quantisation API as deprecated in favour of torchao, but it is still the one

@@ -26,6 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import BertConfig
+from protlm.model import kernels
+from protlm.model.kernels import Linear
 from protlm.model.protocol import BlockOutput, StackOutput, bert_init_, resolve_layers
 
 
@@ -33,17 +35,16 @@ def gelu_tanh(x: Tensor) -> Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
-def activation(name: str):
-    """transformers' ACT2FN for the activations BertConfig allows (gelu_new is the tanh approximation)."""
-    if name == "gelu":
-        return F.gelu
-    if name == "gelu_new":  # the tanh formula written out, as transformers computes it (F.gelu's differs by ulps)
-        return gelu_tanh
-    if name == "gelu_pytorch_tanh":
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "relu":
-        return F.relu
-    return F.silu  # silu, swish
+# BertConfig's activations that protlm.model.kernels fuses into the matmul, by kernels' names
+_FUSED = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def dense_act(dense: nn.Module, x: Tensor, name: str) -> Tensor:
+    """transformers' ACT2FN[name](dense(x)) for the activations BertConfig allows. gelu_new is the tanh formula
+    written out, as transformers computes it (F.gelu's tanh form differs by ulps), so it is not fused."""
+    if name == "gelu_new":
+        return gelu_tanh(dense(x))
+    return kernels.apply(dense, x, _FUSED[name])
 
 
 @dataclass
@@ -80,9 +81,9 @@ class BertSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
         self.d_head = cfg.hidden_size // cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, H*D) -> (B, H, L, D)
@@ -101,7 +102,7 @@ class _DenseNorm(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.LayerNorm = nn.LayerNorm(d_out, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
@@ -119,7 +120,7 @@ class BertAttention(nn.Module):
 class BertIntermediate(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.dense = Linear(cfg.hidden_size, cfg.intermediate_size)
 
 
 class BertLayer(nn.Module):
@@ -130,12 +131,12 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(cfg)
         self.intermediate = BertIntermediate(cfg)
         self.output = _DenseNorm(cfg.intermediate_size, cfg.hidden_size, cfg)
-        self.act = activation(cfg.hidden_act)
+        self.act = cfg.hidden_act
 
     def forward(self, h: Tensor, ctx: BertContext, enc=None, cross_mask=None, cache=None,
                 return_updates: bool = False) -> BlockOutput:
         mid = self.attention.output(self.attention.self(h, ctx), h)
-        out = self.output(self.act(self.intermediate.dense(mid)), mid)
+        out = self.output(dense_act(self.intermediate.dense, mid, self.act), mid)
         return BlockOutput(out, mid - h, None, out - mid) if return_updates else BlockOutput(out)
 
 
@@ -148,7 +149,7 @@ class BertEncoder(nn.Module):
 class _Pooler(nn.Module):  # BertModel's pooler (tanh of the first token's dense); kept so its weights round-trip
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
 
 class BertStack(nn.Module):
@@ -205,23 +206,23 @@ class BertStack(nn.Module):
 class BertPredictionHeadTransform(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.act = activation(cfg.hidden_act)
+        self.act = cfg.hidden_act
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.LayerNorm(self.act(self.dense(h)))
+        return self.LayerNorm(dense_act(self.dense, h, self.act))
 
 
 class BertLMPredictionHead(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(cfg)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # its bias is ``bias`` (below)
+        self.decoder = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)  # its bias is ``bias`` (below)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: Tensor) -> Tensor:
-        return F.linear(self.transform(h), self.decoder.weight, self.bias)  # one fused op, as transformers' decoder
+        return kernels.linear(self.transform(h), self.decoder.weight, self.bias)  # bias in the matmul, as transformers' decoder
 
 
 class BertOnlyMLMHead(nn.Module):

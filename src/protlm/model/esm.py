@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import EsmConfig
+from protlm.model import kernels
+from protlm.model.kernels import Linear
 from protlm.model.protocol import BlockOutput, StackOutput, bert_init_, resolve_layers
 
 MASK_RATIO_TRAIN = 0.15 * 0.8  # ESM-2's training: 15% of positions chosen, 80% of those shown as <mask>
-
-
-def gelu(x: Tensor) -> Tensor:
-    return F.gelu(x)  # exact (erf) GELU, as ESM; the tanh approximation would drift
 
 
 def swap_halves(x: Tensor) -> Tensor:
@@ -118,9 +116,9 @@ class EsmSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.num_attention_heads
         self.d_head = cfg.hidden_size // cfg.num_attention_heads
-        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.query = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def _heads(self, x: Tensor) -> Tensor:  # (B, L, H*D) -> (B, H, L, D)
@@ -143,7 +141,7 @@ class _Dense(nn.Module):
 
     def __init__(self, d_in: int, d_out: int, dropout: float):
         super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
+        self.dense = Linear(d_in, d_out)
         self.dropout = nn.Dropout(dropout)
 
 
@@ -170,7 +168,7 @@ class EsmLayer(nn.Module):
         att = self.attention
         a = att.output.dropout(att.output.dense(att.self(att.LayerNorm(h), ctx)))
         h = h + a
-        f = self.output.dropout(self.output.dense(gelu(self.intermediate.dense(self.LayerNorm(h)))))
+        f = self.output.dropout(self.output.dense(kernels.apply(self.intermediate.dense, self.LayerNorm(h), "gelu")))
         h = h + f
         return BlockOutput(h, a, None, f) if return_updates else BlockOutput(h)
 
@@ -188,13 +186,13 @@ class _ContactHead(nn.Module):
 
     def __init__(self, cfg: EsmConfig):
         super().__init__()
-        self.regression = nn.Linear(cfg.num_hidden_layers * cfg.num_attention_heads, 1)
+        self.regression = Linear(cfg.num_hidden_layers * cfg.num_attention_heads, 1)
 
 
 class _Pooler(nn.Module):  # EsmModel's BERT-style pooler (tanh of the first token); kept to round-trip
     def __init__(self, cfg: EsmConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
 
 
 class EsmStack(nn.Module):
@@ -265,13 +263,13 @@ class EsmStack(nn.Module):
 class EsmLMHead(nn.Module):
     def __init__(self, cfg: EsmConfig):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dense = Linear(cfg.hidden_size, cfg.hidden_size)
         self.layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.decoder = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.decoder = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.decoder(self.layer_norm(gelu(self.dense(h)))) + self.bias
+        return self.decoder(self.layer_norm(kernels.apply(self.dense, h, "gelu"))) + self.bias
 
 
 class ESM(nn.Module):

@@ -27,17 +27,13 @@ from torch import Tensor, nn
 
 from protlm.config import GPT2Config
 from protlm.errors import InputError
+from protlm.model import kernels
+from protlm.model.kernels import Linear
 from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
 
-_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
+# GPT-2's activation names -> protlm.model.kernels' (the tanh approximation for the gelu_* names)
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 class Conv1D(nn.Module):
@@ -48,8 +44,9 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(d_out))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        """``activation(x @ W + b)``; fused into oneDNN's kernel at inference on CPU (:mod:`protlm.model.kernels`)."""
+        return kernels.linear(x, self.weight.t(), self.bias, activation)
 
 
 @dataclass
@@ -121,7 +118,9 @@ class GPT2MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        fc = self.c_fc  # a LoRA wrapper runs its own forward, then the activation
+        h = fc(x, self.act) if type(fc) is Conv1D else kernels.ACTIVATIONS[self.act][2](fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class GPT2Block(nn.Module):
@@ -237,7 +236,7 @@ class GPT2(nn.Module):
         self.config = cfg
         self.encoder_only = encoder_only
         self.transformer = GPT2Stack(cfg)
-        self.lm_head = None if encoder_only else nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.lm_head = None if encoder_only else Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         self.decoder = None
         if self.lm_head is not None and cfg.tie_word_embeddings:
             self.lm_head.weight = self.transformer.wte.weight

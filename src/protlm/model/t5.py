@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import T5Config
+from protlm.model import kernels
+from protlm.model.kernels import Linear
 from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
 
 
@@ -55,23 +57,20 @@ class FeedForward(nn.Module):
         super().__init__()
         self.gated = cfg.is_gated
         if self.gated:
-            self.wi_0 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.wi_1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_0 = Linear(cfg.d_model, cfg.d_ff, bias=False)
+            self.wi_1 = Linear(cfg.d_model, cfg.d_ff, bias=False)
         else:
-            self.wi = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-        self.wo = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.wi = Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.wo = Linear(cfg.d_ff, cfg.d_model, bias=False)
         self.dropout = nn.Dropout(cfg.dropout_rate)
-        act = cfg.activation
         # "gelu" in T5 checkpoints is gelu_new, the tanh approximation.
-        self.act = {"relu": F.relu, "silu": F.silu, "gelu": lambda t: F.gelu(t, approximate="tanh")}[act]
+        self.act = {"relu": "relu", "silu": "silu", "gelu": "gelu_tanh"}[cfg.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.gated:
-            h = self.act(self.wi(x))
-        elif torch.is_grad_enabled():
-            h = self.act(self.wi_0(x)) * self.wi_1(x)
-        else:  # inference: gate in place, one (B, L, d_ff) buffer fewer
-            h = self.act(self.wi_0(x)).mul_(self.wi_1(x))
+        if self.gated:  # the activation and the gate fused into the matmuls at inference (protlm.model.kernels)
+            h = kernels.gated(self.wi_0, self.wi_1, x, self.act)
+        else:
+            h = kernels.apply(self.wi, x, self.act)
         # The stream may be fp32 under half weights (T5 keeps some paths in fp32); a dynamically quantised wo
         # (int8 embedding) takes fp32 and has no weight tensor to read a dtype from.
         weight = getattr(self.wo, "weight", None)
@@ -85,10 +84,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.d_kv = cfg.num_heads, cfg.d_kv
         inner = cfg.num_heads * cfg.d_kv
-        self.q = nn.Linear(cfg.d_model, inner, bias=False)
-        self.k = nn.Linear(cfg.d_model, inner, bias=False)
-        self.v = nn.Linear(cfg.d_model, inner, bias=False)
-        self.o = nn.Linear(inner, cfg.d_model, bias=False)
+        self.q = Linear(cfg.d_model, inner, bias=False)
+        self.k = Linear(cfg.d_model, inner, bias=False)
+        self.v = Linear(cfg.d_model, inner, bias=False)
+        self.o = Linear(inner, cfg.d_model, bias=False)
         self.dropout_p = cfg.dropout_rate
         if has_relative_bias:
             self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_heads)
@@ -376,7 +375,7 @@ class T5(nn.Module):
         self.encoder = Stack(cfg, self.shared, is_decoder=False, n_layers=cfg.num_layers)
         if not self.encoder_only:
             self.decoder = Stack(cfg, self.shared, is_decoder=True, n_layers=cfg.n_decoder_layers)
-            self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
             if cfg.tie_word_embeddings:
                 self.lm_head.weight = self.shared.weight
         else:
