@@ -1,29 +1,31 @@
 """``protlm predict`` throughput against ``protlm embed`` alone: what applying the heads adds to embedding.
 
-The same proteins go through two jobs in one process, taking turns for ``--rounds`` rounds (the order rotating),
-so that load from other jobs on a shared machine falls on both alike:
+The same proteins go through the jobs in one process, taking turns for ``--rounds`` rounds (the order rotating),
+so that load from other jobs on a shared machine falls on all alike:
 
 - ``embed``: what ``protlm embed MODEL P.fasta --per-protein P.h5`` runs (:func:`protlm.embedding.embed_files`,
   timed from reading the FASTA file to the written HDF5 file);
-- ``predict``: ``protlm predict MODEL --heads H1 H2 H3 H4 P.fasta -o P.tsv`` (embeds each protein once at the
-  heads' layer, applies 4 heads, writes the TSV with per-residue probabilities), timed by the command itself
-  from its first part to the written TSV.
+- ``predict (<head>)``: ``protlm predict MODEL --heads H1 H2 H3 H4 P.fasta -o P.tsv`` (embeds each protein once
+  at the heads' layer, applies 4 heads, writes the TSV with per-residue probabilities), timed by the command
+  itself from its first part to the written TSV. One job per head type in ``--heads``:
+  - ``convbert``: the Table-4 ConvBERT head (one ConvBERT layer of the embedding's width) for every task;
+  - ``light``: ProtTrans's predictors, a two-layer CNN per residue and a small MLP on the mean embedding per
+    protein (``protlm train-head --head light``).
 
-Model loading is excluded from both (embed gets the model already loaded; predict times its loop only). The model is the demo's (``runs/demo``) when
-it exists, else a checkpoint of the demo's shape with random weights (speed does not depend on the weights).
-The heads are the demo's when it has 4, else 4 ConvBERT heads of the demo suite's kinds with random weights
-(SSP-3 and SSP-8 per residue, Localization and Membrane per protein), saved as bundles for that model.
+Model loading is excluded from every job (embed gets the model already loaded; predict times its loop only). The
+model is the demo's (``runs/demo``) when it exists, else a checkpoint of the demo's shape with random weights
+(speed does not depend on the weights). The heads are the demo's when it has all 4 ConvBERT ones, else heads of
+the demo suite's kinds with random weights (SSP-3 and SSP-8 per residue, Localization and Membrane per protein),
+saved as bundles for that model.
 
     .venv/bin/python bench/predict.py                   # 1,000 E. coli proteins, 2 rounds, 1 thread
-    .venv/bin/python bench/predict.py --n 200 --rounds 1
+    .venv/bin/python bench/predict.py --n 200 --rounds 1 --heads light
 """
 
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
-import platform
 import random
 import re
 import sys
@@ -41,22 +43,6 @@ HEADS = [("SSP-3", "residue_classification", list("HEC")), ("SSP-8", "residue_cl
          ("Membrane", "protein_classification", ["M", "S"])]
 
 
-def read_fasta(path: str) -> list[tuple[str, str]]:
-    opener = gzip.open if path.endswith(".gz") else open
-    out, name, seq = [], None, []
-    with opener(path, "rt") as fh:
-        for line in fh:
-            if line.startswith(">"):
-                if name:
-                    out.append((name, "".join(seq)))
-                name, seq = line[1:].split()[0], []
-            else:
-                seq.append(line.strip())
-    if name:
-        out.append((name, "".join(seq)))
-    return out
-
-
 def demo_shaped_model(directory: str) -> str:
     """A checkpoint of the demo's pretraining shape (the bundled recipe's preset and overrides), random weights."""
     import protlm
@@ -68,24 +54,28 @@ def demo_shaped_model(directory: str) -> str:
     return directory
 
 
-def random_heads(model: str, directory: str, dtype: str) -> list[str]:
-    """4 ConvBERT heads of the demo suite's kinds, with random weights, as bundles for ``model``."""
+def random_heads(model: str, directory: str, dtype: str, head_type: str) -> list[str]:
+    """4 heads of ``head_type`` (convbert, light) of the demo suite's kinds, with random weights, as bundles for
+    ``model``."""
     import protlm
     from protlm.embedding.run import PREFIX_BY_FAMILY
     from protlm.evaluate.bundle import HeadMeta, config_hash, model_name, save_bundle
-    from protlm.evaluate.heads import ConvBertHead, HeadConfig
+    from protlm.evaluate.heads import ConvBertHead, HeadConfig, LightHead, LightHeadConfig
     from protlm.convert import read_config
 
     config = read_config(model)[0]
     paths = []
     for task, kind, classes in HEADS:
-        head = ConvBertHead(config.d_model, kind, len(classes), HeadConfig())
+        if head_type == "convbert":
+            head = ConvBertHead(config.d_model, kind, len(classes), HeadConfig())
+        else:
+            head = LightHead(config.d_model, kind, len(classes), LightHeadConfig())
         meta = HeadMeta(task=task, kind=kind, classes=classes, in_dim=config.d_model, layer=config.num_layers,
-                        prefix=PREFIX_BY_FAMILY.get(config.protlm_family, "none"), head_type="convbert",
+                        prefix=PREFIX_BY_FAMILY.get(config.protlm_family, "none"), head_type=head_type,
                         head_config={}, pooling="mean" if kind.startswith("protein_") else "none",
                         backbone={"model": model_name(model), "config_hash": config_hash(config), "embed_dtype": dtype,
                                   "random_init": False})
-        paths.append(save_bundle(os.path.join(directory, task), head, meta))
+        paths.append(save_bundle(os.path.join(directory, head_type, task), head, meta))
     del protlm
     return paths
 
@@ -120,57 +110,68 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=1000, help="leave out longer proteins (default 1000)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", default="fp32", help="embedding dtype for both commands (default fp32)")
+    ap.add_argument("--dtype", default="fp32", help="embedding dtype for every job (default fp32)")
+    ap.add_argument("--heads", nargs="+", default=["convbert", "light"], choices=["convbert", "light"],
+                    help="head types, one predict job each (default: both)")
     args = ap.parse_args()
 
     import torch
 
     work = tempfile.mkdtemp(prefix="bench-predict-")
-    proteins = [r for r in read_fasta(args.data) if len(r[1]) <= args.max_length]
+    from protlm.data.fasta import read_fasta
+
+    proteins = [(r.id, r.sequence) for r in read_fasta(args.data) if len(r.sequence) <= args.max_length]
     proteins = random.Random(0).sample(proteins, min(args.n, len(proteins)))
     fasta = os.path.join(work, "p.fasta")
     with open(fasta, "w") as fh:
         fh.write("".join(f">{i}\n{s}\n" for i, s in proteins))
     residues = sum(len(s) for _, s in proteins)
     final = os.path.join(DEMO, "pretrain", "final")
+    model = final if os.path.isdir(final) else demo_shaped_model(os.path.join(work, "model"))
     demo_heads = [os.path.join(DEMO, "heads", t) for t, _, _ in HEADS]
-    if os.path.isdir(final) and all(os.path.isdir(h) for h in demo_heads):
-        model, heads, what = final, demo_heads, f"the demo's model ({final}) and its heads"
-    else:
-        model = final if os.path.isdir(final) else demo_shaped_model(os.path.join(work, "model"))
-        heads = random_heads(model, os.path.join(work, "heads"), args.dtype)
-        what = (f"{'the demo model' if model == final else 'a random-init checkpoint of the demo shape'} "
-                "with 4 random-weight ConvBERT heads (SSP-3, SSP-8, Localization, Membrane)")
+    heads: dict[str, tuple[list[str], str]] = {}
+    for head_type in args.heads:
+        if model == final and head_type == "convbert" and all(os.path.isdir(h) for h in demo_heads):
+            heads[head_type] = demo_heads, "the demo's 4 trained ConvBERT heads"
+        else:
+            heads[head_type] = (random_heads(model, os.path.join(work, "heads"), args.dtype, head_type),
+                                f"4 random-weight {head_type} heads (SSP-3, SSP-8, Localization, Membrane)")
+    what = f"{'the demo model (' + final + ')' if model == final else 'a random-init checkpoint of the demo shape'}"
     import protlm
 
     torch.set_num_threads(args.threads)
     pre = protlm.load(model, encoder_only=True, dtype=args.dtype)
-    jobs = {
-        "embed": lambda: time_embed(pre, fasta, os.path.join(work, "p.h5"), args.dtype),
-        "predict": lambda: time_predict(["predict", model, "--heads", *heads, fasta, "-o", os.path.join(work, "p.tsv"),
-                                         "--dtype", args.dtype, "--threads", str(args.threads)]),
-    }
+    jobs = {"embed": lambda: time_embed(pre, fasta, os.path.join(work, "p.h5"), args.dtype)}
+    for head_type, (paths, _) in heads.items():
+        jobs[f"predict ({head_type})"] = (
+            lambda paths=paths: time_predict(["predict", model, "--heads", *paths, fasta, "-o",
+                                              os.path.join(work, "p.tsv"), "--dtype", args.dtype,
+                                              "--threads", str(args.threads)]))
     times: dict[str, list[float]] = {k: [] for k in jobs}
+    names = list(jobs)
     for r in range(args.rounds):
-        for name in (list(jobs) if r % 2 == 0 else list(jobs)[::-1]):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             for leftover in ("p.h5", "p.tsv"):  # each run does the whole job, not a resume
                 path = os.path.join(work, leftover)
                 if os.path.exists(path):
                     os.unlink(path)
             times[name].append(jobs[name]())
-            print(f"round {r + 1} {name:8s} {times[name][-1]:7.1f} s", flush=True)
+            print(f"round {r + 1} {name:18s} {times[name][-1]:7.1f} s", flush=True)
     best = {k: min(v) for k, v in times.items()}
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
-    print(f"\nmachine: {cpu}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{args.threads} thread(s), {os.cpu_count()} CPUs; dtype {args.dtype}")
+    from protlm.precision import describe_cpu
+
+    print(f"\nmachine: {describe_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
+          f"{os.cpu_count()} CPUs, load average {' '.join(open('/proc/loadavg').read().split()[:3])}; dtype {args.dtype}")
     print(f"{len(proteins)} proteins, {residues:,} residues (E. coli K-12 proteome, seeded sample, <= {args.max_length} "
-          f"residues); {what}")
+          f"residues); {what}; heads: " + "; ".join(f"{k}: {w}" for k, (_, w) in heads.items()))
     for k in jobs:
-        print(f"{k:8s} {best[k]:7.1f} s  {len(proteins) / best[k]:7.1f} proteins/s  {residues / best[k]:9,.0f} residues/s"
+        print(f"{k:18s} {best[k]:7.1f} s  {len(proteins) / best[k]:7.1f} proteins/s  {residues / best[k]:9,.0f} residues/s"
               f"  (best of {args.rounds}: {', '.join(f'{t:.1f}' for t in times[k])} s)")
-    print(f"predict / embed: {best['predict'] / best['embed']:.3f} "
-          f"(applying the heads adds {100 * (best['predict'] / best['embed'] - 1):+.1f}%)")
+    for k in jobs:
+        if k != "embed":
+            print(f"{k} / embed: {best[k] / best['embed']:.3f} (applying the heads adds "
+                  f"{100 * (best[k] / best['embed'] - 1):+.1f}%)")
+
 
 if __name__ == "__main__":
     main()

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.errors import ConfigError
+from protlm.model import kernels
+from protlm.model.kernels import Linear
 
 Kind = Literal["residue_classification", "protein_classification", "protein_regression", "contact",
                "protein_multilabel"]
@@ -151,15 +153,15 @@ class MixedAttention(nn.Module):
         self.dropout = cfg.dropout
         att_w = self.n_att * self.head_dim
         conv_w = self.n_conv * self.head_dim
-        self.query = nn.Linear(dim, att_w + conv_w)  # one projection, split between the two kinds of head
-        self.key = nn.Linear(dim, att_w)
-        self.value = nn.Linear(dim, att_w)
+        self.query = Linear(dim, att_w + conv_w)  # one projection, split between the two kinds of head
+        self.key = Linear(dim, att_w)
+        self.value = Linear(dim, att_w)
         if self.n_conv:
             # Key span: a depthwise-separable convolution sees the kernel_size neighbours of each position.
             self.span_depthwise = nn.Parameter(torch.randn(dim, cfg.kernel_size) / cfg.kernel_size**0.5)
-            self.span_pointwise = nn.Linear(dim, conv_w)
-            self.kernel = nn.Linear(conv_w, self.n_conv * cfg.kernel_size)  # per-position, per-head conv kernel
-            self.conv_value = nn.Linear(dim, conv_w)
+            self.span_pointwise = Linear(dim, conv_w)
+            self.kernel = Linear(conv_w, self.n_conv * cfg.kernel_size)  # per-position, per-head conv kernel
+            self.conv_value = Linear(dim, conv_w)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
         """Self-attention of (B, H, L, hd) heads; keys where ``mask`` (B, L) is false are left out."""
@@ -216,15 +218,16 @@ class ConvBertLayer(nn.Module):
     def __init__(self, dim: int, ff_dim: int, cfg: HeadConfig):
         super().__init__()
         self.mixer = MixedAttention(dim, cfg)
-        self.mixer_out = nn.Linear(dim, dim)
+        self.mixer_out = Linear(dim, dim)
         self.norm1 = nn.LayerNorm(dim)
-        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.GELU(), nn.Linear(ff_dim, dim))
+        self.ff = nn.Sequential(Linear(dim, ff_dim), nn.GELU(), Linear(ff_dim, dim))
         self.norm2 = nn.LayerNorm(dim)
         self.drop = Dropout(cfg.dropout)
 
     def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
         x = self.norm1(x + self.drop(self.mixer_out(self.mixer(x, mask, segments))))
-        return self.norm2(x + self.drop(self.ff(x)))
+        ff = self.ff  # Linear, GELU, Linear: the GELU fused into the first matmul at inference (model.kernels)
+        return self.norm2(x + self.drop(ff[2](kernels.apply(ff[0], x, "gelu"))))
 
 
 class PairScorer(nn.Module):
@@ -238,9 +241,9 @@ class PairScorer(nn.Module):
 
     def __init__(self, dim: int, pair_dim: int):
         super().__init__()
-        self.proj = nn.Linear(dim, pair_dim)
+        self.proj = Linear(dim, pair_dim)
         self.w_prod = nn.Parameter(torch.randn(pair_dim) / pair_dim**0.5)
-        self.w_diff = nn.Linear(pair_dim, 1)
+        self.w_diff = Linear(pair_dim, 1)
 
     def forward(self, h: Tensor) -> Tensor:  # (B, L, D) -> (B, L, L)
         p = self.proj(h)
@@ -268,7 +271,7 @@ class ConvBertHead(nn.Module):
         if kind == "contact":
             self.out = PairScorer(self.dim, cfg.pair_dim)
         else:
-            self.out = nn.Linear(self.dim, 1 if kind == "protein_regression" else n_out)
+            self.out = Linear(self.dim, 1 if kind == "protein_regression" else n_out)
 
     def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
         """x (B, L, in_dim), mask (B, L) bool -> logits: (B, L, C) per residue, (B, C) or (B,) per protein,
@@ -371,14 +374,14 @@ class LightHead(nn.Module):
         self.conv = kind == "residue_classification" and cfg.style == "cnn_mlp"
         self.pack_gap = cfg.kernel_size // 2 if self.conv else 0
         if cfg.style == "linear":
-            self.net = nn.Linear(in_dim, out)
+            self.net = Linear(in_dim, out)
         elif self.conv:
             pad = cfg.kernel_size // 2
             self.conv1 = nn.Conv1d(in_dim, cfg.hidden, cfg.kernel_size, padding=pad)
             self.conv2 = nn.Conv1d(cfg.hidden, out, cfg.kernel_size, padding=pad)
         else:
-            self.net = nn.Sequential(nn.Linear(in_dim, cfg.hidden), nn.ReLU(), Dropout(cfg.dropout),
-                                     nn.Linear(cfg.hidden, out))
+            self.net = nn.Sequential(Linear(in_dim, cfg.hidden), nn.ReLU(), Dropout(cfg.dropout),
+                                     Linear(cfg.hidden, out))
 
     def forward(self, x: Tensor, mask: Tensor, segments: Segments | None = None) -> Tensor:
         device = x.device.type
