@@ -97,3 +97,41 @@ def test_turning_onednn_off_gives_f_linear_exactly(layer):
 def test_state_dict_is_nn_linears(layer):
     assert list(layer.state_dict()) == ["weight", "bias"]
     assert isinstance(layer, nn.Linear)
+
+
+def _families():
+    from protlm.config import BertConfig, EsmConfig, GPT2Config
+
+    from tests.conftest import odd_config
+
+    return {
+        "t5-gated-gelu": odd_config(ffn="gated-gelu"),
+        "t5-relu": odd_config(ffn="relu"),
+        "esm": EsmConfig(hidden_size=36, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+                         max_position_embeddings=40),
+        "bert": BertConfig(vocab_size=30, hidden_size=36, num_hidden_layers=2, num_attention_heads=3,
+                           intermediate_size=37, max_position_embeddings=40),
+        "gpt2": GPT2Config(vocab_size=40, n_embd=36, n_layer=2, n_head=3, n_positions=40),
+    }
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["t5-gated-gelu", "t5-relu", "esm", "bert", "gpt2"])
+def test_every_family_gives_the_same_outputs_with_and_without_onednn(family):
+    import protlm
+
+    torch.manual_seed(3)
+    model = protlm.random_init(_families()[family], seed=0).model.eval()
+    ids = torch.randint(5, 20, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    outputs = {}
+    for on in (True, False):
+        before = kernels.set_onednn(on)
+        try:
+            with torch.no_grad():
+                outputs[on] = model.encoder(ids, mask, output_layers="all")
+        finally:
+            kernels.set_onednn(before)
+    for layer, h in outputs[False].hidden_states.items():
+        torch.testing.assert_close(outputs[True].hidden_states[layer], h, atol=1e-5, rtol=1e-5)
