@@ -20,6 +20,7 @@ saved as bundles for that model.
 
     .venv/bin/python bench/predict.py                   # 1,000 E. coli proteins, 2 rounds, 1 thread
     .venv/bin/python bench/predict.py --n 200 --rounds 1 --heads light
+    .venv/bin/python bench/predict.py --model DIR      # another backbone (random-weight heads of its width)
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ def time_predict(argv: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--model", help="a checkpoint directory to use instead of the demo's model (random heads)")
     ap.add_argument("--n", type=int, default=1000, help="proteins (a seeded sample)")
     ap.add_argument("--max-length", type=int, default=1000, help="leave out longer proteins (default 1000)")
     ap.add_argument("--rounds", type=int, default=2)
@@ -126,17 +128,18 @@ def main() -> None:
     with open(fasta, "w") as fh:
         fh.write("".join(f">{i}\n{s}\n" for i, s in proteins))
     residues = sum(len(s) for _, s in proteins)
-    final = os.path.join(DEMO, "pretrain", "final")
+    final = args.model or os.path.join(DEMO, "pretrain", "final")
     model = final if os.path.isdir(final) else demo_shaped_model(os.path.join(work, "model"))
     demo_heads = [os.path.join(DEMO, "heads", t) for t, _, _ in HEADS]
     heads: dict[str, tuple[list[str], str]] = {}
     for head_type in args.heads:
-        if model == final and head_type == "convbert" and all(os.path.isdir(h) for h in demo_heads):
+        if not args.model and model == final and head_type == "convbert" and all(os.path.isdir(h) for h in demo_heads):
             heads[head_type] = demo_heads, "the demo's 4 trained ConvBERT heads"
         else:
             heads[head_type] = (random_heads(model, os.path.join(work, "heads"), args.dtype, head_type),
                                 f"4 random-weight {head_type} heads (SSP-3, SSP-8, Localization, Membrane)")
-    what = f"{'the demo model (' + final + ')' if model == final else 'a random-init checkpoint of the demo shape'}"
+    what = (f"the model {final}" if args.model else f"the demo model ({final})" if model == final
+            else "a random-init checkpoint of the demo shape")
     import protlm
 
     torch.set_num_threads(args.threads)

@@ -391,9 +391,10 @@ class LightHead(nn.Module):
         if self.kind == "residue_classification":
             if not self.conv:
                 return self.net(x)
-            h = torch.relu(self.conv1((x * keep).transpose(1, 2))).transpose(1, 2)  # (B, L, hidden)
+            # conv1d reads a contiguous (B, C, L) input about twice as fast as a transposed view of (B, L, C)
+            h = torch.relu(self.conv1((x * keep).transpose(1, 2).contiguous())).transpose(1, 2)  # (B, L, hidden)
             h = dropout(h, self.cfg.dropout, self.training) * keep
-            return self.conv2(h.transpose(1, 2)).transpose(1, 2)
+            return self.conv2(h.transpose(1, 2).contiguous()).transpose(1, 2)
         out = self.net(masked_mean(x * keep, mask, segments))
         return out.squeeze(-1) if self.kind == "protein_regression" else out
 

@@ -372,8 +372,10 @@ def _output(meta, logits: torch.Tensor) -> HeadOutput:
     probs = torch.softmax(logits, dim=-1).numpy().astype(np.float32)
     best = probs.argmax(-1)
     if meta.kind == "residue_classification":
-        sep = "" if all(len(c) == 1 for c in meta.classes) else " "
-        return HeadOutput(sep.join(meta.classes[i] for i in best), probs)
+        if all(len(c) == 1 for c in meta.classes) and len(best):  # one character per residue: one numpy view
+            letters = np.asarray(meta.classes, dtype="<U1")[best]
+            return HeadOutput(str(letters.view(f"<U{len(letters)}")[0]), probs)
+        return HeadOutput(" ".join(meta.classes[i] for i in best), probs)
     return HeadOutput(meta.classes[int(best)], probs)
 
 
