@@ -8,7 +8,16 @@ from torch import nn
 from protlm.model import kernels
 from protlm.model.kernels import Linear
 
-needs_onednn = pytest.mark.skipif(not kernels.onednn_enabled(), reason="torch built without oneDNN")
+needs_onednn = pytest.mark.skipif(not kernels.onednn_available(), reason="torch built without oneDNN")
+
+
+@pytest.fixture(autouse=True)
+def _onednn_on():
+    """The oneDNN path on wherever torch has it, so its results are checked on any CPU (protlm itself turns it on
+    only where it pays: AVX-512)."""
+    before = kernels.set_onednn(True)
+    yield
+    kernels.set_onednn(before)
 
 
 @pytest.fixture
@@ -86,12 +95,15 @@ def test_a_wrapped_layer_runs_its_own_forward(layer):
 
 def test_turning_onednn_off_gives_f_linear_exactly(layer):
     x = torch.randn(8, 37)
-    before = kernels.set_onednn(False)
-    try:
-        with torch.no_grad():
-            assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
-    finally:
-        kernels.set_onednn(before)
+    kernels.set_onednn(False)
+    with torch.no_grad():
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+def test_the_path_is_on_by_default_only_where_it_pays(monkeypatch):
+    for capability, on in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert kernels.onednn_pays() is on
 
 
 def test_state_dict_is_nn_linears(layer):
@@ -127,11 +139,8 @@ def test_every_family_gives_the_same_outputs_with_and_without_onednn(family):
     mask[1, 6:] = 0
     outputs = {}
     for on in (True, False):
-        before = kernels.set_onednn(on)
-        try:
-            with torch.no_grad():
-                outputs[on] = model.encoder(ids, mask, output_layers="all")
-        finally:
-            kernels.set_onednn(before)
+        kernels.set_onednn(on)
+        with torch.no_grad():
+            outputs[on] = model.encoder(ids, mask, output_layers="all")
     for layer, h in outputs[False].hidden_states.items():
         torch.testing.assert_close(outputs[True].hidden_states[layer], h, atol=1e-5, rtol=1e-5)

@@ -1,11 +1,12 @@
 """Linear layers on oneDNN's CPU kernels at inference, with the activation or gate fused into the matmul.
 
-On x86 CPUs, torch's ``F.linear`` runs fp32 through MKL's sgemm. oneDNN's inner-product kernel, which torch
-ships for inference (``torch.ops.mkldnn._linear_pointwise``, the op its compiler emits for frozen CPU graphs),
-is faster on the shapes protein LMs run: 1.04-1.15x per layer on an AVX-512 Zen 4 core and 1.02-1.10x under
-AVX2 limits (docs/benchmarks.md, "oneDNN linear layers"). It also applies an activation (GELU, SiLU, ReLU) or an
+On x86 CPUs, torch's ``F.linear`` runs fp32 through MKL's sgemm. On AVX-512 CPUs oneDNN's inner-product kernel,
+which torch ships for inference (``torch.ops.mkldnn._linear_pointwise``, the op its compiler emits for frozen CPU
+graphs), is faster on the shapes protein LMs run: 1.03-1.19x per fp32 layer on a Zen 4 core, 1.10x on a whole
+fp32 T5 encoder (bench/README.md, "oneDNN linear layers"). It also applies an activation (GELU, SiLU, ReLU) or an
 elementwise product with another tensor (T5's gate) as it writes the output, saving one pass over the
-(tokens, d_ff) activations.
+(tokens, d_ff) activations. Under AVX2 it gained nothing end to end and its fused GELU was slower (0.8-0.95x), so
+the path is used on AVX-512 CPUs only (torch's CPU capability ``AVX512``); elsewhere ``F.linear`` runs.
 
 The weights stay the module's own dense tensors (no packed copy, so no extra memory), and the results are the
 same products in another summation order: they match ``F.linear`` to fp32 rounding.
@@ -31,8 +32,21 @@ ACTIVATIONS: dict[str, tuple[str, str, Callable[[Tensor], Tensor]]] = {
     "silu": ("swish", "", F.silu),
 }
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _DTYPES = (torch.float32, torch.bfloat16)
+
+
+def onednn_available() -> bool:
+    """torch has the oneDNN linear op (x86 and most ARM builds)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_pays() -> bool:
+    """The CPU is one where the oneDNN path was measured faster: AVX-512 (torch's capability, which
+    ``ATEN_CPU_CAPABILITY=avx2`` lowers, as bench/avx2.sh does)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+_ONEDNN = onednn_available() and onednn_pays()
 
 
 def onednn_enabled() -> bool:
@@ -40,10 +54,10 @@ def onednn_enabled() -> bool:
 
 
 def set_onednn(enabled: bool) -> bool:
-    """Turn the oneDNN path on or off for this process (for comparisons); returns the previous setting. It cannot
-    be turned on where torch was built without oneDNN."""
+    """Turn the oneDNN path on or off for this process (for comparisons, or to try it on another CPU); returns the
+    previous setting. It cannot be turned on where torch has no oneDNN."""
     global _ONEDNN
-    before, _ONEDNN = _ONEDNN, bool(enabled) and torch.backends.mkldnn.is_available()
+    before, _ONEDNN = _ONEDNN, bool(enabled) and onednn_available()
     return before
 
 
