@@ -32,9 +32,8 @@ from protlm.model.kernels import Linear
 from protlm.model.protocol import BlockOutput, StackOutput, resolve_layers
 
 # GPT-2's activation names -> protlm.model.kernels' (the tanh approximation for the gelu_* names)
-_ACTIVATIONS = {name: kernels.ACTIVATIONS[k][2] for name, k in {
-    "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
-    "relu": "relu", "silu": "silu", "swish": "silu"}.items()}
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu", "silu": "silu", "swish": "silu"}
 
 
 class Conv1D(nn.Module):
@@ -45,10 +44,10 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.empty(d_in, d_out))
         self.bias = nn.Parameter(torch.zeros(d_out))
 
-    def forward(self, x: Tensor) -> Tensor:
-        # addmm on the stored (in, out) weight. oneDNN's kernel (protlm.model.kernels) would take it as a transposed
-        # view, which it reorders on every call under AVX2: 0.7x on GPT-2-medium's c_attn there.
-        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+    def forward(self, x: Tensor, activation: str | None = None) -> Tensor:
+        """``activation(x @ W + b)``: on AVX-512 CPUs at inference, oneDNN's kernel on the transposed view with the
+        activation fused (:mod:`protlm.model.kernels`); elsewhere ``F.linear``, which is ``addmm(b, x, W)``."""
+        return kernels.linear(x, self.weight.t(), self.bias, activation)
 
 
 @dataclass
@@ -120,7 +119,9 @@ class GPT2MLP(nn.Module):
         self.dropout = nn.Dropout(cfg.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        fc = self.c_fc  # a LoRA wrapper runs its own forward, then the activation
+        h = fc(x, self.act) if type(fc) is Conv1D else kernels.ACTIVATIONS[self.act][2](fc(x))
+        return self.dropout(self.c_proj(h))
 
 
 class GPT2Block(nn.Module):
