@@ -52,7 +52,8 @@ def main() -> None:
         load = " ".join(fh.read().split()[:3])
     print(f"machine: {describe_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "
           f"load average {load}; {args.tokens} tokens")
-    print("| dtype | in x out | F.linear ms | protlm ms | ratio | + GELU: F.linear, F.gelu ms | fused ms | ratio | max diff |")
+    print("| dtype | in x out | F.linear ms | protlm ms | ratio | + GELU: F.linear, F.gelu ms | fused ms | ratio "
+          "| max diff |")
     print("|---|---|---|---|---|---|---|---|---|")
     ratios: dict[str, list[float]] = {}
     torch.manual_seed(0)

@@ -177,13 +177,16 @@ def main() -> None:
     best_cpu = {k: min(v) for k, v in cpus.items()}
     from protlm.precision import describe_cpu
 
+    with open("/proc/loadavg") as fh:
+        load = " ".join(fh.read().split()[:3])
     print(f"\nmachine: {describe_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}), "
-          f"{os.cpu_count()} CPUs, load average {' '.join(open('/proc/loadavg').read().split()[:3])}; dtype {args.dtype}")
-    print(f"{len(proteins)} proteins, {residues:,} residues (E. coli K-12 proteome, seeded sample, <= {args.max_length} "
-          f"residues); {what}; heads: " + "; ".join(f"{k}: {w}" for k, (_, w) in heads.items()))
+          f"{os.cpu_count()} CPUs, load average {load}; dtype {args.dtype}")
+    print(f"{len(proteins)} proteins, {residues:,} residues (E. coli K-12 proteome, seeded sample, "
+          f"<= {args.max_length} residues); {what}; heads: " + "; ".join(f"{k}: {w}" for k, (_, w) in heads.items()))
     for k in jobs:
-        print(f"{k:18s} {best[k]:7.1f} s  {len(proteins) / best[k]:7.1f} proteins/s  {residues / best[k]:9,.0f} residues/s"
-              f"  {best_cpu[k]:7.1f} CPU-s  (best of {args.rounds}: {', '.join(f'{t:.1f}' for t in times[k])} s)")
+        rounds = ", ".join(f"{t:.1f}" for t in times[k])
+        print(f"{k:18s} {best[k]:7.1f} s  {len(proteins) / best[k]:7.1f} proteins/s  "
+              f"{residues / best[k]:9,.0f} residues/s  {best_cpu[k]:7.1f} CPU-s  (best of {args.rounds}: {rounds} s)")
     for k in jobs:
         if k != "embed":
             print(f"{k} / embed: wall {best[k] / best['embed']:.3f}, CPU {best_cpu[k] / best_cpu['embed']:.3f} "

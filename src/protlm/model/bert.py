@@ -222,7 +222,8 @@ class BertLMPredictionHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, h: Tensor) -> Tensor:
-        return kernels.linear(self.transform(h), self.decoder.weight, self.bias)  # bias in the matmul, as transformers' decoder
+        # the bias added by the matmul itself, as transformers' decoder
+        return kernels.linear(self.transform(h), self.decoder.weight, self.bias)
 
 
 class BertOnlyMLMHead(nn.Module):
