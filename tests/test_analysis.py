@@ -1,5 +1,6 @@
 """Depth analysis on constructed models whose answers are known, plus the bad-input errors of the issue."""
 
+import dataclasses
 import json
 import math
 import os
@@ -13,7 +14,8 @@ import torch
 import protlm
 from protlm.analysis import DepthOptions, analyze_depth, truncate_encoder
 from protlm.analysis.inputs import batches, denoise_example, prepare_proteins, read_proteins
-from protlm.analysis.metrics import linear_cka_matrix, row_mean
+from protlm.analysis import metrics
+from protlm.analysis.metrics import OutputReference, linear_cka_matrix, row_mean
 from protlm.analysis.probe import LayerProbes, _Moments, _ridge_solutions, _sse, load_probe_task
 from protlm.analysis.blocks import StackRunner
 from protlm.analysis.summary import _dispensable_tail
@@ -209,34 +211,100 @@ def _numbers(x):
     return []
 
 
-def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch):
+@pytest.mark.parametrize("skip_proteins, stop_at", [(None, 3), (4, 3), (4, 4)])
+def test_interrupted_run_resumes_to_the_same_numbers(tmp_path, monkeypatch, skip_proteins, stop_at):
+    """Ctrl-C in a main batch or in a batch of the skip sample (which run after the main ones)."""
     from protlm.analysis import depth
 
     pre = _model(seed=6)
-    opts = dict(batch_tokens=120)  # several batches
+    opts = dict(batch_tokens=120, skip_proteins=skip_proteins)  # several batches
     want = _run(pre, **opts).to_json_dict()
     state = str(tmp_path / "state.pt")
     monkeypatch.setattr(depth._Checkpoint, "EVERY_SECONDS", 0.0)
-    real_batch, calls = depth._Analyser.batch, []
+    real, calls = {m: getattr(depth._Analyser, m) for m in ("batch", "skip_batch")}, []
 
-    def flaky(self, b):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_batch(self, b)
+    def flaky(method):
+        def run(self, b, **kw):
+            calls.append(method)
+            if len(calls) == stop_at:
+                raise KeyboardInterrupt
+            return real[method](self, b, **kw)
+        return run
 
-    monkeypatch.setattr(depth._Analyser, "batch", flaky)
+    for m in real:
+        monkeypatch.setattr(depth._Analyser, m, flaky(m))
     with pytest.raises(KeyboardInterrupt):
         analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts}), max_proteins=6, state_path=state)
-    monkeypatch.setattr(depth._Analyser, "batch", real_batch)
+    assert calls[-1] == ("batch" if stop_at == 3 else "skip_batch")
+    for m, f in real.items():
+        monkeypatch.setattr(depth._Analyser, m, f)
     got = analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts}), max_proteins=6, state_path=state).to_json_dict()
-    assert got["timing"]["resumed_after_batches"] == 2
+    assert got["timing"]["resumed_after_batches"] == stop_at - 1
     for part in ("encoder", "decoder", "full_model"):
         np.testing.assert_allclose(_numbers(got[part]), _numbers(want[part]), rtol=1e-6, atol=1e-7)
+    if skip_proteins is not None:
+        return
     # a different run (other options) does not pick up the saved state
     other = analyze_depth(pre, FASTA, DepthOptions(**{**FAST, **opts, "mask_rate": 0.3}), max_proteins=6,
                           state_path=state)
     assert other.timing["resumed_after_batches"] == 0
+
+
+@pytest.mark.parametrize("chunk", [7 * 50, 1 << 23])  # 7 rows at a time, or all rows at once
+def test_output_reference_compares_as_the_log_probabilities_say(monkeypatch, chunk):
+    """KL, top-1 agreement and accuracy from the stored reference equal those computed from full log-softmaxes,
+    whether the rows go through in chunks or at once, and for bf16 logits."""
+    monkeypatch.setattr(metrics, "CHUNK_LOGITS", chunk)
+    g = torch.Generator().manual_seed(0)
+    n, vocab = 30, 50
+    full, other = torch.randn(n, vocab, generator=g) * 3, torch.randn(n, vocab, generator=g) * 3
+    other[:10] = full[:10] + 0.01 * other[:10]  # some positions keep their top-1
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        f, o = full.to(dtype), other.to(dtype)
+        ref = OutputReference(lambda rows: f[rows], n, vocab, labels)
+        cmp = ref.compare(lambda rows: o[rows], n)
+        lp, lq = torch.log_softmax(f.float(), -1), torch.log_softmax(o.float(), -1)
+        torch.testing.assert_close(cmp.kl, (lp.exp() * (lp - lq)).sum(-1), rtol=1e-5, atol=1e-6)
+        assert torch.equal(cmp.top1_agree, (lq.argmax(-1) == lp.argmax(-1)).float())
+        assert torch.equal(cmp.correct, (lq.argmax(-1) == labels).float())
+        assert 0 < cmp.top1_agree.sum() < n
+        torch.testing.assert_close(ref.nll, -lp.gather(-1, labels[:, None])[:, 0])
+        same = ref.compare(lambda rows: f[rows], n)
+        torch.testing.assert_close(same.kl, torch.zeros(n), atol=1e-5, rtol=0)
+        assert torch.equal(ref.itself().correct, same.correct) and bool(same.top1_agree.all())
+
+
+def test_skip_analysis_on_a_sample_averages_those_proteins(monkeypatch):
+    """--skip-proteins K: the skip means are those of the sampled proteins (here the first three, as a run on
+    those three alone gives them); every other analysis still covers all six."""
+    from protlm.analysis import depth
+
+    pre = _model(seed=2)
+    monkeypatch.setattr(depth, "skip_sample", lambda n, plan, options: np.arange(3))
+    sampled = _run(pre, n=6, skip_proteins=3, batch_tokens=120)
+    monkeypatch.undo()
+    alone, full = _run(pre, n=3, skip_proteins=None), _run(pre, n=6, skip_proteins=None)
+    for stack in ("encoder", "decoder"):
+        a, b = getattr(sampled, stack).skip, getattr(alone, stack).skip
+        assert a.n_proteins == 3 and getattr(full, stack).skip.n_proteins == 6
+        a, b = dataclasses.asdict(a), dataclasses.asdict(b)
+        for field in ("hidden_change", "output_kl", "output_top1_agreement"):
+            assert len(_numbers(a[field])) > 2
+            np.testing.assert_allclose(_numbers(a[field]), _numbers(b[field]), rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{stack}.{field}")
+        np.testing.assert_allclose(_numbers(dataclasses.asdict(getattr(sampled, stack).early_exit)),
+                                   _numbers(dataclasses.asdict(getattr(full, stack).early_exit)), rtol=1e-4, atol=1e-5)
+    assert sampled.inputs["skip_proteins"] == 3 and full.inputs["skip_proteins"] == 6
+    # the sample itself: seeded, sorted, distinct; none when it would hold every protein
+    plan = depth.resolve_plan(pre.model, DepthOptions(**FAST))
+    draw = depth.skip_sample(200, plan, DepthOptions(skip_proteins=64, seed=1))
+    assert len(set(draw.tolist())) == 64 and list(draw) == sorted(draw) and draw.max() < 200
+    assert np.array_equal(draw, depth.skip_sample(200, plan, DepthOptions(skip_proteins=64, seed=1)))
+    assert not np.array_equal(draw, depth.skip_sample(200, plan, DepthOptions(skip_proteins=64, seed=2)))
+    assert depth.skip_sample(64, plan, DepthOptions(skip_proteins=64)) is None
+    with pytest.raises(ConfigError, match="--skip-proteins"):
+        depth.resolve_plan(pre.model, DepthOptions(**FAST, skip_proteins=0))
 
 
 def test_encoder_only_model_gets_the_encoder_analyses():

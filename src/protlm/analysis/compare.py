@@ -171,7 +171,9 @@ def check_comparable(runs: list[DepthRun]) -> list[str]:
                                   "with the same --analyses")
     notes = []
     for what, values in (("seed", [r.data["options"].get("seed") for r in runs]),
-                         ("precision", [r.model.get("dtype") for r in runs])):
+                         ("precision", [r.model.get("dtype") for r in runs]),
+                         ("the proteins sampled for the skip analysis (--skip-proteins; none = all)",
+                          [r.data["options"].get("skip_proteins") for r in runs])):
         if len(set(map(str, values))) > 1:
             notes.append(f"The runs differ in {what}: " + ", ".join(f"{r.label or r.path} {v}" for r, v in
                                                                     zip(runs, values)) + ".")

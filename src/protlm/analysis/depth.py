@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_proteins
-from protlm.analysis.metrics import PerProtein, Summary, compare_outputs, linear_cka_matrix, row_mean, update_stats
+from protlm.analysis.metrics import (OutputComparison, OutputReference, PerProtein, Summary, linear_cka_matrix,
+                                     row_mean, update_stats)
 from protlm.analysis.probe import LayerProbes, ProbeTask, load_probe_task
 from protlm.analysis.blocks import StackMasks, StackRunner
 from protlm.embedding.run import PREFIX_BY_FAMILY
@@ -74,6 +75,7 @@ class DepthOptions:
     probe_data: str | None = None  # folder with the probe task's files (default: $PROTLM_DATA/ssp_netsurfp)
     probe_train: int = 200  # training proteins for the probes
     probe_test: int = 100  # test proteins for the probes
+    skip_proteins: int | None = 64  # proteins the skip analysis runs on (a seeded sample); None = every one
     flip_threshold: float = 0.05  # summary: a layer "barely changes the output" below this top-1 flip rate
 
     def to_dict(self) -> dict:
@@ -165,6 +167,8 @@ def resolve_plan(model, options: DepthOptions) -> DepthPlan:
                       else list(range(model.decoder.n_layers + 1)))
     if not 0 < options.flip_threshold < 1:
         raise ConfigError(f"flip threshold must be in (0, 1), got {options.flip_threshold}")
+    if options.skip_proteins is not None and options.skip_proteins < 1:
+        raise ConfigError(f"--skip-proteins must be at least 1 (or 'all'), got {options.skip_proteins}")
     if options.cka_tokens < 2:
         raise ConfigError(f"--cka-tokens must be at least 2, got {options.cka_tokens}")
     limit = model.max_residues
@@ -209,6 +213,7 @@ class SkipEffect:
     hidden_change_std: list[list[float]]
     output_kl: Series | None = None  # None for an encoder-only model
     output_top1_agreement: Series | None = None
+    n_proteins: int = 0  # proteins the means are over (a seeded sample of the input: --skip-proteins)
 
 
 @dataclass
@@ -297,7 +302,7 @@ class _Baseline:
     enc_out: Tensor | None = None  # final_layer_norm(h[N]): what the decoder attends to
     dec_masks: StackMasks | None = None
     dec: list[Tensor] = field(default_factory=list)  # decoder streams d[0..M]
-    logp: Tensor | None = None  # (B, Ld, V) the full model's log-probabilities (masked LM: (n masked, V))
+    ref: OutputReference | None = None  # the full model's output at the batch's n predicting positions
 
 
 class _Analyser:
@@ -313,6 +318,8 @@ class _Analyser:
         self.cka_rates = cka_rates
         self.cka: dict[str, dict[int, list[Tensor]]] = {"encoder": defaultdict(list), "decoder": defaultdict(list)}
         self.seconds: dict[str, float] = defaultdict(float)
+        self.vocab = int(getattr(model.config, "vocab_size", 0) or 1024)  # sizes the LM head's row chunks
+        self.skip_proteins = np.arange(n_proteins)  # the proteins the skip analysis runs on
 
     def want(self, analysis: str) -> bool:
         return analysis in self.plan.analyses
@@ -332,10 +339,10 @@ class _Analyser:
         put("layer", out.hidden - h_in, h_in)
 
     def _forward(self, runner: StackRunner, stack: str, h: Tensor, masks: StackMasks, tokens: Tensor,
-                 idx: np.ndarray, enc: Tensor | None = None) -> list[Tensor]:
+                 idx: np.ndarray, record: bool = True, enc: Tensor | None = None) -> list[Tensor]:
         """All streams h[0..N] of an unperturbed run, recording contributions when asked."""
         streams = [h]
-        record = self.want("contribution") and (stack == "encoder" or self.plan.decoder)
+        record = record and self.want("contribution") and (stack == "encoder" or self.plan.decoder)
         for layer in range(1, runner.n_layers + 1):
             out = runner.block(layer, streams[-1], masks, enc, updates=record)
             if record:
@@ -343,37 +350,32 @@ class _Analyser:
             streams.append(out.hidden)
         return streams
 
-    def _logp(self, dec_last: Tensor) -> Tensor:
-        return F.log_softmax(self.model.lm_logits(self.dec.normed(dec_last)).float(), dim=-1)
-
-    def _decode_logp(self, enc_out: Tensor, b: DepthBatch, dm: StackMasks) -> Tensor:
-        h = self.dec.embed(b.decoder_input_ids)
-        last = self.dec.run(h, dm, 0, enc=enc_out)[-1]
-        return self._logp(last)
-
-    def _head_logp(self, h: Tensor, b: DepthBatch) -> Tensor:
-        """A masked or causal LM's log-probabilities (n, V) read from stream ``h`` (B, L, D) through the final
-        norm and the LM head, at the n predicting positions only (masked LM: the masked ones; causal LM: those with
-        a next token), so the head's cost scales with them."""
-        head = self.model.mlm_logits if self.plan.masked_lm else self.model.lm_logits
-        return F.log_softmax(head(self.enc.normed(h[b.pred_mask])).float(), dim=-1)
-
-    def _output_logp(self, enc_last: Tensor, b: DepthBatch, base: "_Baseline") -> Tensor:
-        """The model's output when the encoder's last stream (before the final norm) is ``enc_last``."""
-        if self.plan.head_on_stack:
-            return self._head_logp(enc_last, b)
-        return self._decode_logp(self.enc.normed(enc_last), b, base.dec_masks)
-
-    def _record_output(self, key: tuple, logp_full: Tensor, logp: Tensor, b: DepthBatch, accuracy: bool = False) -> None:
-        if logp.dim() == 2:  # a masked/causal LM's head ran at the predicting positions only: put them back
-            cmp = compare_outputs(logp_full, logp, b.labels[b.pred_mask])
-            cmp = type(cmp)(*(_at(b.pred_mask, v) for v in (cmp.kl, cmp.top1_agree, cmp.correct)))
+    def _logits_of(self, stream: Tensor):
+        """``rows -> logits`` of the LM head reading ``stream`` (n, D): the pre-norm stream at the n predicting
+        positions (the decoder's for T5, the analysed stack's own for a masked or causal LM), through the final
+        norm and the head, a slice of rows at a time."""
+        if self.plan.has_decoder:
+            norm, head = self.dec.normed, self.model.lm_logits
         else:
-            cmp = compare_outputs(logp_full, logp, b.labels)
-        self.acc.put(key + ("kl",), b.index, row_mean(cmp.kl, b.pred_mask))
-        self.acc.put(key + ("top1",), b.index, row_mean(cmp.top1_agree, b.pred_mask))
-        if accuracy:
-            self.acc.put(key + ("acc",), b.index, row_mean(cmp.correct, b.pred_mask))
+            norm, head = self.enc.normed, self.model.mlm_logits if self.plan.masked_lm else self.model.lm_logits
+        return lambda rows: head(norm(stream[rows]))
+
+    def _output_stream(self, enc_last: Tensor, b: DepthBatch, base: "_Baseline") -> Tensor:
+        """What the LM head reads (n, D) when the encoder's last stream (before the final norm) is ``enc_last``:
+        that stream itself at the predicting positions (masked or causal LM), or the decoder's last stream run on
+        it (T5)."""
+        if self.plan.head_on_stack:
+            return enc_last[b.pred_mask]
+        h = self.dec.embed(b.decoder_input_ids)
+        return self.dec.run(h, base.dec_masks, 0, enc=self.enc.normed(enc_last))[-1][b.pred_mask]
+
+    def _compare(self, stream: Tensor, base: "_Baseline") -> OutputComparison:
+        return base.ref.compare(self._logits_of(stream), stream.shape[0])
+
+    def _record_output(self, key: tuple, cmp: OutputComparison, b: DepthBatch, accuracy: bool = False) -> None:
+        values = [("kl", cmp.kl), ("top1", cmp.top1_agree)] + ([("acc", cmp.correct)] if accuracy else [])
+        for name, v in values:  # values at the predicting positions, put back in their rows
+            self.acc.put(key + (name,), b.index, row_mean(_at(b.pred_mask, v), b.pred_mask))
 
     def _hidden_change(self, stack: str, skipped: int, perturbed: list[Tensor], base: list[Tensor],
                        base_norms: list[Tensor], tokens: Tensor, idx: np.ndarray) -> None:
@@ -400,39 +402,43 @@ class _Analyser:
         for layer in layers:
             self.cka[stack][layer].append(runner.normed(streams[layer][rows_t, cols_t]).float().cpu())
 
-    def batch(self, b: DepthBatch) -> None:
-        """Every analysis of one batch; per-protein results go into ``self.acc``."""
+    def batch(self, b: DepthBatch, skip: bool = True) -> None:
+        """Every analysis of one batch (the skip analysis too unless ``skip`` is False); per-protein results go
+        into ``self.acc``."""
         t = time.perf_counter()
         base = self._baseline(b)
         self.seconds["forward+contribution"] += time.perf_counter() - t
         for name, step in (("cka", self._cka_step), ("skip", self._skip_step), ("early-exit", self._exit_step)):
-            if self.want(name):
+            if self.want(name) and (skip or name != "skip"):
                 t = time.perf_counter()
                 step(b, base)
                 self.seconds[name] += time.perf_counter() - t
 
-    def _baseline(self, b: DepthBatch) -> "_Baseline":
-        """The unperturbed run: every encoder (and decoder) stream, and the full model's output."""
+    def skip_batch(self, b: DepthBatch) -> None:
+        """The skip analysis alone, for a batch of the proteins sampled for it (``--skip-proteins``)."""
+        t = time.perf_counter()
+        self._skip_step(b, self._baseline(b, record=False))
+        self.seconds["skip"] += time.perf_counter() - t
+
+    def _baseline(self, b: DepthBatch, record: bool = True) -> "_Baseline":
+        """The unperturbed run: every encoder (and decoder) stream, and the full model's output. ``record`` puts
+        the contributions and the full model's accuracy into ``self.acc`` (once per protein)."""
         idx = b.index
         h0 = self.enc.embed(b.input_ids, b.attention_mask)
         base = _Baseline(self.enc.masks(h0, b.attention_mask))
-        base.enc = self._forward(self.enc, "encoder", h0, base.enc_masks, b.enc_tokens, idx)
-        if self.plan.head_on_stack:
-            base.logp = self._head_logp(base.enc[-1], b)
-            labels = b.labels[b.pred_mask]
-            correct = (base.logp.argmax(-1) == labels).float()
-            nll = -base.logp.gather(-1, labels[:, None])[:, 0]
-            self.acc.put(("output", "acc"), idx, row_mean(_at(b.pred_mask, correct), b.pred_mask))
-            self.acc.put(("output", "nll"), idx, row_mean(_at(b.pred_mask, nll), b.pred_mask))
+        base.enc = self._forward(self.enc, "encoder", h0, base.enc_masks, b.enc_tokens, idx, record)
         if self.plan.has_decoder:
             base.enc_out = self.enc.normed(base.enc[-1])
             d0 = self.dec.embed(b.decoder_input_ids)
             base.dec_masks = self.dec.masks(d0, None, b.attention_mask)
-            base.dec = self._forward(self.dec, "decoder", d0, base.dec_masks, b.pred_mask, idx, enc=base.enc_out)
-            base.logp = self._logp(base.dec[-1])
-            self.acc.put(("output", "acc"), idx, row_mean((base.logp.argmax(-1) == b.labels).float(), b.pred_mask))
-            nll = -base.logp.gather(-1, b.labels.clamp(min=0)[..., None])[..., 0]
-            self.acc.put(("output", "nll"), idx, row_mean(nll, b.pred_mask))
+            base.dec = self._forward(self.dec, "decoder", d0, base.dec_masks, b.pred_mask, idx, record,
+                                     enc=base.enc_out)
+        if self.plan.output:
+            stream = (base.dec if self.plan.has_decoder else base.enc)[-1][b.pred_mask]
+            base.ref = OutputReference(self._logits_of(stream), stream.shape[0], self.vocab, b.labels[b.pred_mask])
+        if self.plan.output and record:
+            self.acc.put(("output", "acc"), idx, row_mean(_at(b.pred_mask, base.ref.correct), b.pred_mask))
+            self.acc.put(("output", "nll"), idx, row_mean(_at(b.pred_mask, base.ref.nll), b.pred_mask))
         return base
 
     def _cka_step(self, b: DepthBatch, base: "_Baseline") -> None:
@@ -453,26 +459,28 @@ class _Analyser:
             later = self.enc.run(base.enc[layer - 1], base.enc_masks, layer - 1, skip=layer)
             self._hidden_change("encoder", layer, later, base.enc, norms, b.enc_tokens, b.index)
             if self.plan.output:
-                logp = self._output_logp(later[-1], b, base)
-                self._record_output(("encoder", "skip_out", layer), base.logp, logp, b)
+                cmp = self._compare(self._output_stream(later[-1], b, base), base)
+                self._record_output(("encoder", "skip_out", layer), cmp, b)
         if self.plan.decoder:
             norms = [torch.linalg.vector_norm(d.float(), dim=-1) for d in base.dec]
             for layer in (l for l in self.plan.decoder_layers if l >= 1):
                 later = self.dec.run(base.dec[layer - 1], base.dec_masks, layer - 1, enc=base.enc_out, skip=layer)
                 self._hidden_change("decoder", layer, later, base.dec, norms, b.pred_mask, b.index)
-                self._record_output(("decoder", "skip_out", layer), base.logp, self._logp(later[-1]), b)
+                self._record_output(("decoder", "skip_out", layer), self._compare(later[-1][b.pred_mask], base), b)
 
     def _exit_step(self, b: DepthBatch, base: "_Baseline") -> None:
         n_enc = self.enc.n_layers
         for layer in self.plan.encoder_layers:
             # exiting after the last block is the full model itself (a masked/causal LM's head is cheap at its
             # positions, so it is re-read there: the logit lens path is then checked against the output path)
-            logp = base.logp if layer == n_enc and not self.plan.head_on_stack else self._output_logp(
-                base.enc[layer], b, base)
-            self._record_output(("encoder", "exit", layer), base.logp, logp, b, accuracy=True)
+            if layer == n_enc and not self.plan.head_on_stack:
+                cmp = base.ref.itself()
+            else:
+                cmp = self._compare(self._output_stream(base.enc[layer], b, base), base)
+            self._record_output(("encoder", "exit", layer), cmp, b, accuracy=True)
         if self.plan.decoder:
             for layer in self.plan.decoder_layers:
-                self._record_output(("decoder", "exit", layer), base.logp, self._logp(base.dec[layer]), b,
+                self._record_output(("decoder", "exit", layer), self._compare(base.dec[layer][b.pred_mask], base), b,
                                     accuracy=True)
 
     # --- assembling the report ---------------------------------------------------------------------------
@@ -503,7 +511,7 @@ class _Analyser:
             skipped = [l for l in layers if l >= 1]
             mean = [[self.acc.summary((stack, "skip_hidden", l, m)).mean for m in blocks] for l in skipped]
             std = [[self.acc.summary((stack, "skip_hidden", l, m)).std for m in blocks] for l in skipped]
-            rep.skip = SkipEffect(skipped, blocks, mean, std)
+            rep.skip = SkipEffect(skipped, blocks, mean, std, n_proteins=len(self.skip_proteins))
             if self.plan.output:
                 rep.skip.output_kl = Series.of([self.acc.summary((stack, "skip_out", l, "kl")) for l in skipped])
                 rep.skip.output_top1_agreement = Series.of([self.acc.summary((stack, "skip_out", l, "top1")) for l in skipped])
@@ -638,6 +646,16 @@ class _Checkpoint:
         self.last = time.perf_counter()
 
 
+def skip_sample(n_proteins: int, plan: DepthPlan, options: DepthOptions) -> np.ndarray | None:
+    """The proteins (sorted input positions) the skip analysis runs on, or None when it runs on every protein
+    (or not at all) in the main batches."""
+    k = options.skip_proteins
+    if "skip" not in plan.analyses or k is None or k >= n_proteins:
+        return None
+    rng = np.random.default_rng([options.seed, 29])
+    return np.sort(rng.choice(n_proteins, size=k, replace=False))
+
+
 def _fingerprint(pretrained, input_path: str, proteins, options: DepthOptions, plan: DepthPlan) -> str:
     import hashlib
     import json
@@ -675,6 +693,14 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
     start_id = model.config.decoder_start_token_id if plan.has_decoder else None
     batch_list = batches(proteins, tok, options.batch_tokens, start_id, masked_lm=plan.masked_lm,
                          causal_lm=plan.causal_lm)
+    # The skip analysis reruns the stack once per block: N^2/2 block evaluations per protein against N for the
+    # rest. It runs on a seeded sample of the proteins, in batches of its own after the others.
+    sample = skip_sample(len(proteins), plan, options)
+    work = [(b, sample is None) for b in batch_list]
+    if sample is not None:
+        work += [(dataclasses.replace(b, index=sample[b.index]), None)
+                 for b in batches([proteins[i] for i in sample], tok, options.batch_tokens, start_id,
+                                  masked_lm=plan.masked_lm, causal_lm=plan.causal_lm)]
     enc_total = sum(int(b.enc_tokens.sum()) for b in batch_list)
     pred_total = sum(int(b.pred_mask.sum()) for b in batch_list)
     cka_total = enc_total + pred_total if plan.masked_lm else enc_total  # a masked LM's CKA reads every residue
@@ -683,15 +709,21 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
     was_training = model.training
     model.eval()
     analyser = _Analyser(model, plan, options, len(proteins), rates)
+    if sample is not None:
+        analyser.skip_proteins = sample
     checkpoint = _Checkpoint(state_path, _fingerprint(pretrained, input_path, proteins, options, plan))
     done = checkpoint.load(analyser)
     t0 = time.perf_counter()
     try:
         with torch.inference_mode():
-            bar = tqdm(total=len(batch_list), initial=done, desc="depth analysis", disable=not progress)
+            bar = tqdm(total=len(work), initial=done, desc="depth analysis", disable=not progress)
             try:
-                for i in range(done, len(batch_list)):
-                    analyser.batch(batch_list[i].to(device))
+                for i in range(done, len(work)):
+                    b, with_skip = work[i]
+                    if with_skip is None:  # a batch of the skip sample
+                        analyser.skip_batch(b.to(device))
+                    else:
+                        analyser.batch(b.to(device), skip=with_skip)
                     bar.update(1)
                     checkpoint.save(analyser, i + 1)
             except KeyboardInterrupt:
@@ -731,6 +763,7 @@ def analyze_depth(pretrained, input_path: str, options: DepthOptions | None = No
                 "n_residues": int(sum(p.length for p in proteins)),
                 "n_cropped": int(sum(len(s) > options.max_length for _, s in records)),
                 "encoder_tokens_averaged": enc_total, "predicted_residues": pred_total,
+                "skip_proteins": int(len(analyser.skip_proteins)) if "skip" in plan.analyses else 0,
                 "denoising_input": plan.has_decoder, "masked_lm_input": plan.masked_lm,
                 "causal_lm_input": plan.causal_lm,
                 "ids": [p.id for p in proteins]},

@@ -33,16 +33,70 @@ def update_stats(update: Tensor, stream: Tensor, stream_norm: Tensor | None = No
 
 @dataclass
 class OutputComparison:
-    kl: Tensor  # (B, Ld) KL(p_full || p_other) in nats
-    top1_agree: Tensor  # (B, Ld) 1.0 where both distributions have the same argmax
-    correct: Tensor  # (B, Ld) 1.0 where the other distribution's argmax is the true label
+    kl: Tensor  # (n,) KL(p_full || p_other) in nats
+    top1_agree: Tensor  # (n,) 1.0 where both distributions have the same argmax
+    correct: Tensor  # (n,) 1.0 where the other distribution's argmax is the true label
+
+    @staticmethod
+    def cat(parts: list["OutputComparison"]) -> "OutputComparison":
+        return OutputComparison(*(torch.cat([getattr(c, k) for c in parts]) for k in ("kl", "top1_agree", "correct")))
 
 
-def compare_outputs(logp_full: Tensor, logp: Tensor, labels: Tensor) -> OutputComparison:
-    """Compare two (B, Ld, V) log-probability tensors position by position."""
-    kl = (logp_full.exp() * (logp_full - logp)).sum(-1)
-    top = logp.argmax(-1)
-    return OutputComparison(kl, (top == logp_full.argmax(-1)).float(), (top == labels).float())
+CHUNK_LOGITS = 1 << 23  # logits per chunk (32 MB in fp32): a big enough matmul, and buffers malloc can reuse
+
+
+def row_chunks(n: int, vocab: int) -> list[slice]:
+    """Slices of ``n`` rows holding about :data:`CHUNK_LOGITS` logits each (at least one row)."""
+    step = max(1, CHUNK_LOGITS // max(vocab, 1))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+class OutputReference:
+    """The full model's output distribution at ``n`` predicting positions, kept in the form a comparison reads.
+
+    KL(p || q) is  sum_v p_v log p_v - sum_v p_v log q_v. With p and its negative entropy stored once, comparing
+    another run needs its log-probabilities and one dot product per position, not a pass that forms
+    p * (log p - log q). Everything runs in fp32 over row chunks of about :data:`CHUNK_LOGITS` logits, so a
+    50,000-token vocabulary over thousands of positions never materialises (n, V) temporaries.
+    """
+
+    def __init__(self, logits_of, n: int, vocab: int, labels: Tensor):
+        """``logits_of(rows)`` gives the full model's logits (len(rows), V) at a slice of the n positions;
+        ``labels`` (n,) are the true tokens there; ``vocab`` sizes the chunks."""
+        self.labels = labels
+        self.p = torch.empty(0, vocab, dtype=torch.float32, device=labels.device)
+        neg_entropy, top1, nll = [labels.new_zeros(0, dtype=torch.float32)], [labels.new_zeros(0)], []
+        for rows in row_chunks(n, vocab):
+            logp = torch.log_softmax(logits_of(rows).float(), dim=-1)
+            if self.p.shape[0] != n:
+                self.p = torch.empty(n, logp.shape[-1], dtype=torch.float32, device=logp.device)
+            p = torch.exp(logp, out=self.p[rows])
+            neg_entropy.append(torch.linalg.vecdot(p, logp))
+            top1.append(logp.argmax(-1))
+            nll.append(-logp.gather(-1, labels[rows, None].clamp(min=0))[:, 0])
+        self.neg_entropy, self.top1 = torch.cat(neg_entropy), torch.cat(top1)
+        self.nll = torch.cat(nll) if nll else self.neg_entropy.clone()
+        self.correct = (self.top1 == labels).float()
+
+    def compare_rows(self, rows: slice, logits: Tensor) -> OutputComparison:
+        """Compare another run's logits (len(rows), V) at a slice of the positions with the full model's."""
+        logq = torch.log_softmax(logits.float(), dim=-1)
+        kl = self.neg_entropy[rows] - torch.linalg.vecdot(self.p[rows], logq)
+        top = logq.argmax(-1)  # fp32: torch's argmax over bf16 is several times slower
+        return OutputComparison(kl, (top == self.top1[rows]).float(), (top == self.labels[rows]).float())
+
+    def compare(self, logits_of, n: int) -> OutputComparison:
+        """Compare another run whose logits at a slice of the positions are ``logits_of(rows)``."""
+        parts = [self.compare_rows(rows, logits_of(rows)) for rows in row_chunks(n, self.vocab)]
+        return OutputComparison.cat(parts) if parts else self.itself()
+
+    def itself(self) -> OutputComparison:
+        """The full model compared with itself (KL 0, every top-1 kept)."""
+        return OutputComparison(torch.zeros_like(self.neg_entropy), torch.ones_like(self.neg_entropy), self.correct)
+
+    @property
+    def vocab(self) -> int:
+        return self.p.shape[-1]
 
 
 @dataclass

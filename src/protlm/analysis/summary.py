@@ -183,7 +183,10 @@ def markdown(report, plots: dict[str, str]) -> str:
                 if sk.output_kl:
                     r += [_fmt(sk.output_kl.mean[i], ".3g"), _fmt(sk.output_top1_agreement.mean[i])]
                 rows.append(r)
-            lines += ["### Layer skipping", "", _table(hdr, rows), ""]
+            n_all = report.inputs["n_proteins"]
+            over = (f"Means over a seeded sample of {sk.n_proteins} of the {n_all} proteins (`--skip-proteins`)."
+                    if 0 < sk.n_proteins < n_all else f"Means over all {n_all} proteins.")
+            lines += ["### Layer skipping", "", over, "", _table(hdr, rows), ""]
         ee = rep.early_exit
         if ee is not None:
             title = "Early exit (encoder layer l → final norm → decoder)" if rep.stack == "encoder" else \

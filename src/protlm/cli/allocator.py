@@ -23,7 +23,7 @@ from protlm.errors import ConfigError
 
 ENV = "PROTLM_ALLOCATOR"
 _DONE = "PROTLM_ALLOCATOR_LOADED"  # set in the restarted process, so that it does not restart again
-COMMANDS = ("evaluate",)  # where the gain was measured
+COMMANDS = ("evaluate", "analyze")  # where the gain was measured
 _SONAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 
 

@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
                    help="folder with the probe task's files (default: $PROTLM_DATA/ssp_netsurfp)")
     d.add_argument("--probe-train", type=int, default=200, help="training proteins for the probes (default 200)")
     d.add_argument("--probe-test", type=int, default=100, help="test proteins for the probes (default 100)")
+    d.add_argument("--skip-proteins", default="64", metavar="N",
+                   help="run the skip analysis (each block removed in turn: N^2/2 block runs per protein for N "
+                        "blocks) on a seeded sample of N proteins, or 'all' (default 64)")
     d.add_argument("--cka-tokens", type=int, default=8192, help="tokens sampled for CKA (default 8192)")
     d.add_argument("--batch-tokens", type=int, default=4096, help="padded encoder tokens per batch (default 4096)")
     d.add_argument("--flip-threshold", type=float, default=0.05,
@@ -82,7 +85,7 @@ def run_depth(args: argparse.Namespace) -> int:
         encoder_layers=args.layers, decoder_layers=args.decoder_layers, max_length=args.max_length,
         mask_rate=args.mask_rate, seed=args.seed, batch_tokens=args.batch_tokens, cka_tokens=args.cka_tokens,
         probe_task=task, probe_data=args.probe_data, probe_train=args.probe_train, probe_test=args.probe_test,
-        flip_threshold=args.flip_threshold,
+        flip_threshold=args.flip_threshold, skip_proteins=_count_or_all(args.skip_proteins, "--skip-proteins"),
     )
     pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device, seed=args.seed)
     from protlm.convert.fallback import refuse_fallback
@@ -96,6 +99,17 @@ def run_depth(args: argparse.Namespace) -> int:
         print(f"{name:12s} {path}")
     print(f"time         {report.timing['total']:.1f} s")
     return 0
+
+
+def _count_or_all(value: str, flag: str) -> int | None:
+    from protlm.errors import ConfigError
+
+    if value.strip().lower() == "all":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} takes a number of proteins or 'all', got {value!r}") from None
 
 
 def run_compare(args: argparse.Namespace) -> int:
