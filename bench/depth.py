@@ -8,6 +8,7 @@ layer, and the probes, so the multiple says how well those passes are shared.
     .venv/bin/python bench/depth.py                          # 200 proteins, 12+12 layers, bf16, all analyses
     .venv/bin/python bench/depth.py --decoder-layers 6 --proteins 50 --dtype fp32
     .venv/bin/python bench/depth.py --model esm2_t12_35M --threads 2     # a masked LM (output: its LM head)
+    .venv/bin/python bench/depth.py --skip-proteins all      # skip every layer of every protein (default: 64)
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ def main() -> None:
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--probe-train", type=int, default=200)
+    ap.add_argument("--skip-proteins", default="64", help="proteins the skip analysis runs on, or 'all' (default 64, "
+                                                           "as protlm analyze depth)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="also write the analysis outputs here")
     args = ap.parse_args()
@@ -96,7 +99,8 @@ def main() -> None:
 
     options = DepthOptions(max_length=args.max_length, probe_task="ssp3" if args.probe_train else None,
                            probe_data=args.probe_data, probe_train=args.probe_train,
-                           probe_test=max(1, args.probe_train // 2))
+                           probe_test=max(1, args.probe_train // 2),
+                           skip_proteins=None if args.skip_proteins == "all" else int(args.skip_proteins))
     wall, cpu = time.perf_counter(), cpu_seconds()
     report = analyze_depth(pre, args.fasta, options, max_proteins=args.proteins, progress=True)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu

@@ -304,6 +304,18 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3g}"
 
 
+def _skip_sentence(cmp: Comparison) -> str:
+    n_all = cmp.runs[0].data["inputs"].get("n_proteins")
+    counts = [r.data["inputs"].get("skip_proteins", n_all) for r in cmp.runs]
+    if all(k == n_all for k in counts):
+        return ""
+    if len(set(counts)) == 1:
+        return (f" The skip measures average over a seeded sample of {counts[0]} of the proteins "
+                "(`--skip-proteins`), the same for every model.")
+    return " The skip measures average over samples of " + ", ".join(
+        f"{r.label} {k}" for r, k in zip(cmp.runs, counts)) + " proteins (`--skip-proteins`)."
+
+
 def markdown(cmp: Comparison, figure: str | None) -> str:
     first = cmp.runs[0].data
     inp, opt = first["inputs"], first["options"]
@@ -313,7 +325,7 @@ def markdown(cmp: Comparison, figure: str | None) -> str:
              f"residues, cropped to {opt.get('max_length')}) from `{inp.get('path')}`, mask rate "
              f"{opt.get('mask_rate')}. Layer l of an N-block stack is drawn at relative depth l/N; the curves read "
              "each model's encoder stack (a masked or causal LM's only stack; T5's decoder rows are in "
-             "compare.csv).", "",
+             "compare.csv)." + _skip_sentence(cmp), "",
              "| model | objective | weights | source | layers | d_model | precision | analysis time | measures missing |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in cmp.runs:

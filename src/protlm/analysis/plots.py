@@ -65,6 +65,17 @@ def plot_contribution(report, path: str) -> str | None:
     return save_figure(fig, path, **PNG)
 
 
+def _skip_sample_note(cmp) -> str:
+    """How many proteins the runs' skip measures average over, when that is a sample (``--skip-proteins``)."""
+    n_all = cmp.runs[0].data["inputs"].get("n_proteins")
+    counts = {r.data["inputs"].get("skip_proteins", n_all) for r in cmp.runs}
+    if len(counts) > 1:
+        return "\n(over different protein samples: " + ", ".join(
+            f"{r.label} {r.data['inputs'].get('skip_proteins', n_all)}" for r in cmp.runs) + ")"
+    k = counts.pop()
+    return f"\n({k} of the {n_all} proteins)" if k and k < n_all else ""
+
+
 def plot_skip(report, path: str) -> str | None:
     stacks = [r for r in _stacks(report) if r.skip is not None and r.skip.skipped]
     if not stacks:
@@ -116,7 +127,9 @@ def plot_skip(report, path: str) -> str | None:
         ax.set_xlabel("skipped block l")
         ax.set_xticks(x)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"Layer skipping — {report.model['source']}", fontsize=10)
+    n_all, k = report.inputs["n_proteins"], stacks[0].skip.n_proteins
+    over = f" (means over a seeded sample of {k} of the {n_all} proteins)" if 0 < k < n_all else ""
+    fig.suptitle(f"Layer skipping — {report.model['source']}{over}", fontsize=10)
     return save_figure(fig, path, **PNG)
 
 
@@ -249,7 +262,7 @@ def plot_compare(cmp, path: str) -> str | None:
         # under the axis, where it never hides a curve
         ax.set_xlabel("relative depth l / N" + "".join(f"\nnot drawn: {a}" for a in absent),
                       fontsize=None if not absent else 8)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + (_skip_sample_note(cmp) if measure.startswith("skip") else ""), fontsize=9)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(MEASURES):]:
         ax.set_visible(False)
