@@ -13,7 +13,8 @@ pages and 1.33 s.
 The allocator has to be chosen before the process starts, so ``protlm evaluate`` and ``protlm analyze`` start
 themselves again with the library in ``LD_PRELOAD``. ``PROTLM_ALLOCATOR`` controls this: ``auto`` (default) uses
 tcmalloc when the system has it (Debian/Ubuntu: ``libtcmalloc-minimal4``, which ``setup.sh`` installs),
-``system`` keeps glibc's malloc, and a path names the library to preload. Calls of :func:`protlm.cli.main.main` from Python never restart.
+``system`` keeps glibc's malloc, and a path names the library to preload. Calls of :func:`protlm.cli.main.main`
+from Python never restart.
 """
 
 from __future__ import annotations
