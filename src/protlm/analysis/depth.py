@@ -8,7 +8,8 @@ of Depth Persist?" (Siji et al., 2026; seeds/002) and of the LLM studies it exte
    added to (h is the stream the sublayer reads);
 2. skip: remove one block (its output := its input); relative change ||h'_m - h_m|| / ||h_m|| of every later
    stream m, and the change of the output distribution at the masked residues (KL(full || skipped) and top-1
-   agreement);
+   agreement); it reruns the stack once per block (N^2/2 block runs per protein), so it runs on a seeded sample
+   of the proteins (``skip_proteins``, default 64) and every other analysis on all of them;
 3. early exit: the encoder stream after block l, through the final norm, fed to the decoder (KL and top-1
    agreement to the full model); for the decoder, the final norm and LM head on each decoder stream (logit lens);
 4. probe: a linear probe per encoder layer on a residue task (``probe.py``);
@@ -44,7 +45,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from protlm.analysis.inputs import DepthBatch, batches, prepare_proteins, read_proteins
