@@ -468,10 +468,15 @@ def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch):
     for extra, message in ((["--truncate-at", "3"], "--truncate-at 3 is out of range for a 2-layer encoder"),
                            (["--task", "ssp3"], "needs its data: pass --probe-data"),
                            (["--task", "ssp3", "--probe-data", str(tmp_path)], "does not hold flip_ss3"),
-                           (["--decoder-layers", "-3"], "layer -3 is out of range for a 1-layer decoder")):
+                           (["--decoder-layers", "-3"], "layer -3 is out of range for a 1-layer decoder"),
+                           (["--skip-proteins", "0"], "--skip-proteins must be at least 1")):
         assert main(base + extra) == 2
         err = _without_precision_line(capsys.readouterr().err)
         assert err.strip().count("\n") == 0 and message in err, err
+    # a malformed count fails before the model is loaded
+    assert main(base + ["--skip-proteins", "abc"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().count("\n") == 0 and "--skip-proteins takes a number of proteins or 'all', got 'abc'" in err
     assert not (tmp_path / "o").exists()  # nothing written for a bad request
     # and as a process: one line on stderr, no traceback
     proc = subprocess.run([sys.executable, "-m", "protlm.cli.main"] + base + ["--layers", "7"],
