@@ -22,6 +22,7 @@ import torch
 
 import protlm
 from protlm.analysis import DepthOptions, analyze_depth, write_depth_outputs
+from protlm.cli.analyze import count_or_all
 from protlm.analysis.depth import embedding_prefix
 from protlm.config import EsmConfig, preset
 from protlm.data.fasta import read_fasta
@@ -100,7 +101,7 @@ def main() -> None:
     options = DepthOptions(max_length=args.max_length, probe_task="ssp3" if args.probe_train else None,
                            probe_data=args.probe_data, probe_train=args.probe_train,
                            probe_test=max(1, args.probe_train // 2),
-                           skip_proteins=None if args.skip_proteins == "all" else int(args.skip_proteins))
+                           skip_proteins=count_or_all(args.skip_proteins, "--skip-proteins"))
     wall, cpu = time.perf_counter(), cpu_seconds()
     report = analyze_depth(pre, args.fasta, options, max_proteins=args.proteins, progress=True)
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu

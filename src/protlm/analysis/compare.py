@@ -304,9 +304,15 @@ def _fmt(v) -> str:
     return "–" if v is None else f"{v:.3g}"
 
 
-def _skip_sentence(cmp: Comparison) -> str:
+def skip_sample_sizes(cmp: Comparison) -> tuple[int, list[int]]:
+    """(proteins analysed, proteins each run's skip measures average over); runs written before
+    ``--skip-proteins`` skipped every protein."""
     n_all = cmp.runs[0].data["inputs"].get("n_proteins")
-    counts = [r.data["inputs"].get("skip_proteins", n_all) for r in cmp.runs]
+    return n_all, [r.data["inputs"].get("skip_proteins", n_all) for r in cmp.runs]
+
+
+def _skip_sentence(cmp: Comparison) -> str:
+    n_all, counts = skip_sample_sizes(cmp)
     if all(k == n_all for k in counts):
         return ""
     if len(set(counts)) == 1:

@@ -64,18 +64,20 @@ class OutputReference:
         """``logits_of(rows)`` gives the full model's logits (len(rows), V) at a slice of the n positions;
         ``labels`` (n,) are the true tokens there; ``vocab`` sizes the chunks."""
         self.labels = labels
-        self.p = torch.empty(0, vocab, dtype=torch.float32, device=labels.device)
-        neg_entropy, top1, nll = [labels.new_zeros(0, dtype=torch.float32)], [labels.new_zeros(0)], []
+        self.p = torch.empty(0, vocab, dtype=torch.float32, device=labels.device)  # (n, V) once the width is seen
+        neg_entropy, top1, nll = [], [], []
         for rows in row_chunks(n, vocab):
             logp = torch.log_softmax(logits_of(rows).float(), dim=-1)
-            if self.p.shape[0] != n:
+            if rows.start == 0:
                 self.p = torch.empty(n, logp.shape[-1], dtype=torch.float32, device=logp.device)
             p = torch.exp(logp, out=self.p[rows])
             neg_entropy.append(torch.linalg.vecdot(p, logp))
             top1.append(logp.argmax(-1))
             nll.append(-logp.gather(-1, labels[rows, None].clamp(min=0))[:, 0])
-        self.neg_entropy, self.top1 = torch.cat(neg_entropy), torch.cat(top1)
-        self.nll = torch.cat(nll) if nll else self.neg_entropy.clone()
+        none = labels.new_zeros(0, dtype=torch.float32)  # no predicting positions at all
+        self.neg_entropy = torch.cat(neg_entropy) if neg_entropy else none
+        self.nll = torch.cat(nll) if nll else none
+        self.top1 = torch.cat(top1) if top1 else labels.new_zeros(0)
         self.correct = (self.top1 == labels).float()
 
     def compare_rows(self, rows: slice, logits: Tensor) -> OutputComparison:

@@ -67,13 +67,13 @@ def plot_contribution(report, path: str) -> str | None:
 
 def _skip_sample_note(cmp) -> str:
     """How many proteins the runs' skip measures average over, when that is a sample (``--skip-proteins``)."""
-    n_all = cmp.runs[0].data["inputs"].get("n_proteins")
-    counts = {r.data["inputs"].get("skip_proteins", n_all) for r in cmp.runs}
-    if len(counts) > 1:
+    from protlm.analysis.compare import skip_sample_sizes
+
+    n_all, counts = skip_sample_sizes(cmp)
+    if len(set(counts)) > 1:
         return "\n(over different protein samples: " + ", ".join(
-            f"{r.label} {r.data['inputs'].get('skip_proteins', n_all)}" for r in cmp.runs) + ")"
-    k = counts.pop()
-    return f"\n({k} of the {n_all} proteins)" if k and k < n_all else ""
+            f"{r.label} {k}" for r, k in zip(cmp.runs, counts)) + ")"
+    return f"\n({counts[0]} of the {n_all} proteins)" if counts[0] and counts[0] < n_all else ""
 
 
 def plot_skip(report, path: str) -> str | None:

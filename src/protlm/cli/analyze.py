@@ -85,7 +85,7 @@ def run_depth(args: argparse.Namespace) -> int:
         encoder_layers=args.layers, decoder_layers=args.decoder_layers, max_length=args.max_length,
         mask_rate=args.mask_rate, seed=args.seed, batch_tokens=args.batch_tokens, cka_tokens=args.cka_tokens,
         probe_task=task, probe_data=args.probe_data, probe_train=args.probe_train, probe_test=args.probe_test,
-        flip_threshold=args.flip_threshold, skip_proteins=_count_or_all(args.skip_proteins, "--skip-proteins"),
+        flip_threshold=args.flip_threshold, skip_proteins=count_or_all(args.skip_proteins, "--skip-proteins"),
     )
     pre = load_model(args.model, random_init=args.random_init, dtype=args.dtype, device=args.device, seed=args.seed)
     from protlm.convert.fallback import refuse_fallback
@@ -101,7 +101,8 @@ def run_depth(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count_or_all(value: str, flag: str) -> int | None:
+def count_or_all(value: str, flag: str) -> int | None:
+    """A ``N|all`` option: the number, or None for all; a one-line error otherwise."""
     from protlm.errors import ConfigError
 
     if value.strip().lower() == "all":
