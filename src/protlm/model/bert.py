@@ -22,7 +22,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import BertConfig
@@ -92,8 +91,7 @@ class BertSelfAttention(nn.Module):
     def forward(self, x: Tensor, ctx: BertContext) -> Tensor:
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         mask = ctx.mask.to(q.dtype) if ctx.mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        out = kernels.attention(q, k, v, mask, dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, L, H*D)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from protlm.config import EsmConfig
@@ -135,8 +134,7 @@ class EsmSelfAttention(nn.Module):
             q = q * self.d_head ** -0.5
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, L, D) for SDPA
         mask = ctx.mask.to(q.dtype) if ctx.mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        out = kernels.attention(q, k, v, mask, scale=1.0, dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)  # (B, L, H*D)
 
 

@@ -104,8 +104,8 @@ class GPT2Attention(nn.Module):
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             cache.k, cache.v = k, v
         mask = ctx.mask.to(q.dtype) if ctx.mask is not None else None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=ctx.causal, scale=self.scale,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
+        out = kernels.attention(q, k, v, mask, scale=self.scale, is_causal=ctx.causal,
+                                dropout_p=self.dropout_p if self.training else 0.0)
         return self.resid_dropout(self.c_proj(out.transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)))
 
 

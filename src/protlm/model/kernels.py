@@ -14,6 +14,9 @@ same products in another summation order: they match ``F.linear`` to fp32 roundi
 The fast path is taken only where it is safe: a CPU tensor in fp32 or bf16 whose weight has the same dtype,
 outside CPU autocast (which must see ``F.linear`` to cast it), and with no gradient to record (the oneDNN op has
 no backward). Everything else, training included, runs ``F.linear`` and the activation as before.
+
+:func:`attention` is every family's scaled dot-product attention: torch's SDPA, except at bf16 inference on
+AVX-512 CPUs, where for 128 tokens or more it writes the scores out per group of heads (see its doc).
 """
 
 from __future__ import annotations
@@ -114,3 +117,73 @@ def gated(gate: nn.Module, up: nn.Module, x: Tensor, activation: str) -> Tensor:
     if type(up) is Linear and up.bias is None:
         return linear_mul(x, up.weight, g)
     return g * up(x)
+
+
+
+# --- attention ------------------------------------------------------------------------------------------------
+WRITE_OUT_MIN_QUERIES = 128  # below this torch's fused kernel is faster (0.5x at 60 queries)
+SCORE_BYTES = 2 << 20  # the scores of one group of heads: small enough to stay in a core's cache
+
+
+def write_out_pays() -> bool:
+    """The CPU is one where bf16 attention written out per group of heads was measured faster than torch's
+    fused kernel: AVX-512 (native bf16 matmuls; under AVX2 torch emulates bf16 and ``auto`` never picks it)."""
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+_WRITE_OUT = write_out_pays()
+
+
+def set_write_out(enabled: bool) -> bool:
+    """Turn the written-out bf16 attention on or off for this process; returns the previous setting."""
+    global _WRITE_OUT
+    before, _WRITE_OUT = _WRITE_OUT, bool(enabled)
+    return before
+
+
+def _writes_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool) -> bool:
+    if not _WRITE_OUT or q.device.type != "cpu" or dropout_p > 0 or is_causal or q.dim() != 4:
+        return False
+    if not q.dtype == k.dtype == v.dtype == torch.bfloat16 or q.shape[2] < WRITE_OUT_MIN_QUERIES:
+        return False
+    if mask is not None and (mask.dim() != 4 or not mask.is_floating_point()):
+        return False
+    return not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale: float | None = None,
+              dropout_p: float = 0.0, is_causal: bool = False) -> Tensor:
+    """``F.scaled_dot_product_attention`` on (B, H, L, D) queries, keys and values; ``mask`` is additive and
+    broadcasts to (B, H, Lq, Lk).
+
+    At bf16 inference on AVX-512 CPUs, for 128 queries or more, the scores are written out instead: for each
+    sequence and each group of heads whose (Lq, Lk) scores fit in about 2 MB, one batched matmul, the mask added,
+    a softmax and a second matmul. torch's fused CPU kernel works in small query and key blocks; these matmuls
+    are large enough to run near the bf16 matmul rate, and the scores never leave the cache. On a Zen 4 core pair
+    this attention runs 1.1-1.7x the fused kernel's speed at 128-1,022 tokens (bench/README.md, "Written-out
+    bf16 attention"). The scores are rounded to bf16 before the softmax (computed in fp32), as in transformers'
+    eager bf16 attention; the fused kernel keeps them in fp32. Whole models' outputs are as close to fp32 with
+    either (tests/test_kernels.py). The output is a (B, H, Lq, D) view of a (B, Lq, H, D) tensor, so the
+    caller's ``transpose(1, 2).reshape(B, Lq, H * D)`` copies nothing.
+
+    Everything else (fp32, GPUs, training, dropout, causal attention, short inputs) runs torch's SDPA.
+    """
+    if not _writes_out(q, k, v, mask, dropout_p, is_causal):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
+                                              scale=scale)
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    scale = D ** -0.5 if scale is None else scale
+    if scale != 1.0:
+        q = q * scale
+    out = q.new_empty(B, Lq, H, D).transpose(1, 2)
+    group = max(1, min(H, SCORE_BYTES // (Lq * Lk * q.element_size())))
+    kt = k.transpose(-1, -2)
+    for b in range(B):
+        m = None if mask is None else mask[b if mask.shape[0] > 1 else 0]  # (H or 1, Lq or 1, Lk)
+        for h in range(0, H, group):
+            scores = torch.matmul(q[b, h:h + group], kt[b, h:h + group])  # (group, Lq, Lk)
+            if m is not None:
+                scores += m[h:h + group] if m.shape[0] > 1 else m
+            torch.matmul(torch.softmax(scores, -1), v[b, h:h + group], out=out[b, h:h + group])
+    return out

@@ -128,9 +128,8 @@ class Attention(nn.Module):
             probs = F.dropout(scores.softmax(-1), self.dropout_p, self.training)
             out = torch.matmul(probs, v)  # (B, H, Lq, D)
         else:
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=self.dropout_p if self.training else 0.0, scale=1.0
-            )  # (B, H, Lq, D)
+            out = kernels.attention(q, k, v, mask, scale=1.0,
+                                    dropout_p=self.dropout_p if self.training else 0.0)  # (B, H, Lq, D)
         out = out.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.n_heads * self.d_kv)
         return self.o(out)
 
