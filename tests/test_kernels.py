@@ -154,7 +154,7 @@ def write_out():
     kernels.set_write_out(before)
 
 
-def _qkv(b=2, h=3, lq=130, lk=130, d=8, dtype=torch.bfloat16, seed=0):
+def _qkv(b=2, h=3, lq=130, lk=130, d=32, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     # (B, L, H, D) projections viewed as (B, H, L, D), as the families pass them; scores of a few units, as in a
     # trained model, so that rounding the scores to bf16 is visible
@@ -195,9 +195,9 @@ def test_written_out_attention_is_as_close_to_fp32_as_sdpa(write_out, monkeypatc
     # (B, H, L, D) view of (B, L, H, D): the caller's transpose-reshape is free
     assert out.transpose(1, 2).is_contiguous()
     err, err_fused = (out.float() - exact).abs(), (fused.float() - exact).abs()
-    # scores rounded to bf16 cost 2-4x the fused kernel's error (measured 2.3-3.9x here), still bf16-sized: under
-    # 1.5% of the largest value
-    assert err.max() < 0.015 * v.abs().max() and err.mean() < 5 * err_fused.mean()
+    # scores rounded to bf16 cost 2-4x the fused kernel's error on average (measured 2.3-3.9x here), still
+    # bf16-sized: at most 1.7% of the largest value here
+    assert err.max() < 0.02 * v.abs().max() and err.mean() < 5 * err_fused.mean()
 
 
 def test_head_groups_give_the_same_result_as_one_group(write_out, monkeypatch):
@@ -215,6 +215,8 @@ def test_attention_runs_sdpa_where_writing_out_does_not_apply(write_out):
         "short": dict(q=q[:, :, :kernels.WRITE_OUT_MIN_QUERIES - 1], k=k, v=v),
         "causal": dict(q=q, k=k, v=v, is_causal=True),
         "bool mask": dict(q=q, k=k, v=v, mask=torch.ones(2, 1, 1, 130, dtype=torch.bool)),
+        "narrow heads": dict(q=q[..., :kernels.WRITE_OUT_MIN_HEAD_DIM - 1], k=k[..., :kernels.WRITE_OUT_MIN_HEAD_DIM - 1],
+                             v=v),
     }
     for name, kw in cases.items():
         mask = kw.pop("mask", None)
@@ -235,13 +237,23 @@ def test_written_out_attention_is_on_by_default_only_where_it_pays(monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["t5-gated-gelu", "esm", "bert", "gpt2"])
-def test_every_family_in_bf16_is_as_close_to_fp32_with_written_out_attention(family):
+def test_every_family_in_bf16_is_as_close_to_fp32_with_written_out_attention(family, monkeypatch):
     import protlm
 
-    cfg = _families()[family]
-    longer = {"esm": dict(max_position_embeddings=160), "bert": dict(max_position_embeddings=160),
-              "gpt2": dict(n_positions=160)}  # 140 tokens: past the 128 where attention is written out
-    model = protlm.random_init(cfg.replace(**longer.get(family, {})), seed=0).model.eval()
+    from protlm.config import BertConfig, EsmConfig, GPT2Config
+
+    from tests.conftest import odd_config
+
+    # heads 32 wide and 140 tokens: past the minimum width and the 128 queries where attention is written out
+    cfg = {
+        "t5-gated-gelu": odd_config(ffn="gated-gelu", d_kv=32),
+        "esm": EsmConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,
+                         max_position_embeddings=160),
+        "bert": BertConfig(vocab_size=30, hidden_size=96, num_hidden_layers=2, num_attention_heads=3,
+                           intermediate_size=37, max_position_embeddings=160),
+        "gpt2": GPT2Config(vocab_size=40, n_embd=96, n_layer=2, n_head=3, n_positions=160),
+    }[family]
+    model = protlm.random_init(cfg, seed=0).model.eval()
     torch.manual_seed(3)
     ids = torch.randint(5, 20, (2, 140))
     mask = torch.ones_like(ids)
@@ -249,6 +261,9 @@ def test_every_family_in_bf16_is_as_close_to_fp32_with_written_out_attention(fam
     with torch.no_grad():
         exact = model.encoder(ids, mask).last_hidden_state
     model = model.to(torch.bfloat16)
+    taken = []
+    decide = kernels._writes_out
+    monkeypatch.setattr(kernels, "_writes_out", lambda *a: taken.append(decide(*a)) or taken[-1])
     errors = {}
     for on in (True, False):
         before = kernels.set_write_out(on)
@@ -258,4 +273,6 @@ def test_every_family_in_bf16_is_as_close_to_fp32_with_written_out_attention(fam
         finally:
             kernels.set_write_out(before)
         errors[on] = (out - exact)[mask.bool()].abs().mean().item()
-    assert errors[True] < 1.5 * errors[False] + 1e-3, errors
+        assert any(taken) is on  # every layer's self-attention (GPT-2's through its padding mask) written out
+        taken.clear()
+    assert errors[True] < 1.1 * errors[False], errors  # measured: within 1% of each other

@@ -122,6 +122,7 @@ def gated(gate: nn.Module, up: nn.Module, x: Tensor, activation: str) -> Tensor:
 
 # --- attention ------------------------------------------------------------------------------------------------
 WRITE_OUT_MIN_QUERIES = 128  # below this torch's fused kernel is faster (0.5x at 60 queries)
+WRITE_OUT_MIN_HEAD_DIM = 32  # narrower heads (ESM-2 8M: 16, 35M: 24) make products too thin: 0.6-0.9x at 1,022
 SCORE_BYTES = 2 << 20  # the scores of one group of heads: small enough to stay in a core's cache
 
 
@@ -144,7 +145,8 @@ def set_write_out(enabled: bool) -> bool:
 def _writes_out(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, dropout_p: float, is_causal: bool) -> bool:
     if not _WRITE_OUT or q.device.type != "cpu" or dropout_p > 0 or is_causal or q.dim() != 4:
         return False
-    if not q.dtype == k.dtype == v.dtype == torch.bfloat16 or q.shape[2] < WRITE_OUT_MIN_QUERIES:
+    if not q.dtype == k.dtype == v.dtype == torch.bfloat16 or q.shape[2] < WRITE_OUT_MIN_QUERIES \
+            or q.shape[3] < WRITE_OUT_MIN_HEAD_DIM:
         return False
     if mask is not None and (mask.dim() != 4 or not mask.is_floating_point()):
         return False
@@ -156,17 +158,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale
     """``F.scaled_dot_product_attention`` on (B, H, L, D) queries, keys and values; ``mask`` is additive and
     broadcasts to (B, H, Lq, Lk).
 
-    At bf16 inference on AVX-512 CPUs, for 128 queries or more, the scores are written out instead: for each
-    sequence and each group of heads whose (Lq, Lk) scores fit in about 2 MB, one batched matmul, the mask added,
-    a softmax and a second matmul. torch's fused CPU kernel works in small query and key blocks; these matmuls
-    are large enough to run near the bf16 matmul rate, and the scores never leave the cache. On a Zen 4 core pair
-    this attention runs 1.1-1.7x the fused kernel's speed at 128-1,022 tokens (bench/README.md, "Written-out
-    bf16 attention"). The scores are rounded to bf16 before the softmax (computed in fp32), as in transformers'
-    eager bf16 attention; the fused kernel keeps them in fp32. Whole models' outputs are as close to fp32 with
-    either (tests/test_kernels.py). The output is a (B, H, Lq, D) view of a (B, Lq, H, D) tensor, so the
-    caller's ``transpose(1, 2).reshape(B, Lq, H * D)`` copies nothing.
+    At bf16 inference on AVX-512 CPUs, for 128 queries or more and heads 32 wide or more, the scores are written
+    out instead: for each sequence and each group of heads whose (Lq, Lk) scores fit in about 2 MB, one batched
+    matmul, the mask added, a softmax in place and a second matmul. torch's fused CPU kernel works in small query
+    and key blocks and ran at about a third of the bf16 matmul rate on a Zen 4 core pair; these matmuls run near
+    that rate and the scores stay in the cache: 1.3-2.8x less time at 128-1,022 tokens and 64-wide heads
+    (``bench/attention.py``; bench/README.md, "Written-out bf16 attention"). The scores are rounded to bf16 before
+    the softmax (computed in fp32), as in transformers' eager bf16 attention, where the fused kernel keeps them in
+    fp32: 2-4x its error per call, no visible change in whole models (tests/test_kernels.py). The output is a
+    (B, H, Lq, D) view of a (B, Lq, H, D) tensor, so the caller's ``transpose(1, 2).reshape(B, Lq, H * D)``
+    copies nothing.
 
-    Everything else (fp32, GPUs, training, dropout, causal attention, short inputs) runs torch's SDPA.
+    Everything else (fp32, GPUs, training, dropout, causal attention, short inputs, narrow heads) runs torch's
+    SDPA.
     """
     if not _writes_out(q, k, v, mask, dropout_p, is_causal):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=is_causal,
@@ -185,5 +189,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale
             scores = torch.matmul(q[b, h:h + group], kt[b, h:h + group])  # (group, Lq, Lk)
             if m is not None:
                 scores += m[h:h + group] if m.shape[0] > 1 else m
-            torch.matmul(torch.softmax(scores, -1), v[b, h:h + group], out=out[b, h:h + group])
+            torch.softmax(scores, -1, out=scores)  # in place: one (group, Lq, Lk) buffer in the cache, not two
+            torch.matmul(scores, v[b, h:h + group], out=out[b, h:h + group])
     return out
