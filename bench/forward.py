@@ -162,6 +162,10 @@ def worker(spec: dict) -> dict:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec["dtype"]]
     autocast = spec["mode"] == "autocast"
     if spec["impl"] == "protlm":
+        if spec.get("sdpa_only"):
+            from protlm.model import kernels
+
+            kernels.set_write_out(False)
         model = protlm.load(spec["model_dir"], dtype=dtype).model.encoder
         run = lambda ids, mask: model(ids, mask).last_hidden_state  # noqa: E731
     else:
@@ -233,7 +237,8 @@ def sample_proteins(path: str, n: int, seed: int) -> list[tuple[str, str]]:
 def label(spec: dict) -> str:
     batching = "1 seq/batch" if spec["max_tokens"] == 0 else f"<= {spec['max_tokens']} tok/batch"
     mode = {"cast": "weights in dtype", "autocast": "bf16 autocast"}[spec["mode"]]
-    return f"{spec['impl']} {spec['dtype']} ({mode}, {batching})"
+    sdpa = ", SDPA only" if spec.get("sdpa_only") else ""
+    return f"{spec['impl']} {spec['dtype']} ({mode}, {batching}{sdpa})"
 
 
 def hf_candidates(dtype: str, budgets: list[int]) -> list[tuple[str, int]]:
@@ -301,7 +306,8 @@ def run_shape(name, base_preset, overrides, n_proteins, args, peaks, out) -> Non
             else:
                 budget = args.hf_budgets[0] if args.hf_budgets else 0
                 hf_spec = dict(base, impl="hf", dtype=dtype, mode="cast", max_tokens=budget, rows=rows_path)
-            pt_spec = dict(base, impl="protlm", dtype=dtype, mode="cast", max_tokens=args.max_tokens, rows=rows_path)
+            pt_spec = dict(base, impl="protlm", dtype=dtype, mode="cast", max_tokens=args.max_tokens, rows=rows_path,
+                           sdpa_only=args.sdpa_only)
             results = {"protlm": [], "hf": []}
             for rnd in range(args.rounds):
                 order = [("protlm", pt_spec), ("hf", hf_spec)] if rnd % 2 == 0 else [("hf", hf_spec), ("protlm", pt_spec)]
@@ -347,6 +353,9 @@ def main() -> None:
                     help="what picks transformers' set-up and the best round: residues per wall-clock second, or per "
                          "CPU-second of the measuring process (with --threads 1 this leaves out time the process "
                          "waits for other jobs on a shared machine)")
+    ap.add_argument("--sdpa-only", action="store_true",
+                    help="protlm's attention always on torch's SDPA (kernels.set_write_out(False)): the A/B of its "
+                         "written-out bf16 attention")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
