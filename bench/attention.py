@@ -12,24 +12,13 @@ kernel, the ratio, and each one's largest and mean difference from an fp32 SDPA 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
+from linear import cpu_time  # bench/linear.py, beside this script
 
 from protlm.model import kernels
 from protlm.precision import describe_cpu
-
-
-def cpu_time(fn, calls: int, rounds: int) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(rounds):
-        t = time.process_time()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.process_time() - t) / calls)
-    return best
 
 
 def main() -> None:
