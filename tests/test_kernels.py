@@ -244,7 +244,7 @@ def test_every_family_in_bf16_is_as_close_to_fp32_with_written_out_attention(fam
 
     from tests.conftest import odd_config
 
-    # heads 32 wide and 140 tokens: past the minimum width and the 128 queries where attention is written out
+    # heads 32 wide and 140 tokens: past the minimum width (16) and the 128 queries where attention is written out
     cfg = {
         "t5-gated-gelu": odd_config(ffn="gated-gelu", d_kv=32),
         "esm": EsmConfig(hidden_size=96, num_hidden_layers=2, num_attention_heads=3, intermediate_size=37,

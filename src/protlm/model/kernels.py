@@ -130,7 +130,7 @@ def gated(gate: nn.Module, up: nn.Module, x: Tensor, activation: str) -> Tensor:
 
 # --- attention ------------------------------------------------------------------------------------------------
 WRITE_OUT_MIN_QUERIES = 128  # below this torch's fused kernel is faster (0.5x at 60 queries)
-WRITE_OUT_MIN_HEAD_DIM = 32  # narrower heads (ESM-2 8M: 16, 35M: 24) make products too thin: 0.6-0.9x at 1,022
+WRITE_OUT_MIN_HEAD_DIM = 16  # ESM-2 8M's heads; 16- and 24-wide (35M) heads ran 1.03-2.3x SDPA at 128-1,022 tokens
 SCORE_BYTES = 2 << 20  # the scores of one group of heads: small enough to stay in a core's cache
 
 
@@ -166,7 +166,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale
     """``F.scaled_dot_product_attention`` on (B, H, L, D) queries, keys and values; ``mask`` is additive and
     broadcasts to (B, H, Lq, Lk).
 
-    At bf16 inference on AVX-512 CPUs, for 128 queries or more and heads 32 wide or more, the scores are written
+    At bf16 inference on AVX-512 CPUs, for 128 queries or more and heads 16 wide or more, the scores are written
     out instead: for each sequence and each group of heads whose (Lq, Lk) scores fit in about 2 MB, one batched
     matmul, the mask added, a softmax in place and a second matmul. torch's fused CPU kernel works in small query
     and key blocks and ran at about a third of the bf16 matmul rate on a Zen 4 core pair; these matmuls run near
