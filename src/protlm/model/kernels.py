@@ -127,7 +127,6 @@ def gated(gate: nn.Module, up: nn.Module, x: Tensor, activation: str) -> Tensor:
     return g * up(x)
 
 
-
 # --- attention ------------------------------------------------------------------------------------------------
 WRITE_OUT_MIN_QUERIES = 128  # below this torch's fused kernel is faster (0.5x at 60 queries)
 WRITE_OUT_MIN_HEAD_DIM = 16  # ESM-2 8M's heads; 16- and 24-wide (35M) heads ran 1.03-2.3x SDPA at 128-1,022 tokens
@@ -177,7 +176,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, scale
     (B, H, Lq, D) view of a (B, Lq, H, D) tensor, so the caller's ``transpose(1, 2).reshape(B, Lq, H * D)``
     copies nothing.
 
-    Everything else (fp32, GPUs, training, dropout, causal attention, short inputs, narrow heads) runs torch's
+    Everything else (fp32, GPUs, training, dropout, causal attention, short inputs, heads under 16) runs torch's
     SDPA.
     """
     if not _writes_out(q, k, v, mask, dropout_p, is_causal):
