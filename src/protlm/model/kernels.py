@@ -51,10 +51,15 @@ def onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def onednn_pays() -> bool:
-    """The CPU is one where the oneDNN path was measured faster: AVX-512 (torch's capability, which
-    ``ATEN_CPU_CAPABILITY=avx2`` lowers, as bench/avx2.sh does)."""
+def _avx512() -> bool:
+    """torch's CPU capability is AVX-512 (``ATEN_CPU_CAPABILITY=avx2`` lowers it, as bench/avx2.sh does): where
+    both of this module's fast paths were measured faster."""
     return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+def onednn_pays() -> bool:
+    """The CPU is one where the oneDNN path was measured faster: AVX-512."""
+    return _avx512()
 
 
 _ONEDNN = onednn_available() and onednn_pays()
@@ -136,7 +141,7 @@ SCORE_BYTES = 2 << 20  # the scores of one group of heads: small enough to stay 
 def write_out_pays() -> bool:
     """The CPU is one where bf16 attention written out per group of heads was measured faster than torch's
     fused kernel: AVX-512 (native bf16 matmuls; under AVX2 torch emulates bf16 and ``auto`` never picks it)."""
-    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+    return _avx512()
 
 
 _WRITE_OUT = write_out_pays()
