@@ -55,6 +55,53 @@ def test_gated_is_the_activated_gate_times_the_up_projection():
         torch.testing.assert_close(kernels.gated(gate, up, x, "silu"), want, atol=1e-5, rtol=1e-5)
 
 
+def test_gelu_tanh_is_torch_s_tanh_gelu_to_fp32_rounding():
+    # wide range: the cubic term dominates past |x| ~ 5, the left tail underflows to zero
+    x = torch.cat([torch.linspace(-30, 30, 20001), torch.randn(5000) * 3])
+    exact = 0.5 * x.double() * (1 + torch.tanh((2 / torch.pi) ** 0.5 * (x.double() + 0.044715 * x.double() ** 3)))
+    with torch.no_grad():
+        got = kernels.gelu_tanh(x)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, F.gelu(x, approximate="tanh"), atol=1e-6, rtol=1e-6)
+    # at least as close to an fp64 evaluation as torch's kernel (which loses digits in 1 + tanh(u), u << 0)
+    assert (got.double() - exact).abs().max() <= (F.gelu(x, approximate="tanh").double() - exact).abs().max() + 1e-7
+    assert got[x < -10].abs().max() < 1e-30
+
+
+def test_gelu_tanh_leaves_gradients_half_types_and_its_input_to_torch():
+    x = torch.randn(64, requires_grad=True)
+    kernels.gelu_tanh(x).sum().backward()
+    y = x.detach().clone().requires_grad_()
+    F.gelu(y, approximate="tanh").sum().backward()
+    torch.testing.assert_close(x.grad, y.grad)
+    h = torch.randn(64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(kernels.gelu_tanh(h), F.gelu(h, approximate="tanh"))
+        before = h.clone().float()
+        kernels.gelu_tanh(before)
+    torch.testing.assert_close(before, h.float())  # the input is not overwritten
+
+
+def test_gated_off_the_onednn_path_multiplies_in_place_only_without_autograd():
+    torch.manual_seed(3)
+    gate, up = Linear(16, 24, bias=False), Linear(16, 24, bias=False)
+    x = torch.randn(3, 5, 16)
+    want = F.gelu(gate(x), approximate="tanh") * up(x)
+    before = kernels.set_onednn(False)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(kernels.gated(gate, up, x, "gelu_tanh"), want, atol=1e-6, rtol=1e-6)
+        got = kernels.gated(gate, up, x, "gelu_tanh")  # training: out of place, so the gradient is right
+        got.sum().backward()
+        ref_gate, ref_up = nn.Linear(16, 24, bias=False), nn.Linear(16, 24, bias=False)
+        ref_gate.load_state_dict(gate.state_dict()), ref_up.load_state_dict(up.state_dict())
+        (F.gelu(ref_gate(x), approximate="tanh") * ref_up(x)).sum().backward()
+        torch.testing.assert_close(up.weight.grad, ref_up.weight.grad)
+        torch.testing.assert_close(gate.weight.grad, ref_gate.weight.grad)
+    finally:
+        kernels.set_onednn(before)
+
+
 @needs_onednn
 def test_the_fast_path_is_taken_only_at_inference_on_cpu(layer):
     x = torch.randn(4, 37)

@@ -21,6 +21,7 @@ AVX-512 CPUs, where for 128 tokens or more it writes the scores out per group of
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 
@@ -35,10 +36,29 @@ from torch import Tensor, nn
 if not any(v in os.environ for v in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")):
     os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = "32"
 
+_GELU_2C = 2 * math.sqrt(2 / math.pi)
+
+
+def gelu_tanh(t: Tensor) -> Tensor:
+    """GELU's tanh approximation, ``0.5 x (1 + tanh(c (x + 0.044715 x^3)))`` with ``c = sqrt(2 / pi)``.
+
+    On CPU in fp32 without a gradient to record it is evaluated as ``x sigmoid(2c (x + 0.044715 x^3))``, the same
+    function (``1 + tanh(u) = 2 sigmoid(2u)``), in six passes over one new tensor. torch's own kernel evaluates a
+    vectorised tanh that is the slow part: on (300, 3072) activations, one Zen 4 thread, 2.5 against 1.0 ms under
+    AVX2 kernels and 1.5 against 0.7 ms under AVX-512. The results differ by ulps: both stay within 7e-7 of an
+    fp64 evaluation over [-12, 12], and the sigmoid form has no cancellation in ``1 + tanh(u)`` for negative x.
+    Elsewhere (GPUs, half types, training) torch's kernel runs."""
+    if t.device.type != "cpu" or t.dtype != torch.float32 or (torch.is_grad_enabled() and t.requires_grad):
+        return F.gelu(t, approximate="tanh")
+    y = t * t
+    y.mul_(_GELU_2C * 0.044715).add_(_GELU_2C).mul_(t)
+    return y.sigmoid_().mul_(t)
+
+
 # activation name -> (oneDNN post-op, its algorithm, the eager function with the same result)
 ACTIVATIONS: dict[str, tuple[str, str, Callable[[Tensor], Tensor]]] = {
     "gelu": ("gelu", "none", F.gelu),  # exact (erf)
-    "gelu_tanh": ("gelu", "tanh", lambda t: F.gelu(t, approximate="tanh")),
+    "gelu_tanh": ("gelu", "tanh", gelu_tanh),
     "relu": ("relu", "", F.relu),
     "silu": ("swish", "", F.silu),
 }
@@ -102,7 +122,11 @@ def linear_mul(x: Tensor, weight: Tensor, other: Tensor) -> Tensor:
     if _fast(x, weight, None) and other.dtype == x.dtype and other.shape[:-1] == x.shape[:-1] \
             and other.shape[-1] == weight.shape[0] and other.is_contiguous():
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, weight, None, "mul")
-    return F.linear(x, weight) * other
+    y = F.linear(x, weight)
+    if torch.is_grad_enabled() and (y.requires_grad or other.requires_grad) or y.shape != other.shape \
+            or y.dtype != other.dtype:
+        return y * other
+    return y.mul_(other)  # in place: no new (tokens, d_ff) tensor
 
 
 class Linear(nn.Linear):
