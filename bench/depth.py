@@ -26,7 +26,7 @@ from protlm.cli.analyze import count_or_all
 from protlm.analysis.depth import embedding_prefix
 from protlm.config import EsmConfig, preset
 from protlm.data.fasta import read_fasta
-from protlm.precision import describe_cpu  # noqa: E402
+from protlm.precision import choose, describe_cpu  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
@@ -66,7 +66,7 @@ def main() -> None:
                     "preset's own)")
     ap.add_argument("--decoder-layers", type=int, default=None, help="decoder layers (T5 presets; default 12 for "
                     "ankh-base)")
-    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
+    ap.add_argument("--dtype", default="auto", help="auto (default: what protlm would pick on this CPU), fp32 or bf16")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--probe-train", type=int, default=200)
     ap.add_argument("--skip-proteins", default="64", help="proteins the skip analysis runs on, or 'all' (default 64, "
@@ -76,7 +76,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    chosen = choose(args.dtype, "cpu", option="--dtype", allowed=("auto", "fp32", "bf16"))
+    dtype = chosen.dtype
     base = preset(args.model)
     if isinstance(base, EsmConfig):
         if args.decoder_layers:
@@ -92,7 +93,7 @@ def main() -> None:
     params = sum(p.numel() for p in pre.model.parameters())
     print(f"# depth-analysis cost: {describe_cpu()}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(f"model: {args.model} shape, {cfg.num_layers}+{cfg.n_decoder_layers} layers, d_model {cfg.d_model}, {params / 1e6:.1f}M "
-          f"parameters, random init, {args.dtype}; {args.proteins} proteins from {os.path.basename(args.fasta)}")
+          f"parameters, random init, {chosen.describe()}; {args.proteins} proteins from {os.path.basename(args.fasta)}")
     print(f"load average at start: {load_average()}", flush=True)
 
     ref_wall, ref_cpu, residues = plain_pass(pre, args.fasta, args.proteins, args.max_length, dtype)

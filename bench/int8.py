@@ -5,7 +5,9 @@
 
 Speed: a 12-layer encoder of Ankh-base's block shape (d_model 768, random weights) embeds the same real proteins
 in fp32 and in dynamic int8, in alternating rounds (the best round of each counts, since the machine is shared);
-printed as residues/s and the ratio int8 / fp32. Closeness: per-residue cosine similarity of int8 to fp32
+printed as residues/s and the ratio int8 / fp32. ``protlm.embed`` packs a model's int8 weights once and reuses
+them while the model lives, so the rounds time steady embedding; the one-off packing is timed on its own and
+also printed counted against one round. Closeness: per-residue cosine similarity of int8 to fp32
 embeddings, averaged over all residues, for the random-weights encoder and, with ``--model``, for a trained
 checkpoint (random weights give no realistic activation outliers, so the trained figure is the one that counts).
 """
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "src"))
 import protlm  # noqa: E402
 from protlm.config import preset  # noqa: E402
 from protlm.data.fasta import read_fasta  # noqa: E402
+from protlm.embedding.engine import quantize_int8  # noqa: E402
 from protlm.precision import describe_cpu  # noqa: E402
 
 DEFAULT_FASTA = os.path.join(HERE, "..", "..", "shared", "data", "corpus", "UP000000625_83333_ecoli_k12_proteome.fasta.gz")
@@ -76,7 +79,10 @@ def main() -> None:
     pre = protlm.random_init(cfg, seed=0, encoder_only=True)
     print(f"speed model: {cfg.num_layers} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, {cfg.feed_forward_proj}")
     embed(pre, dict(list(seqs.items())[:2]), "fp32")  # warm-up
-    embed(pre, dict(list(seqs.items())[:2]), "int8")
+    t0 = time.perf_counter()
+    quantize_int8(pre.model.encoder)  # the one-off cost of a run; protlm.embed keeps one int8 copy per model
+    setup = time.perf_counter() - t0
+    embed(pre, dict(list(seqs.items())[:2]), "int8")  # makes the copy the rounds below reuse
     best = {"fp32": float("inf"), "int8": float("inf")}
     outputs = {}
     for rnd in range(args.rounds):
@@ -87,6 +93,8 @@ def main() -> None:
     mean, low = cosine(outputs["int8"], outputs["fp32"])
     print(f"=> int8 {residues / best['int8']:.0f} vs fp32 {residues / best['fp32']:.0f} residues/s: "
           f"{best['fp32'] / best['int8']:.2f}x; per-residue cosine to fp32 (random weights) mean {mean:.4f}, min {low:.4f}")
+    print(f"=> quantising the model (once per run and model): {setup:.2f} s; with it counted in one round of "
+          f"{residues:,} residues: {best['fp32'] / (best['int8'] + setup):.2f}x")
     if args.model:
         trained = protlm.load(args.model, encoder_only=True)
         a, _ = embed(trained, seqs, "fp32")

@@ -105,3 +105,28 @@ def test_evaluate_keeps_int8_embeddings_in_a_column_and_cache_of_their_own(tmp_p
     assert int8.name == fp32.name + " (int8)"
     assert int8.key == fp32.key + "-int8" and int8.path_for("ssp") != fp32.path_for("ssp")
     assert fp32.describe()["embed_precision"] is None and int8.describe()["embed_precision"] == "int8"
+
+
+def test_the_int8_copy_is_made_once_per_weights_and_released_with_the_model():
+    import gc
+
+    from protlm.embedding.engine import _INT8_COPIES, cached_int8
+
+    others = len(_INT8_COPIES)  # other tests' models that are still alive
+    pre = protlm.random_init(odd_config(d_model=96, d_ff=160, d_kv=16, num_heads=4), seed=6, encoder_only=True)
+    encoder = pre.model.encoder
+    seqs = _seqs(3)
+    first = protlm.embed(pre, seqs, per_residue=True, dtype="int8")
+    copy_ = cached_int8(encoder)
+    assert len(_INT8_COPIES) == others + 1
+    assert _INT8_COPIES[encoder][1] is copy_  # the embed call above made it; this call reused it
+    assert all(np.array_equal(first[k], v) for k, v in protlm.embed(pre, seqs, per_residue=True, dtype="int8").items())
+    with torch.no_grad():  # an in-place change (as an optimiser step makes) must not reuse the old copy
+        encoder.block[0].layer[1].DenseReluDense.wo.weight.mul_(3.0)
+    assert cached_int8(encoder) is not copy_
+    changed = protlm.embed(pre, seqs, per_residue=True, dtype="int8")
+    fp32 = protlm.embed(pre, seqs, per_residue=True, dtype="fp32")
+    assert _cosines(changed, fp32).mean() > 0.99 and _cosines(changed, first).mean() < 0.999
+    del pre, encoder, copy_
+    gc.collect()
+    assert len(_INT8_COPIES) == others
