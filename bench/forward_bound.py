@@ -32,7 +32,7 @@ from protlm.config import preset
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from forward import DEFAULT_FASTA, load_average, sample_proteins  # noqa: E402
 
-from protlm.precision import describe_cpu  # noqa: E402
+from protlm.precision import choose, describe_cpu  # noqa: E402
 
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
 ATTENTION = {"aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_attention_math"}
@@ -60,11 +60,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4, help="encoder layers of the d768 (ankh-base width) model")
     ap.add_argument("--proteins", type=int, default=16)
     ap.add_argument("--max-length", type=int, default=1000, help="proteins are cropped to this many residues")
-    ap.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, and bf16 too where auto picks it (not on CPUs that emulate it)")
     ap.add_argument("--fasta", default=DEFAULT_FASTA)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.dtypes is None:
+        args.dtypes = ["fp32"] + (["bf16"] if choose("auto", "cpu").name == "bf16" else [])
     from transformers import T5EncoderModel
 
     cfg = preset("ankh-base", num_decoder_layers=0, num_layers=args.layers)

@@ -46,8 +46,12 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=10)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not kernels.onednn_enabled():
+    if not kernels.onednn_available():
         raise SystemExit("this torch has no oneDNN: protlm's linear layers run F.linear, there is nothing to compare")
+    if not kernels.onednn_enabled():
+        print(f"on this CPU ({torch.backends.cpu.get_cpu_capability()}) protlm's linear layers run F.linear: the oneDNN "
+              "path is on only on AVX-512; timed below anyway, to show whether it would pay here")
+        kernels.set_onednn(True)
     with open("/proc/loadavg") as fh:
         load = " ".join(fh.read().split()[:3])
     print(f"machine: {describe_cpu()}; torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()}); "

@@ -144,7 +144,8 @@ def main() -> None:
     ap.add_argument("--targets", type=int, default=128, help="approximate decoder target length")
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round and side")
     ap.add_argument("--repeats", type=int, default=3, help="rounds, alternating protlm and transformers")
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"])
+    ap.add_argument("--precision", nargs="+", default=None, choices=["fp32", "bf16"],
+                    help="default: fp32, and bf16 too where auto picks it for training (not on CPUs that emulate it)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--fasta", default=None, help=f"sequences (default {CORPUS}, else the test excerpt)")
     args = ap.parse_args()
@@ -159,7 +160,10 @@ def main() -> None:
     print(f"model: {args.layers[0]}+{args.layers[1]} layers, d_model {cfg.d_model}, d_ff {cfg.d_ff}, "
           f"{cfg.num_heads} heads; batch {tuple(batch['input_ids'].shape)} inputs, "
           f"{tuple(batch['labels'].shape)} targets; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"machine: {describe_cpu()}; auto here: {choose('auto', 'cpu', 'training').describe()}")
+    auto = choose('auto', 'cpu', 'training')
+    print(f"machine: {describe_cpu()}; auto here: {auto.describe()}")
+    if args.precision is None:
+        args.precision = ["fp32"] + (["bf16"] if auto.name == "bf16" else [])
     print(f"load before: {before}")
     results = {}
     for precision in args.precision:
