@@ -130,3 +130,16 @@ def test_the_int8_copy_is_made_once_per_weights_and_released_with_the_model():
     del pre, encoder, copy_
     gc.collect()
     assert len(_INT8_COPIES) == others
+
+
+def test_a_model_made_under_inference_mode_is_quantised_afresh_each_time():
+    from protlm.embedding.engine import _INT8_COPIES, cached_int8
+
+    with torch.inference_mode():  # its tensors keep no version counter, so a cached copy could go stale unseen
+        pre = protlm.random_init(odd_config(d_model=96, d_ff=160, d_kv=16, num_heads=4), seed=7, encoder_only=True)
+    seqs = _seqs(2)
+    fp32 = protlm.embed(pre, seqs, per_residue=True, dtype="fp32")
+    int8 = protlm.embed(pre, seqs, per_residue=True, dtype="int8")
+    assert _cosines(int8, fp32).mean() > 0.99
+    assert pre.model.encoder not in _INT8_COPIES
+    assert cached_int8(pre.model.encoder) is not cached_int8(pre.model.encoder)

@@ -252,12 +252,15 @@ def _prepared(encoder: torch.nn.Module, dtype: torch.dtype, device: torch.device
 _INT8_COPIES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[tuple, torch.nn.Module]]" = weakref.WeakKeyDictionary()
 
 
-def _weights_state(module: torch.nn.Module) -> tuple:
+def _weights_state(module: torch.nn.Module) -> tuple | None:
     """What identifies a module's current weights: each tensor's storage, in-place version, dtype and device
     (an optimiser step or ``load_state_dict`` bumps the version; assigning ``.data`` moves the storage), and
-    the quantised engine the copy was packed for."""
-    return (torch.backends.quantized.engine,
-            *((t.data_ptr(), t._version, t.dtype, t.device) for t in (*module.parameters(), *module.buffers())))
+    the quantised engine the copy was packed for. None when a tensor keeps no version (one made under
+    ``torch.inference_mode``), since its in-place changes could not be seen."""
+    tensors = (*module.parameters(), *module.buffers())
+    if any(t.is_inference() for t in tensors):
+        return None
+    return (torch.backends.quantized.engine, *((t.data_ptr(), t._version, t.dtype, t.device) for t in tensors))
 
 
 def cached_int8(encoder: torch.nn.Module) -> torch.nn.Module:
@@ -265,14 +268,16 @@ def cached_int8(encoder: torch.nn.Module) -> torch.nn.Module:
 
     Packing the weights is a fixed cost (about 1.5 s for a 12-layer d768 encoder, against ~17 s to embed 8,000
     residues on one AVX2 core; docs/benchmarks.md), so repeated ``protlm.embed`` calls and the test sets of one
-    ``evaluate`` run pay it once. The copy is made again whenever a weight has changed since.
+    ``evaluate`` run pay it once. The copy is made again whenever a weight has changed since, and every time
+    for a model whose tensors keep no version.
     """
     state = _weights_state(encoder)
     hit = _INT8_COPIES.get(encoder)
-    if hit is not None and hit[0] == state:
+    if state is not None and hit is not None and hit[0] == state:
         return hit[1]
     quantised = quantize_int8(encoder, copy_first=True)
-    _INT8_COPIES[encoder] = (state, quantised)
+    if state is not None:
+        _INT8_COPIES[encoder] = (state, quantised)
     return quantised
 
 
