@@ -39,11 +39,24 @@ def test_linear_matches_f_linear_and_the_activation(layer, activation, shape):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+                    reason="oneDNN has no bf16 inner product below AVX-512; protlm runs F.linear there")
 def test_bf16_and_no_bias():
     torch.manual_seed(1)
     x, w = torch.randn(9, 16).bfloat16(), torch.randn(12, 16).bfloat16()
+    assert kernels._fast(x, w, None)
     with torch.no_grad():
         torch.testing.assert_close(kernels.linear(x, w).float(), F.linear(x, w).float(), atol=2e-2, rtol=2e-2)
+
+
+def test_bf16_takes_f_linear_below_avx512_even_with_onednn_forced_on(monkeypatch):
+    # on an AVX2 CPU oneDNN cannot build a bf16 inner product, so the forced-on path must not be tried there
+    x, w = torch.randn(9, 16).bfloat16(), torch.randn(12, 16).bfloat16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert kernels.onednn_enabled()  # the autouse fixture forced it on
+    assert not kernels._fast(x, w, None) and kernels._fast(x.float(), w.float(), None) == kernels.onednn_available()
+    with torch.no_grad():
+        torch.testing.assert_close(kernels.linear(x, w), F.linear(x, w))
 
 
 def test_gated_is_the_activated_gate_times_the_up_projection():

@@ -100,6 +100,8 @@ def set_onednn(enabled: bool) -> bool:
 def _fast(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     if not _ONEDNN or x.device.type != "cpu" or x.dtype not in _DTYPES or weight.dtype != x.dtype or x.dim() < 2:
         return False
+    if x.dtype == torch.bfloat16 and not _avx512():
+        return False  # oneDNN has no bf16 inner product below AVX-512 (it fails to build one on AVX2 CPUs)
     if torch.is_autocast_enabled("cpu"):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
