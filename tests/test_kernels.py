@@ -39,7 +39,7 @@ def test_linear_matches_f_linear_and_the_activation(layer, activation, shape):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
+@pytest.mark.skipif(not kernels._avx512(),
                     reason="oneDNN has no bf16 inner product below AVX-512; protlm runs F.linear there")
 def test_bf16_and_no_bias():
     torch.manual_seed(1)
